@@ -1,0 +1,101 @@
+"""Sets of image features for anomaly detection (the post's 自定义数据类,并构建dataloader).
+
+A set holds set_size-1 images of one class and, last, one image of another class: the anomaly.
+"""
+
+import numpy as np
+import torch
+import torch.utils.data as data
+
+
+def images_by_class(labels):
+    """Image indices grouped by class, [num_classes, images_per_class].
+
+    Uses torch.argsort with its default arguments, as the post does: the order of images inside a
+    class decides the evaluation sets, and a stable sort would order them differently.
+    Raises ValueError unless every class 0..max(labels) has the same number of images.
+    """
+    labels = torch.as_tensor(labels)
+    counts = torch.bincount(labels)
+    if len(counts) == 0 or (counts != counts[0]).any():
+        raise ValueError(f"every class must have the same number of images; images per class: {counts.tolist()}")
+    return torch.argsort(labels).reshape(len(counts), -1)
+
+
+def split_train_val(labels):
+    """The post's split of the training images: per class, the first 10 % (in images_by_class order,
+    rounded down) go to validation and the rest to training. Returns (train_indices, val_indices)."""
+    sorted_indices = images_by_class(labels)
+    num_val = sorted_indices.shape[1] // 10
+    val_indices = sorted_indices[:, :num_val].reshape(-1)
+    train_indices = sorted_indices[:, num_val:].reshape(-1)
+    return train_indices, val_indices
+
+
+class SetAnomalyDataset(data.Dataset):
+    """One set per image: that image is the anomaly, set_size-1 images of another class surround it.
+
+    img_feats - image features, [num_imgs, img_dim]
+    labels    - class of each image, [num_imgs], classes 0..C-1 of equal size
+    set_size  - images per set (set_size-1 of one class, 1 of another)
+    train     - True: draw a fresh set on every access; False: fixed sets, the same as the post's
+
+    An item is (img_set [set_size, img_dim], indices [set_size], label) with label = set_size-1,
+    the position of the anomaly.
+    """
+
+    def __init__(self, img_feats, labels, set_size=10, train=True):
+        super().__init__()
+        labels = torch.as_tensor(labels)
+        if set_size < 2:
+            raise ValueError(f"set_size must be at least 2 (one anomaly and at least one other image), got {set_size}")
+        if len(img_feats) != len(labels):
+            raise ValueError(f"img_feats and labels differ in length: {len(img_feats)} features, {len(labels)} labels")
+        self.img_feats = img_feats
+        self.labels = labels
+        self.set_size = set_size - 1  # images drawn from the set's class; the anomaly comes on top
+        self.train = train
+
+        self.img_idx_by_label = images_by_class(labels)
+        self.num_labels = self.img_idx_by_label.shape[0]
+        if self.num_labels < 2:
+            raise ValueError("at least two classes are needed: the anomaly comes from another class than the set")
+        if self.img_idx_by_label.shape[1] < self.set_size:
+            raise ValueError(f"each class has {self.img_idx_by_label.shape[1]} images, fewer than the "
+                             f"{self.set_size} a set of size {set_size} draws from one class; use a smaller set size")
+
+        if not train:
+            self.test_sets = self._create_test_sets()
+
+    def _create_test_sets(self):
+        # The post seeds numpy's global generator with 42; a local legacy generator with the same seed
+        # draws the same numbers without resetting anybody else's random state.
+        rng = np.random.RandomState(42)
+        test_sets = [self.sample_img_set(self.labels[idx], rng) for idx in range(len(self.labels))]
+        return torch.stack(test_sets, dim=0)  # [num_imgs, set_size-1]
+
+    def sample_img_set(self, anomaly_label, rng=np.random):
+        """Indices of set_size-1 distinct images of one class other than anomaly_label, the class uniform
+        over the other num_labels-1 classes."""
+        set_label = rng.randint(self.num_labels - 1)
+        # Draw from num_labels-1 values and skip the anomaly's class: values at or above it move up one,
+        # so every other class is hit by exactly one value.
+        if set_label >= anomaly_label:
+            set_label += 1
+        img_indices = rng.choice(self.img_idx_by_label.shape[1], size=self.set_size, replace=False)
+        return self.img_idx_by_label[set_label, img_indices]
+
+    def __len__(self):
+        return self.img_feats.shape[0]
+
+    def __getitem__(self, idx):
+        anomaly = self.img_feats[idx]
+        if self.train:
+            img_indices = self.sample_img_set(self.labels[idx])
+        else:
+            img_indices = self.test_sets[idx]
+        # The anomaly goes last, so the label is the same for every set.
+        img_set = torch.cat([self.img_feats[img_indices], anomaly[None]], dim=0)
+        indices = torch.cat([img_indices, torch.tensor([idx])], dim=0)
+        label = img_set.shape[0] - 1
+        return img_set, indices, label

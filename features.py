@@ -1,0 +1,215 @@
+"""512-d image features from an ImageNet-trained ResNet34, computed once and cached
+(the post's 获取 cifar100 数据集 and 使用 resnet 模型提取图片特征).
+
+The caches hold the features, the labels and a note of what produced them, so a cache made by
+another backbone, transform or data set, or a cut-off file, is noticed and rebuilt.
+"""
+
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.utils.data as data
+from PIL import Image
+from torchvision import transforms
+from torchvision.datasets import CIFAR100
+from torchvision.models import ResNet34_Weights, resnet34
+from tqdm.auto import tqdm
+
+# ImageNet statistics: the backbone was trained on images normalised with them.
+DATA_MEANS = (0.485, 0.456, 0.406)
+DATA_STD = (0.229, 0.224, 0.225)
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_SIZES = {"train": 50000, "test": 10000}
+WEIGHTS = ResNet34_Weights.IMAGENET1K_V1
+CACHE_FILES = {"train": "train_set_features.tar", "test": "test_set_features.tar"}
+FEATURE_DIM = 512
+
+# The offline stand-in for CIFAR-100 used by `train.py --synthetic`: small, but every stage runs.
+SYNTHETIC = dict(num_classes=10, per_class={"train": 110, "test": 20}, image_size=64, seed=42)
+
+
+class MissingResources(RuntimeError):
+    """CIFAR-100 or the ResNet34 weights are neither on disk nor downloadable; the message says where to put them."""
+
+
+def image_transform(image_size=224):
+    """The post's transform: resize to the backbone's input size, to a [0, 1] tensor, ImageNet-normalise."""
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size)),
+        transforms.ToTensor(),
+        transforms.Normalize(DATA_MEANS, DATA_STD),
+    ])
+
+
+def resnet34_backbone(state_dict=None):
+    """ResNet34 without its classification layer: images [B, 3, H, W] -> features [B, 512], eval mode."""
+    model = resnet34()
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    model.fc = nn.Identity()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def extract_features(model, dataset, device, batch_size=128, num_workers=4, desc="features"):
+    """Runs every image of dataset through model in batches; returns the features [N, D] on the CPU.
+
+    Only one batch of resized images exists at a time, never the whole resized data set.
+    """
+    loader = data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False,
+                             num_workers=num_workers)
+    model = model.to(device)
+    feats = [model(imgs.to(device)).cpu() for imgs, _ in tqdm(loader, desc=desc)]
+    return torch.cat(feats, dim=0)
+
+
+def cache_meta(dataset_name, split, num_images, weights_name, image_size):
+    """What produced a feature cache; a cache is trusted only if this matches exactly."""
+    return {
+        "dataset": f"{dataset_name} {split}",
+        "num_images": num_images,
+        "backbone": "resnet34 without fc",
+        "weights": weights_name,
+        "transform": f"Resize(({image_size}, {image_size})), ToTensor, Normalize({DATA_MEANS}, {DATA_STD})",
+        "feature_dim": FEATURE_DIM,
+    }
+
+
+def save_atomically(path, write):
+    """Calls write(tmp_path), then renames tmp_path to path: an interrupted run leaves no half-written path."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def load_cache(path, meta):
+    """(features, labels) from a cache at path if it is complete and matches meta; None otherwise,
+    after printing one line that says why it is rebuilt."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a cut-off or corrupt file fails in many ways, all meaning "rebuild"
+        print(f"Feature cache {path} cannot be read ({type(error).__name__}); rebuilding it.")
+        return None
+    if torch.is_tensor(cache):
+        print(f"Feature cache {path} is a bare tensor (the post's format) without labels or origin; rebuilding it.")
+        return None
+    if not isinstance(cache, dict) or cache.get("meta") != meta:
+        print(f"Feature cache {path} was made differently from this run "
+              f"({cache.get('meta') if isinstance(cache, dict) else type(cache).__name__}); rebuilding it.")
+        return None
+    feats, labels = cache.get("features"), cache.get("labels")
+    n = meta["num_images"]
+    if not (torch.is_tensor(feats) and feats.shape == (n, FEATURE_DIM) and feats.is_floating_point()
+            and torch.is_tensor(labels) and labels.shape == (n,)):
+        print(f"Feature cache {path} does not hold {n} features of {FEATURE_DIM} dims with their labels; rebuilding it.")
+        return None
+    return feats, labels.long()
+
+
+def save_cache(path, feats, labels, meta):
+    save_atomically(path, lambda tmp: torch.save({"features": feats, "labels": labels, "meta": meta}, tmp))
+
+
+def cached_features(cache_dir, metas, open_sources, device, num_workers):
+    """{split: (features [N, 512], labels [N])} for each split in metas, from the caches in cache_dir
+    where they are valid, otherwise extracted with open_sources(splits) -> (datasets, backbone) and cached."""
+    result = {split: load_cache(os.path.join(cache_dir, CACHE_FILES[split]), meta) for split, meta in metas.items()}
+    todo = [split for split, cached in result.items() if cached is None]
+    if todo:
+        datasets, backbone = open_sources(todo)
+        for split in todo:
+            feats = extract_features(backbone, datasets[split], device, num_workers=num_workers,
+                                     desc=f"{split} features")
+            labels = torch.as_tensor(datasets[split].targets, dtype=torch.long)
+            save_cache(os.path.join(cache_dir, CACHE_FILES[split]), feats, labels, metas[split])
+            result[split] = (feats, labels)
+    return result
+
+
+def cifar100_features(data_dir, cache_dir, device, num_workers=4):
+    """CIFAR-100 train and test features from the ImageNet-trained ResNet34, cached in cache_dir.
+
+    Valid caches are enough: CIFAR-100 and the weights are needed (and downloaded) only to build a cache.
+    Raises MissingResources naming everything that could not be had.
+    """
+    metas = {split: cache_meta("CIFAR-100", split, n, WEIGHTS.name, 224) for split, n in CIFAR100_SIZES.items()}
+
+    def open_sources(splits):
+        missing, datasets, state_dict = [], {}, None
+        try:
+            for split in splits:
+                datasets[split] = CIFAR100(root=data_dir, train=split == "train", transform=image_transform(224),
+                                           download=True)
+        except Exception as error:
+            missing.append(f"CIFAR-100 ({type(error).__name__}: {error}): expected at "
+                           f"{os.path.join(os.path.abspath(data_dir), 'cifar-100-python')}/. To place it by hand, "
+                           f"download {CIFAR100_URL} (about 170 MB) into {os.path.abspath(data_dir)}/; "
+                           f"the next run unpacks it.")
+        try:
+            state_dict = WEIGHTS.get_state_dict(progress=True, check_hash=True)
+        except Exception as error:
+            weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS.url))
+            missing.append(f"ResNet34 weights {WEIGHTS.name} ({type(error).__name__}: {error}): expected at "
+                           f"{weights_path}. To place them by hand, download {WEIGHTS.url} (83 MB) to that "
+                           f"path (TORCH_HOME sets the folder).")
+        if missing:
+            raise MissingResources("cannot get what the feature extraction needs (no internet?):\n"
+                                   + "\n".join(f"  - {m}" for m in missing))
+        return datasets, resnet34_backbone(state_dict)
+
+    return cached_features(cache_dir, metas, open_sources, device, num_workers)
+
+
+class GeneratedImages(data.Dataset):
+    """Offline stand-in for torchvision's CIFAR100: 32×32 RGB uint8 images in classes of equal size,
+    with the same interface (data [N, 32, 32, 3], targets, transform applied to a PIL image).
+
+    Each class is a random blocky colour pattern; its images are that pattern plus noise.
+    """
+
+    def __init__(self, num_classes, per_class, transform, seed, split):
+        patterns = np.random.RandomState(seed).randint(0, 256, size=(num_classes, 4, 4, 3))
+        patterns = patterns.repeat(8, axis=1).repeat(8, axis=2)  # [C, 32, 32, 3]
+        rng = np.random.RandomState(seed + (1 if split == "train" else 2))
+        targets = rng.permutation(np.repeat(np.arange(num_classes), per_class))
+        noise = rng.normal(0, 48, size=(len(targets), 32, 32, 3))
+        self.data = np.clip(patterns[targets] + noise, 0, 255).astype(np.uint8)
+        self.targets = targets.tolist()
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, idx):
+        return self.transform(Image.fromarray(self.data[idx])), self.targets[idx]
+
+
+def synthetic_features(cache_dir, device, num_workers=0):
+    """Features of GeneratedImages through a randomly initialised ResNet34: the whole pipeline, offline."""
+    cfg = SYNTHETIC
+    weights_name = f"random init (seed {cfg['seed']})"
+    metas = {split: cache_meta("generated images", split, cfg["num_classes"] * n, weights_name, cfg["image_size"])
+             for split, n in cfg["per_class"].items()}
+
+    def open_sources(splits):
+        transform = image_transform(cfg["image_size"])
+        datasets = {split: GeneratedImages(cfg["num_classes"], cfg["per_class"][split], transform, cfg["seed"], split)
+                    for split in splits}
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg["seed"])
+            backbone = resnet34_backbone()
+        return datasets, backbone
+
+    return cached_features(cache_dir, metas, open_sources, device, num_workers)
+

@@ -1,0 +1,301 @@
+"""The Transformer of the post, piece by piece, and the set-anomaly model built on it.
+
+Read it beside the post's sections: 嵌入表示层 (positional encoding), 注意力层
+(scaled dot-product and multi-head attention), 前馈层 and 残差连接和层归一化
+(inside EncoderBlock), 编码器和解码器结构 (EncoderBlock, TransformerEncoder),
+模型训练和推理 (TransformerPredictor, AnomalyPredictor).
+"""
+
+import math
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.optim as optim
+
+
+# ---------------------------------------------------------------------------
+# 注意力层 / attention
+# ---------------------------------------------------------------------------
+
+def scaled_dot_product(q, k, v, mask=None):
+    """Scaled dot-product attention, softmax(q·kᵀ/√d_k)·v (注意力层).
+
+    q, k, v - [..., SeqLen, d_k] (k and v may have another SeqLen than q)
+    mask    - broadcastable to [..., SeqLen_q, SeqLen_k]; 1/True = may attend, 0/False = masked
+    Returns (values [..., SeqLen_q, d_v], attention [..., SeqLen_q, SeqLen_k]).
+    """
+    d_k = q.size(-1)
+    attn_logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d_k)
+    if mask is not None:
+        # The post fills with -9e15, which overflows to -inf in float16; the dtype's own minimum never does.
+        attn_logits = attn_logits.masked_fill(mask == 0, torch.finfo(attn_logits.dtype).min)
+    attention = F.softmax(attn_logits, dim=-1)
+    values = torch.matmul(attention, v)
+    return values, attention
+
+
+def expand_mask(mask):
+    """Bring a mask to the 4-D shape [Batch, Head, SeqLen, SeqLen] that attention broadcasts against.
+
+    The post calls this helper without showing it. A 2-D mask [SeqLen, SeqLen] is shared by every
+    batch element and head, a 3-D mask [Batch, SeqLen, SeqLen] by every head; a 4-D one is used as is.
+    """
+    if mask.ndim < 2:
+        raise ValueError(f"mask must have 2, 3 or 4 dimensions ([N, N], [B, N, N] or [B, H, N, N]), got shape {tuple(mask.shape)}")
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    while mask.ndim < 4:
+        mask = mask.unsqueeze(0)
+    return mask
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention (多头注意力): num_heads scaled dot-products over learned projections.
+
+    input_dim - features of the input x
+    embed_dim - features of q, k, v together (num_heads · head_dim) and of the output
+    num_heads - number of attention heads; must divide embed_dim
+    """
+
+    def __init__(self, input_dim, embed_dim, num_heads):
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+
+        # One matrix for q, k and v of all heads: one matmul instead of three.
+        self.qkv_proj = nn.Linear(input_dim, 3 * embed_dim)
+        self.o_proj = nn.Linear(embed_dim, embed_dim)
+        self._reset_parameters()
+
+    def _reset_parameters(self):
+        nn.init.xavier_uniform_(self.qkv_proj.weight)
+        nn.init.zeros_(self.qkv_proj.bias)
+        nn.init.xavier_uniform_(self.o_proj.weight)
+        nn.init.zeros_(self.o_proj.bias)
+
+    def forward(self, x, mask=None, return_attention=False):
+        """x [Batch, SeqLen, input_dim] -> [Batch, SeqLen, embed_dim] (and attention [Batch, Head, SeqLen, SeqLen])."""
+        batch_size, seq_length, _ = x.size()
+        if mask is not None:
+            mask = expand_mask(mask)
+        qkv = self.qkv_proj(x)
+
+        # Each head owns a contiguous block of 3·head_dim outputs, holding its q, k and v in that order.
+        qkv = qkv.reshape(batch_size, seq_length, self.num_heads, 3 * self.head_dim)
+        qkv = qkv.permute(0, 2, 1, 3)  # [Batch, Head, SeqLen, 3·head_dim]
+        q, k, v = qkv.chunk(3, dim=-1)
+
+        values, attention = scaled_dot_product(q, k, v, mask=mask)
+        values = values.permute(0, 2, 1, 3)  # [Batch, SeqLen, Head, head_dim]
+        values = values.reshape(batch_size, seq_length, self.embed_dim)
+        o = self.o_proj(values)
+
+        if return_attention:
+            return o, attention
+        return o
+
+
+# ---------------------------------------------------------------------------
+# 编码器 / encoder: attention and feed-forward, each with residual + LayerNorm
+# ---------------------------------------------------------------------------
+
+class EncoderBlock(nn.Module):
+    """One encoder layer (编码器结构): self-attention, then the two-layer MLP of 前馈层.
+
+    Each sub-layer is followed by dropout, a residual connection and LayerNorm (残差连接和层归一化,
+    post-LN as in the post and the original paper).
+
+    input_dim       - features of the input and output
+    num_heads       - attention heads
+    dim_feedforward - hidden features of the MLP
+    dropout         - dropout probability
+    """
+
+    def __init__(self, input_dim, num_heads, dim_feedforward, dropout=0.0):
+        super().__init__()
+        self.self_attn = MultiheadAttention(input_dim, input_dim, num_heads)
+        self.linear_net = nn.Sequential(
+            nn.Linear(input_dim, dim_feedforward),
+            nn.Dropout(dropout),
+            nn.ReLU(inplace=True),
+            nn.Linear(dim_feedforward, input_dim),
+        )
+        self.norm1 = nn.LayerNorm(input_dim)
+        self.norm2 = nn.LayerNorm(input_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x, mask=None):
+        """x [Batch, SeqLen, input_dim] -> same shape."""
+        attn_out = self.self_attn(x, mask=mask)
+        x = self.norm1(x + self.dropout(attn_out))
+        linear_out = self.linear_net(x)
+        x = self.norm2(x + self.dropout(linear_out))
+        return x
+
+
+class TransformerEncoder(nn.Module):
+    """num_layers EncoderBlocks stacked (the N× of the post's figure); block_args go to each block."""
+
+    def __init__(self, num_layers, **block_args):
+        super().__init__()
+        self.layers = nn.ModuleList([EncoderBlock(**block_args) for _ in range(num_layers)])
+
+    def forward(self, x, mask=None):
+        for layer in self.layers:
+            x = layer(x, mask=mask)
+        return x
+
+    def get_attention_maps(self, x, mask=None):
+        """The attention of every layer, a list of [Batch, Head, SeqLen, SeqLen]."""
+        attention_maps = []
+        for layer in self.layers:
+            _, attn_map = layer.self_attn(x, mask=mask, return_attention=True)
+            attention_maps.append(attn_map)
+            x = layer(x, mask=mask)  # the post drops the mask here, so later layers would attend everywhere
+        return attention_maps
+
+
+# ---------------------------------------------------------------------------
+# 嵌入表示层 / positional encoding
+# ---------------------------------------------------------------------------
+
+class PositionalEncoding(nn.Module):
+    """Adds the sine/cosine position table of 嵌入表示层 to its input.
+
+    PE[pos, 2i] = sin(pos / 10000^(2i/d_model)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d_model)).
+    d_model - features of the input;  max_len - longest sequence the table covers.
+    """
+
+    def __init__(self, d_model, max_len=5000):
+        super().__init__()
+        position = torch.arange(max_len, dtype=torch.float).unsqueeze(1)  # [SeqLen, 1]
+        div_term = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, d_model)
+        pe[:, 0::2] = torch.sin(position * div_term)
+        pe[:, 1::2] = torch.cos(position * div_term[: d_model // 2])  # an odd d_model has one cosine column fewer
+        # Not persistent: the table is recomputed, so it stays out of the state_dict and checkpoints.
+        self.register_buffer("pe", pe.unsqueeze(0), persistent=False)  # [1, SeqLen, d_model]
+
+    def forward(self, x):
+        """x [Batch, SeqLen, d_model] -> x plus the table's first SeqLen rows."""
+        return x + self.pe[:, : x.size(1)]
+
+
+# ---------------------------------------------------------------------------
+# 模型训练和推理 / training: learning-rate schedule and the Lightning models
+# ---------------------------------------------------------------------------
+
+class CosineWarmupScheduler(optim.lr_scheduler.LRScheduler):
+    """Learning-rate factor: linear warm-up over `warmup` steps, then half a cosine to 0 at `max_iters`.
+
+    Stepped after every optimizer step, so `epoch` here counts steps.
+    """
+
+    def __init__(self, optimizer, warmup, max_iters):
+        self.warmup = warmup
+        self.max_num_iters = max_iters
+        super().__init__(optimizer)
+
+    def get_lr(self):
+        lr_factor = self.get_lr_factor(epoch=self.last_epoch)
+        return [base_lr * lr_factor for base_lr in self.base_lrs]
+
+    def get_lr_factor(self, epoch):
+        lr_factor = 0.5 * (1 + math.cos(math.pi * epoch / self.max_num_iters))
+        if epoch <= self.warmup:
+            lr_factor *= epoch / self.warmup
+        return lr_factor
+
+
+class TransformerPredictor(pl.LightningModule):
+    """Input projection, positional encoding, TransformerEncoder and a small output MLP.
+
+    input_dim     - features of each input element
+    model_dim     - features inside the Transformer
+    num_classes   - outputs per element
+    num_heads     - attention heads per layer
+    num_layers    - encoder layers
+    lr            - Adam learning rate
+    warmup        - warm-up steps of CosineWarmupScheduler
+    max_iters     - total optimizer steps (the cosine reaches 0 there)
+    dropout       - dropout inside the Transformer and the output MLP
+    input_dropout - dropout on the input features
+    """
+
+    def __init__(self, input_dim, model_dim, num_classes, num_heads, num_layers, lr, warmup, max_iters,
+                 dropout=0.0, input_dropout=0.0):
+        super().__init__()
+        self.save_hyperparameters()
+        self._create_model()
+
+    def _create_model(self):
+        hp = self.hparams
+        self.input_net = nn.Sequential(nn.Dropout(hp.input_dropout), nn.Linear(hp.input_dim, hp.model_dim))
+        self.positional_encoding = PositionalEncoding(d_model=hp.model_dim)
+        self.transformer = TransformerEncoder(num_layers=hp.num_layers, input_dim=hp.model_dim,
+                                              dim_feedforward=2 * hp.model_dim, num_heads=hp.num_heads,
+                                              dropout=hp.dropout)
+        self.output_net = nn.Sequential(
+            nn.Linear(hp.model_dim, hp.model_dim),
+            nn.LayerNorm(hp.model_dim),
+            nn.ReLU(inplace=True),
+            nn.Dropout(hp.dropout),
+            nn.Linear(hp.model_dim, hp.num_classes),
+        )
+
+    def _embed(self, x, add_positional_encoding):
+        x = self.input_net(x)
+        if add_positional_encoding:
+            x = self.positional_encoding(x)
+        return x
+
+    def forward(self, x, mask=None, add_positional_encoding=True):
+        """x [Batch, SeqLen, input_dim] -> [Batch, SeqLen, num_classes]."""
+        x = self._embed(x, add_positional_encoding)
+        x = self.transformer(x, mask=mask)
+        return self.output_net(x)
+
+    @torch.no_grad()
+    def get_attention_maps(self, x, mask=None, add_positional_encoding=True):
+        """The attention of every layer for input x, a list of [Batch, Head, SeqLen, SeqLen]."""
+        x = self._embed(x, add_positional_encoding)
+        return self.transformer.get_attention_maps(x, mask=mask)
+
+    def configure_optimizers(self):
+        optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr)
+        self.lr_scheduler = CosineWarmupScheduler(optimizer, warmup=self.hparams.warmup,
+                                                  max_iters=self.hparams.max_iters)
+        return [optimizer], [{"scheduler": self.lr_scheduler, "interval": "step"}]
+
+
+class AnomalyPredictor(TransformerPredictor):
+    """Set anomaly detection: one logit per image of the set, softmax over the set picks the odd one out.
+
+    No positional encoding: a set has no order, so the model must be permutation-equivariant.
+    """
+
+    def _calculate_loss(self, batch, mode="train"):
+        img_sets, _, labels = batch
+        preds = self.forward(img_sets, add_positional_encoding=False)  # [Batch, SetSize, 1]
+        preds = preds.squeeze(dim=-1)  # [Batch, SetSize]: logits of "this one is the anomaly"
+        loss = F.cross_entropy(preds, labels)
+        acc = (preds.argmax(dim=-1) == labels).float().mean()
+        # batch_size makes the epoch mean a per-set mean even when the last batch is smaller.
+        self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
+        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return loss, acc
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self._calculate_loss(batch, mode="train")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._calculate_loss(batch, mode="val")
+
+    def test_step(self, batch, batch_idx):
+        self._calculate_loss(batch, mode="test")
