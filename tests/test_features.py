@@ -1,0 +1,168 @@
+"""features.py: the transform, the backbone, streaming extraction, the cache and the offline message."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import features
+from features import (DATA_MEANS, DATA_STD, MissingResources, GeneratedImages, cache_meta, cached_features,
+                      cifar100_features, extract_features, image_transform, resnet34_backbone, save_atomically)
+
+
+def test_transform_resizes_and_normalises():
+    colour = (200, 30, 90)
+    image = Image.new("RGB", (32, 32), colour)
+    out = image_transform(224)(image)
+    assert out.shape == (3, 224, 224)
+    for c in range(3):  # a flat image stays flat through the resize
+        expected = (colour[c] / 255 - DATA_MEANS[c]) / DATA_STD[c]
+        torch.testing.assert_close(out[c], torch.full((224, 224), expected), atol=1e-5, rtol=0)
+
+
+def test_backbone_gives_512_features_without_classifier():
+    torch.manual_seed(0)
+    backbone = resnet34_backbone()
+    assert isinstance(backbone.fc, nn.Identity) and not backbone.training
+    assert not any(p.requires_grad for p in backbone.parameters())
+    with torch.no_grad():
+        assert backbone(torch.randn(2, 3, 64, 64)).shape == (2, 512)
+
+
+class ImagesAndLabels(torch.utils.data.Dataset):
+    def __init__(self, images, targets):
+        self.images, self.targets = images, targets
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        return self.images[idx], self.targets[idx]
+
+
+def test_extraction_in_batches_equals_one_image_at_a_time():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    images = torch.randn(11, 3, 8, 8)
+    feats = extract_features(model, ImagesAndLabels(images, list(range(11))), torch.device("cpu"),
+                             batch_size=4, num_workers=0)
+    with torch.no_grad():
+        expected = torch.cat([model(img[None]) for img in images])
+    torch.testing.assert_close(feats, expected)
+
+
+class CountingSources:
+    """open_sources for cached_features that counts its calls and serves tiny images through a tiny backbone."""
+
+    def __init__(self, n=6):
+        self.calls, self.n = 0, n
+
+    def __call__(self, splits):
+        self.calls += 1
+        torch.manual_seed(0)
+        backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, features.FEATURE_DIM)).eval()
+        g = torch.Generator().manual_seed(1)
+        data = {s: ImagesAndLabels(torch.randn(self.n, 3, 4, 4, generator=g), [i % 3 for i in range(self.n)])
+                for s in splits}
+        return data, backbone
+
+
+def metas(n=6, weights="w"):
+    return {s: cache_meta("toy", s, n, weights, 4) for s in ("train", "test")}
+
+
+def extract(tmp_path, sources, meta=None):
+    return cached_features(str(tmp_path), meta or metas(), sources, torch.device("cpu"), num_workers=0)
+
+
+def test_cache_is_computed_once_then_reused(tmp_path):
+    sources = CountingSources()
+    first = extract(tmp_path, sources)
+    assert sources.calls == 1
+    assert sorted(os.listdir(tmp_path)) == ["test_set_features.tar", "train_set_features.tar"]
+    second = extract(tmp_path, sources)
+    assert sources.calls == 1  # the backbone was not touched again
+    for split in ("train", "test"):
+        torch.testing.assert_close(first[split][0], second[split][0])
+        assert second[split][1].tolist() == [0, 1, 2, 0, 1, 2]
+        assert first[split][0].shape == (6, 512)
+
+
+def spoil_truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def spoil_bare_tensor(path):
+    torch.save(torch.zeros(6, 512), path)  # what the post's code writes
+
+
+def spoil_shape(path):
+    cache = torch.load(path)
+    cache["features"] = cache["features"][:, :100]
+    torch.save(cache, path)
+
+
+@pytest.mark.parametrize("spoil, message", [
+    (spoil_truncate, "cannot be read"),
+    (spoil_bare_tensor, "bare tensor"),
+    (spoil_shape, "does not hold 6 features"),
+])
+def test_a_bad_cache_is_reported_and_rebuilt(tmp_path, capsys, spoil, message):
+    sources = CountingSources()
+    good = extract(tmp_path, sources)
+    spoil(tmp_path / "train_set_features.tar")
+    capsys.readouterr()
+    rebuilt = extract(tmp_path, sources)
+    out = capsys.readouterr().out
+    assert message in out and "train_set_features.tar" in out and "test_set_features.tar" not in out
+    assert sources.calls == 2
+    torch.testing.assert_close(rebuilt["train"][0], good["train"][0])
+    extract(tmp_path, sources)
+    assert sources.calls == 2  # the rebuilt cache is trusted again
+
+
+def test_a_cache_made_differently_is_rebuilt(tmp_path, capsys):
+    sources = CountingSources()
+    extract(tmp_path, sources)
+    extract(tmp_path, sources, metas(weights="other weights"))
+    assert sources.calls == 2 and "made differently" in capsys.readouterr().out
+
+
+def test_interrupted_write_leaves_nothing_behind(tmp_path):
+    path = tmp_path / "file.tar"
+
+    def write_then_fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_atomically(str(path), write_then_fail)
+    assert os.listdir(tmp_path) == []
+    save_atomically(str(path), lambda tmp: open(tmp, "wb").close())
+    assert os.listdir(tmp_path) == ["file.tar"]
+
+
+def test_generated_images_have_balanced_classes():
+    images = GeneratedImages(num_classes=4, per_class=7, transform=image_transform(32), seed=0, split="train")
+    assert images.data.shape == (28, 32, 32, 3) and images.data.dtype == np.uint8
+    assert np.bincount(images.targets).tolist() == [7] * 4
+    img, label = images[0]
+    assert img.shape == (3, 32, 32) and label == images.targets[0]
+
+
+def test_offline_names_everything_missing(tmp_path, monkeypatch):
+    # A proxy on a closed local port makes every download fail at once, whatever the network.
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(MissingResources) as error:
+        cifar100_features(str(tmp_path / "data"), str(tmp_path / "cache"), torch.device("cpu"), num_workers=0)
+    message = str(error.value)
+    assert "CIFAR-100" in message and str(tmp_path / "data" / "cifar-100-python") in message
+    assert "ResNet34 weights" in message
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet34-b627a593.pth") in message
