@@ -105,10 +105,10 @@ def test_grouping_keeps_the_posts_order_of_ties():
 
 
 def test_split_puts_the_first_tenth_of_each_class_in_validation():
-    feats, labels = make_data(num_classes=5, per_class=25)
+    feats, labels = make_data(num_classes=5, per_class=29)
     train_idx, val_idx = split_train_val(labels)
     grouped = images_by_class(labels)
-    assert len(val_idx) == 5 * 2 and len(train_idx) == 5 * 23  # 25 // 10 = 2 per class
+    assert len(val_idx) == 5 * 2 and len(train_idx) == 5 * 27  # 10 % of 29, rounded down: 2 per class
     assert torch.bincount(labels[val_idx]).tolist() == [2] * 5
     for c in range(5):
         class_val = [i for i in val_idx.tolist() if labels[i] == c]

@@ -1,0 +1,139 @@
+"""train.py end to end: flags, the --synthetic pipeline, the saved-model path, --resume, offline errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from model import AnomalyPredictor
+from train import parse_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def read_results(checkpoint_dir):
+    with open(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "results.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """One `python train.py --synthetic` run, shared by the tests that look at what it leaves."""
+    checkpoint_dir = str(tmp_path_factory.mktemp("run"))
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return checkpoint_dir, proc
+
+
+def test_defaults_are_the_posts_run():
+    args = parse_args([])
+    assert (args.task, args.set_size, args.batch_size, args.model_dim, args.num_heads, args.num_layers) == \
+        ("anomaly", 10, 64, 256, 4, 4)
+    assert (args.dropout, args.input_dropout, args.lr, args.warmup, args.epochs, args.gradient_clip_val) == \
+        (0.1, 0.1, 5e-4, 100, 100, 2.0)
+    assert (args.seed, args.data_dir, args.checkpoint_dir) == (42, "datasets", "saved_models")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--epochs", "0"], ["--set-size", "1"], ["--model-dim", "10", "--num-heads", "4"], ["--dropout", "1"],
+    ["--dropout", "-0.1"], ["--input-dropout", "1.5"], ["--lr", "0"], ["--batch-size", "0"], ["--task", "other"],
+    ["--num-workers", "-1"],
+])
+def test_invalid_values_get_an_argparse_error(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_synthetic_run_writes_results_and_a_loadable_model(synthetic_run):
+    checkpoint_dir, proc = synthetic_run
+    results = read_results(checkpoint_dir)
+    for key in ("train_acc", "val_acc", "test_acc"):
+        assert 0.0 <= results[key] <= 1.0
+        assert f"{key.split('_')[0].capitalize()} accuracy:" in proc.stdout
+    assert results["trained"] is True and results["settings"]["synthetic"] is True
+    assert set(results["seconds"]) >= {"features", "train", "evaluate", "total"}
+    assert {"torch", "torchvision", "pytorch_lightning"} <= set(results["versions"])
+    synthetic_dir = os.path.join(checkpoint_dir, "synthetic")
+    assert {"train_set_features.tar", "test_set_features.tar", "SetAnomalyDetect.ckpt"} <= set(os.listdir(synthetic_dir))
+    assert os.listdir(checkpoint_dir) == ["synthetic"]  # nothing mixes with a real run's files
+    logs = os.path.join(synthetic_dir, "SetAnomalyDetect", "lightning_logs")
+    assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(logs) for f in files)
+    model = AnomalyPredictor.load_from_checkpoint(os.path.join(synthetic_dir, "SetAnomalyDetect.ckpt"))
+    assert model.hparams.model_dim == 256 and model.hparams.num_layers == 4
+
+
+def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run):
+    checkpoint_dir, first = synthetic_run
+    ckpt = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt")
+    mtime = os.path.getmtime(ckpt)
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Found pretrained model" in proc.stdout and "Epoch 0" not in proc.stdout + proc.stderr
+    results = read_results(checkpoint_dir)
+    assert results["trained"] is False and os.path.getmtime(ckpt) == mtime
+    # Validation and test sets are fixed, so the same model scores the same on them.
+    for line in ("Val accuracy:", "Test accuracy:"):
+        assert [l for l in proc.stdout.splitlines() if l.startswith(line)] == \
+            [l for l in first.stdout.splitlines() if l.startswith(line)]
+
+
+def test_saved_model_with_other_settings_stops_with_a_message(synthetic_run):
+    checkpoint_dir, _ = synthetic_run
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--model-dim", "128")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "model_dim 256 (asked 128)" in proc.stderr and "--retrain" in proc.stderr
+
+
+def copy_caches(synthetic_run, tmp_path):
+    """A fresh checkpoint folder holding only the feature caches of the shared run."""
+    os.makedirs(tmp_path / "synthetic")
+    for name in ("train_set_features.tar", "test_set_features.tar"):
+        shutil.copy(os.path.join(synthetic_run[0], "synthetic", name), tmp_path / "synthetic" / name)
+    return str(tmp_path)
+
+
+def test_fast_dev_run_saves_no_model(synthetic_run, tmp_path):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast-dev-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not os.path.exists(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt"))
+    assert "Test accuracy:" in proc.stdout and read_results(checkpoint_dir)["checkpoint"] is None
+
+
+def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--resume")
+    assert proc.returncode != 0 and "no" in proc.stderr and "last.ckpt" in proc.stderr
+    # One epoch of a two-epoch run stands for a run cut off after its first epoch.
+    assert run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--epochs", "1").returncode == 0
+    last = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
+    steps_per_epoch = torch.load(last, weights_only=False)["global_step"]
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--resume", "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "Restoring states from the checkpoint" in output
+    assert "Epoch 0:" not in output and "Epoch 1:" in output  # it went on at the second epoch
+    assert torch.load(last, weights_only=False)["global_step"] == 2 * steps_per_epoch  # one more epoch, not two
+    assert read_results(checkpoint_dir)["trained"] is True
+
+
+def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env[var] = "http://127.0.0.1:9"  # every download fails at once, whatever the network
+    proc = run_train("--data-dir", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "models"),
+                     env=env, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "CIFAR-100" in proc.stderr and str(tmp_path / "data") in proc.stderr
+    assert "resnet34-b627a593.pth" in proc.stderr and str(tmp_path / "torch") in proc.stderr
