@@ -61,7 +61,7 @@ class MultiheadAttention(nn.Module):
 
     def __init__(self, input_dim, embed_dim, num_heads):
         super().__init__()
-        if embed_dim % num_heads != 0:
+        if embed_dim % num_heads != 0:  # a ValueError, not the post's assert, which `python -O` would skip
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
         self.embed_dim = embed_dim
         self.num_heads = num_heads
@@ -285,7 +285,7 @@ class AnomalyPredictor(TransformerPredictor):
         preds = preds.squeeze(dim=-1)  # [Batch, SetSize]: logits of "this one is the anomaly"
         loss = F.cross_entropy(preds, labels)
         acc = (preds.argmax(dim=-1) == labels).float().mean()
-        # batch_size makes the epoch mean a per-set mean even when the last batch is smaller.
+        # An explicit batch size: the epoch mean is then a mean over sets, the smaller last batch included.
         self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
         self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
         return loss, acc
