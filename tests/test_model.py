@@ -330,3 +330,15 @@ def test_anomaly_predictor_learns_clustered_features():
     # only training gets it right nearly always.
     assert untrained < 0.6
     assert trained >= 0.9
+
+
+def test_checkpoint_round_trip_gives_the_same_model(tmp_path):
+    torch.manual_seed(0)
+    model = randomise(AnomalyPredictor(**dict(HPARAMS, num_classes=1)))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    loaded = AnomalyPredictor.load_from_checkpoint(tmp_path / "model.ckpt").eval()
+    assert dict(loaded.hparams) == dict(model.hparams)
+    x = torch.randn(2, 10, 12)
+    torch.testing.assert_close(loaded(x, add_positional_encoding=False), model.eval()(x, add_positional_encoding=False))
