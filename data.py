@@ -99,3 +99,54 @@ class SetAnomalyDataset(data.Dataset):
         indices = torch.cat([img_indices, torch.tensor([idx])], dim=0)
         label = img_set.shape[0] - 1
         return img_set, indices, label
+
+
+class ReverseDataset(data.Dataset):
+    """The tutorial's sequence task: size random sequences of seq_len integers in [0, num_categories);
+    the label of each is the same sequence reversed. An item is (sequence [seq_len], label [seq_len])."""
+
+    def __init__(self, num_categories, seq_len, size):
+        super().__init__()
+        self.num_categories = num_categories
+        self.seq_len = seq_len
+        self.size = size
+        self.data = torch.randint(num_categories, size=(size, seq_len))
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, idx):
+        inp_data = self.data[idx]
+        return inp_data, torch.flip(inp_data, dims=(0,))
+
+
+class SortDataset(data.Dataset):
+    """A task whose answer must be generated token by token: sort a sequence of integers.
+
+    Each of the size sequences has a random length in [2, max_len] and integers in [0, num_categories).
+    Three more tokens frame them: BOS = num_categories, EOS = num_categories+1, PAD = num_categories+2,
+    so a model needs num_categories+3 token classes. An item is (source [max_len]: the sequence, then PAD;
+    target [max_len+2]: BOS, the sorted sequence, EOS, then PAD).
+    """
+
+    def __init__(self, num_categories, max_len, size):
+        super().__init__()
+        if max_len < 2:
+            raise ValueError(f"max_len must be at least 2, got {max_len}")
+        self.bos, self.eos, self.pad = num_categories, num_categories + 1, num_categories + 2
+        lengths = torch.randint(2, max_len + 1, size=(size,))
+        values = torch.randint(num_categories, size=(size, max_len))
+        positions = torch.arange(max_len)
+        self.src = values.masked_fill(positions >= lengths[:, None], self.pad)
+        # PAD is the largest token, so sorting the padded source leaves the padding at the end.
+        sorted_src = self.src.sort(dim=1).values
+        self.tgt = torch.full((size, max_len + 2), self.pad)
+        self.tgt[:, 0] = self.bos
+        self.tgt[:, 1:-1] = sorted_src
+        self.tgt[torch.arange(size), lengths + 1] = self.eos
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, idx):
+        return self.src[idx], self.tgt[idx]

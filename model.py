@@ -78,17 +78,32 @@ class MultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.o_proj.weight)
         nn.init.zeros_(self.o_proj.bias)
 
-    def forward(self, x, mask=None, return_attention=False):
-        """x [Batch, SeqLen, input_dim] -> [Batch, SeqLen, embed_dim] (and attention [Batch, Head, SeqLen, SeqLen])."""
+    def forward(self, x, mask=None, return_attention=False, memory=None):
+        """Self-attention over x [Batch, SeqLen, input_dim] -> [Batch, SeqLen, embed_dim]
+        (and attention [Batch, Head, SeqLen, SeqLen]).
+
+        With memory [Batch, MemLen, input_dim] it is cross-attention (交叉注意力, the decoder's second
+        sub-layer): queries come from x, keys and values from memory, through the same weights; the
+        attention is then [Batch, Head, SeqLen, MemLen].
+        """
         batch_size, seq_length, _ = x.size()
         if mask is not None:
             mask = expand_mask(mask)
-        qkv = self.qkv_proj(x)
-
-        # Each head owns a contiguous block of 3·head_dim outputs, holding its q, k and v in that order.
-        qkv = qkv.reshape(batch_size, seq_length, self.num_heads, 3 * self.head_dim)
-        qkv = qkv.permute(0, 2, 1, 3)  # [Batch, Head, SeqLen, 3·head_dim]
-        q, k, v = qkv.chunk(3, dim=-1)
+        if memory is None:
+            qkv = self.qkv_proj(x)
+            # Each head owns a contiguous block of 3·head_dim outputs, holding its q, k and v in that order.
+            qkv = qkv.reshape(batch_size, seq_length, self.num_heads, 3 * self.head_dim)
+            qkv = qkv.permute(0, 2, 1, 3)  # [Batch, Head, SeqLen, 3·head_dim]
+            q, k, v = qkv.chunk(3, dim=-1)
+        else:
+            # The rows of qkv_proj that make q, and those that make k and v, in the same per-head layout.
+            weight = self.qkv_proj.weight.view(self.num_heads, 3, self.head_dim, -1)
+            bias = self.qkv_proj.bias.view(self.num_heads, 3, self.head_dim)
+            q = F.linear(x, weight[:, 0].flatten(0, 1), bias[:, 0].flatten())
+            q = q.reshape(batch_size, seq_length, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
+            kv = F.linear(memory, weight[:, 1:].flatten(0, 2), bias[:, 1:].flatten())
+            kv = kv.reshape(batch_size, memory.size(1), self.num_heads, 2 * self.head_dim).permute(0, 2, 1, 3)
+            k, v = kv.chunk(2, dim=-1)
 
         values, attention = scaled_dot_product(q, k, v, mask=mask)
         values = values.permute(0, 2, 1, 3)  # [Batch, SeqLen, Head, head_dim]
@@ -158,6 +173,69 @@ class TransformerEncoder(nn.Module):
             attention_maps.append(attn_map)
             x = layer(x, mask=mask)  # the post drops the mask here, so later layers would attend everywhere
         return attention_maps
+
+
+# ---------------------------------------------------------------------------
+# 解码器 / decoder: described by the post's 编码器和解码器结构, not shown in its code
+# ---------------------------------------------------------------------------
+
+def causal_mask(seq_len, device=None):
+    """[SeqLen, SeqLen] mask of the decoder's masked self-attention (掩码多头注意力): position i may
+    attend to positions 0..i only, so no output depends on tokens after it."""
+    return torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device))
+
+
+class DecoderBlock(EncoderBlock):
+    """One decoder layer: masked self-attention, cross-attention over the encoder output, feed-forward.
+
+    Each sub-layer has dropout, a residual connection and LayerNorm, as in EncoderBlock; the arguments
+    are EncoderBlock's.
+    """
+
+    def __init__(self, input_dim, num_heads, dim_feedforward, dropout=0.0):
+        super().__init__(input_dim, num_heads, dim_feedforward, dropout)
+        self.cross_attn = MultiheadAttention(input_dim, input_dim, num_heads)
+        self.norm3 = nn.LayerNorm(input_dim)
+
+    def forward(self, x, memory, tgt_mask=None, memory_mask=None, return_attention=False):
+        """x [Batch, TgtLen, input_dim], memory (encoder output) [Batch, SrcLen, input_dim] -> like x
+        (and, with return_attention, the self- and cross-attention maps).
+
+        tgt_mask - mask of the self-attention, usually causal_mask(TgtLen)
+        memory_mask - which encoder positions may be attended to, e.g. [Batch, 1, SrcLen] for padding
+        """
+        attn_out, self_map = self.self_attn(x, mask=tgt_mask, return_attention=True)
+        x = self.norm1(x + self.dropout(attn_out))
+        cross_out, cross_map = self.cross_attn(x, mask=memory_mask, memory=memory, return_attention=True)
+        x = self.norm2(x + self.dropout(cross_out))
+        x = self.norm3(x + self.dropout(self.linear_net(x)))
+        if return_attention:
+            return x, self_map, cross_map
+        return x
+
+
+class TransformerDecoder(nn.Module):
+    """num_layers DecoderBlocks stacked; block_args go to each block."""
+
+    def __init__(self, num_layers, **block_args):
+        super().__init__()
+        self.layers = nn.ModuleList([DecoderBlock(**block_args) for _ in range(num_layers)])
+
+    def forward(self, x, memory, tgt_mask=None, memory_mask=None):
+        for layer in self.layers:
+            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)
+        return x
+
+    def get_attention_maps(self, x, memory, tgt_mask=None, memory_mask=None):
+        """(self-attention maps [Batch, Head, TgtLen, TgtLen], cross-attention maps
+        [Batch, Head, TgtLen, SrcLen]), one of each per layer."""
+        self_maps, cross_maps = [], []
+        for layer in self.layers:
+            x, self_map, cross_map = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                                           return_attention=True)
+            self_maps.append(self_map)
+            cross_maps.append(cross_map)
+        return self_maps, cross_maps
 
 
 # ---------------------------------------------------------------------------
@@ -272,6 +350,20 @@ class TransformerPredictor(pl.LightningModule):
                                                   max_iters=self.hparams.max_iters)
         return [optimizer], [{"scheduler": self.lr_scheduler, "interval": "step"}]
 
+    def _calculate_loss(self, batch, mode="train"):
+        """(loss, accuracy) of a batch, logged as {mode}_loss and {mode}_acc; each task defines its own."""
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self._calculate_loss(batch, mode="train")
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self._calculate_loss(batch, mode="val")
+
+    def test_step(self, batch, batch_idx):
+        self._calculate_loss(batch, mode="test")
+
 
 class AnomalyPredictor(TransformerPredictor):
     """Set anomaly detection: one logit per image of the set, softmax over the set picks the odd one out.
@@ -290,12 +382,98 @@ class AnomalyPredictor(TransformerPredictor):
         self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
         return loss, acc
 
-    def training_step(self, batch, batch_idx):
-        loss, _ = self._calculate_loss(batch, mode="train")
-        return loss
 
-    def validation_step(self, batch, batch_idx):
-        self._calculate_loss(batch, mode="val")
+class ReversePredictor(TransformerPredictor):
+    """The tutorial's sequence task: output the input sequence reversed, one class per position.
 
-    def test_step(self, batch, batch_idx):
-        self._calculate_loss(batch, mode="test")
+    Inputs are one-hot vectors [Batch, SeqLen, num_classes]; positional encoding is on, since here the
+    order is the whole point.
+    """
+
+    def _calculate_loss(self, batch, mode="train"):
+        inp_data, labels = batch  # [Batch, SeqLen] integers each
+        inp_data = F.one_hot(inp_data, num_classes=self.hparams.num_classes).float()
+        preds = self.forward(inp_data, add_positional_encoding=True)  # [Batch, SeqLen, num_classes]
+        loss = F.cross_entropy(preds.reshape(-1, preds.size(-1)), labels.reshape(-1))
+        acc = (preds.argmax(dim=-1) == labels).float().mean()
+        self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
+        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return loss, acc
+
+
+class Seq2SeqPredictor(TransformerPredictor):
+    """Encoder-decoder Transformer (编码器和解码器结构) that generates its output token by token.
+
+    Same arguments as TransformerPredictor, with input_dim = num_classes = the vocabulary size, whose last
+    three tokens are BOS, EOS and PAD (see data.SortDataset). The encoder is TransformerPredictor's; the
+    decoder shares its input_net (one-hot -> model_dim) and output_net (model_dim -> token logits).
+    Training is teacher-forced; generate() is greedy and autoregressive.
+    """
+
+    def _create_model(self):
+        super()._create_model()
+        hp = self.hparams
+        self.decoder = TransformerDecoder(num_layers=hp.num_layers, input_dim=hp.model_dim,
+                                          dim_feedforward=2 * hp.model_dim, num_heads=hp.num_heads,
+                                          dropout=hp.dropout)
+        self.bos, self.eos, self.pad = hp.num_classes - 3, hp.num_classes - 2, hp.num_classes - 1
+
+    def _embed_tokens(self, tokens):
+        return self._embed(F.one_hot(tokens, num_classes=self.hparams.num_classes).float(), True)
+
+    def encode(self, src):
+        """src tokens [Batch, SrcLen] -> (memory [Batch, SrcLen, model_dim], memory_mask [Batch, 1, SrcLen])."""
+        memory_mask = (src != self.pad).unsqueeze(1)  # padding is never attended to
+        return self.transformer(self._embed_tokens(src), mask=memory_mask), memory_mask
+
+    def decode(self, tgt_in, memory, memory_mask):
+        """Logits [Batch, TgtLen, num_classes] of the token after each of tgt_in [Batch, TgtLen]."""
+        x = self.decoder(self._embed_tokens(tgt_in), memory, tgt_mask=causal_mask(tgt_in.size(1), tgt_in.device),
+                         memory_mask=memory_mask)
+        return self.output_net(x)
+
+    def forward(self, src, tgt_in):
+        """Teacher forcing: the decoder reads the true previous tokens tgt_in (BOS first)."""
+        return self.decode(tgt_in, *self.encode(src))
+
+    @torch.no_grad()
+    def generate(self, src, max_len):
+        """Greedy decoding: start from BOS, append the most likely next token until EOS or max_len tokens.
+        Returns [Batch, max_len] tokens (EOS included, PAD after it)."""
+        memory, memory_mask = self.encode(src)
+        tokens = torch.full((src.size(0), 1), self.bos, dtype=torch.long, device=src.device)
+        finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
+        for _ in range(max_len):
+            next_token = self.decode(tokens, memory, memory_mask)[:, -1].argmax(dim=-1)
+            next_token = next_token.masked_fill(finished, self.pad)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            finished |= next_token == self.eos
+            if finished.all():
+                break
+        out = tokens[:, 1:]
+        return F.pad(out, (0, max_len - out.size(1)), value=self.pad)
+
+    def get_attention_maps(self, src, tgt_in):
+        """(encoder self-attention, decoder self-attention, decoder cross-attention) maps, a list per layer each."""
+        with torch.no_grad():
+            memory, memory_mask = self.encode(src)
+            encoder_maps = self.transformer.get_attention_maps(self._embed_tokens(src), mask=memory_mask)
+            decoder_maps = self.decoder.get_attention_maps(self._embed_tokens(tgt_in), memory,
+                                                           causal_mask(tgt_in.size(1), src.device), memory_mask)
+        return (encoder_maps, *decoder_maps)
+
+    def _calculate_loss(self, batch, mode="train"):
+        src, tgt = batch  # tgt: BOS, the answer, EOS, then PAD
+        tgt_in, labels = tgt[:, :-1], tgt[:, 1:]
+        logits = self.forward(src, tgt_in)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=self.pad)
+        real = labels != self.pad
+        token_acc = (logits.argmax(dim=-1) == labels)[real].float().mean()
+        self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
+        self.log(f"{mode}_token_acc", token_acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        if mode == "train":
+            return loss, token_acc
+        # Outside training the accuracy is that of whole sequences generated greedily, exactly right.
+        acc = (self.generate(src, labels.size(1)) == labels).all(dim=1).float().mean()
+        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        return loss, acc

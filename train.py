@@ -1,8 +1,10 @@
 """The post's experiment end to end: CIFAR-100 features from a ResNet34, sets of 10 with one odd image,
-a 4-layer Transformer encoder that finds it (数据处理和模型训练, 模型训练和推理).
+a 4-layer Transformer encoder that finds it (数据处理和模型训练, 模型训练和推理); and two sequence tasks.
 
-    python train.py               # the post's run; a second run loads the saved model and only evaluates
-    python train.py --synthetic   # every stage offline on generated images, in well under two minutes on a CPU
+    python train.py                  # the post's run; a second run loads the saved model and only evaluates
+    python train.py --synthetic      # every stage offline on generated images, in well under two minutes on a CPU
+    python train.py --task reverse   # the tutorial's sequence task: reverse a sequence (encoder only)
+    python train.py --task seq2seq   # the decoder the post describes: sort a sequence, token by token
 """
 
 import argparse
@@ -21,9 +23,23 @@ import torchvision
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from data import SetAnomalyDataset, split_train_val
+from data import ReverseDataset, SetAnomalyDataset, SortDataset, split_train_val
 from features import MissingResources, cifar100_features, save_atomically, synthetic_features
-from model import AnomalyPredictor
+from model import AnomalyPredictor, ReversePredictor, Seq2SeqPredictor
+
+# Each task's defaults: the post's run for anomaly, the tutorial's for reverse. A flag overrides any of them.
+TASK_DEFAULTS = {
+    "anomaly": dict(set_size=10, batch_size=64, model_dim=256, num_heads=4, num_layers=4, dropout=0.1,
+                    input_dropout=0.1, lr=5e-4, warmup=100, epochs=100, gradient_clip_val=2.0),
+    "reverse": dict(set_size=None, batch_size=128, model_dim=32, num_heads=1, num_layers=1, dropout=0.0,
+                    input_dropout=0.0, lr=5e-4, warmup=50, epochs=10, gradient_clip_val=5.0),
+    "seq2seq": dict(set_size=None, batch_size=128, model_dim=64, num_heads=4, num_layers=2, dropout=0.0,
+                    input_dropout=0.0, lr=1e-3, warmup=100, epochs=10, gradient_clip_val=5.0),
+}
+# Where each task keeps its logs and results (<name>/) and its best model (<name>.ckpt).
+TASK_NAMES = {"anomaly": "SetAnomalyDetect", "reverse": "ReverseTask", "seq2seq": "Seq2SeqTask"}
+# The sequence tasks' data, as in the tutorial: 10 categories, length 16, 50 000 / 1 000 / 10 000 sequences.
+NUM_CATEGORIES, SEQ_LEN, SEQ_SIZES = 10, 16, {"train": 50000, "val": 1000, "test": 10000}
 
 # The set loaders read features already in memory: worker processes would only add start-up time.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -62,18 +78,20 @@ def set_size(text):
 def parse_args(argv=None):
     default_accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", choices=["anomaly"], default="anomaly", help="experiment to run (default: anomaly)")
-    p.add_argument("--set-size", type=set_size, default=10, help="images per set, the anomaly included (default: 10)")
-    p.add_argument("--batch-size", type=positive_int, default=64, help="sets per batch (default: 64)")
-    p.add_argument("--model-dim", type=positive_int, default=256, help="features inside the Transformer (default: 256)")
-    p.add_argument("--num-heads", type=positive_int, default=4, help="attention heads (default: 4)")
-    p.add_argument("--num-layers", type=positive_int, default=4, help="encoder layers (default: 4)")
-    p.add_argument("--dropout", type=probability, default=0.1, help="dropout in the Transformer (default: 0.1)")
-    p.add_argument("--input-dropout", type=probability, default=0.1, help="dropout on the features (default: 0.1)")
-    p.add_argument("--lr", type=positive_float, default=5e-4, help="Adam learning rate (default: 5e-4)")
-    p.add_argument("--warmup", type=positive_int, default=100, help="warm-up steps (default: 100)")
-    p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: 100; 2 with --synthetic)")
-    p.add_argument("--gradient-clip-val", type=positive_float, default=2.0, help="gradient-norm clipping (default: 2)")
+    p.add_argument("--task", choices=list(TASK_DEFAULTS), default="anomaly",
+                   help="anomaly: the post's set anomaly detection (default); reverse: the tutorial's sequence "
+                        "reversal; seq2seq: sorting with the encoder-decoder")
+    p.add_argument("--set-size", type=set_size, help="images per set, the anomaly included (default: 10)")
+    p.add_argument("--batch-size", type=positive_int, help="sets or sequences per batch (default: 64; 128)")
+    p.add_argument("--model-dim", type=positive_int, help="features inside the Transformer (default: 256; 32; 64)")
+    p.add_argument("--num-heads", type=positive_int, help="attention heads (default: 4; 1; 4)")
+    p.add_argument("--num-layers", type=positive_int, help="encoder (and decoder) layers (default: 4; 1; 2)")
+    p.add_argument("--dropout", type=probability, help="dropout in the Transformer (default: 0.1; 0; 0)")
+    p.add_argument("--input-dropout", type=probability, help="dropout on the inputs (default: 0.1; 0; 0)")
+    p.add_argument("--lr", type=positive_float, help="Adam learning rate (default: 5e-4; 5e-4; 1e-3)")
+    p.add_argument("--warmup", type=positive_int, help="warm-up steps (default: 100; 50; 100)")
+    p.add_argument("--epochs", type=positive_int, help="epochs (default: 100, 2 with --synthetic; 10; 10)")
+    p.add_argument("--gradient-clip-val", type=positive_float, help="gradient-norm clipping (default: 2; 5; 5)")
     p.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
     p.add_argument("--data-dir", default="datasets", help="where CIFAR-100 is or is downloaded to (default: datasets)")
     p.add_argument("--checkpoint-dir", default="saved_models",
@@ -90,13 +108,20 @@ def parse_args(argv=None):
     p.add_argument("--synthetic", action="store_true",
                    help="generated images and an untrained ResNet34 instead of CIFAR-100: offline, small, fast; "
                         "writes under <checkpoint-dir>/synthetic/")
+    p.epilog = "Defaults given as 'a; b; c' are those of --task anomaly; reverse; seq2seq."
     args = p.parse_args(argv)
+    if args.synthetic and args.task != "anomaly":
+        p.error("--synthetic replaces CIFAR-100 for --task anomaly; the sequence tasks need no download")
+    if args.set_size is not None and args.task != "anomaly":
+        p.error("--set-size belongs to --task anomaly")
+    defaults = dict(TASK_DEFAULTS[args.task], epochs=2 if args.synthetic else TASK_DEFAULTS[args.task]["epochs"])
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.model_dim % args.num_heads != 0:
         p.error(f"--model-dim ({args.model_dim}) must be divisible by --num-heads ({args.num_heads})")
     if args.num_workers < 0:
         p.error(f"--num-workers must be 0 or more, got {args.num_workers}")
-    if args.epochs is None:
-        args.epochs = 2 if args.synthetic else 100
     return args
 
 
@@ -124,26 +149,8 @@ def check_saved_model(path, hparams, settings):
                  "Run with --retrain to train a new one in its place, or choose another --checkpoint-dir.")
 
 
-def evaluate(trainer, model, loaders):
-    """Set accuracy of model on each loader, in [0, 1]."""
-    return {name: trainer.test(model, dataloaders=loader, verbose=False)[0]["test_acc"]
-            for name, loader in loaders.items()}
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    start = time.time()
-    seconds = {}
-    checkpoint_dir = os.path.join(args.checkpoint_dir, "synthetic") if args.synthetic else args.checkpoint_dir
-    root_dir = os.path.join(checkpoint_dir, "SetAnomalyDetect")
-    pretrained_filename = os.path.join(checkpoint_dir, "SetAnomalyDetect.ckpt")
-    last_checkpoint = os.path.join(root_dir, "checkpoints", "last.ckpt")
-    if args.resume and not os.path.isfile(last_checkpoint):
-        sys.exit(f"error: --resume found no {last_checkpoint} to continue from. Run without --resume to start anew.")
-    pl.seed_everything(args.seed)
-
-    # 获取数据集 / 提取图片特征: features of every image, computed once and cached.
-    device = torch.device("cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu")
+def anomaly_setup(args, checkpoint_dir, device):
+    """Features (cached), the post's split and the set datasets of the anomaly task; exits on missing data."""
     try:
         if args.synthetic:
             feats = synthetic_features(checkpoint_dir, device, num_workers=args.num_workers)
@@ -153,31 +160,72 @@ def main(argv=None):
         sys.exit(f"error: {error}")
     train_set_feats, train_set_labels = feats["train"]
     test_feats, test_labels = feats["test"]
-    seconds["features"] = time.time() - start
 
     # 自定义数据类,并构建dataloader: the post's per-class split, then sets.
     try:
         train_indices, val_indices = split_train_val(train_set_labels)
-        train_dataset = SetAnomalyDataset(train_set_feats[train_indices], train_set_labels[train_indices],
-                                          set_size=args.set_size, train=True)
-        val_dataset = SetAnomalyDataset(train_set_feats[val_indices], train_set_labels[val_indices],
-                                        set_size=args.set_size, train=False)
-        test_dataset = SetAnomalyDataset(test_feats, test_labels, set_size=args.set_size, train=False)
+        datasets = {
+            "train": SetAnomalyDataset(train_set_feats[train_indices], train_set_labels[train_indices],
+                                       set_size=args.set_size, train=True),
+            "val": SetAnomalyDataset(train_set_feats[val_indices], train_set_labels[val_indices],
+                                     set_size=args.set_size, train=False),
+            "test": SetAnomalyDataset(test_feats, test_labels, set_size=args.set_size, train=False),
+        }
     except ValueError as error:
         sys.exit(f"error: {error}")
-    train_loader = data.DataLoader(train_dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
+    return AnomalyPredictor, dict(input_dim=train_set_feats.shape[-1], num_classes=1), datasets
+
+
+def sequence_setup(args):
+    """The sequence tasks' data, drawn from torch's generator after seeding, in the order train, val, test."""
+    if args.task == "reverse":
+        datasets = {split: ReverseDataset(NUM_CATEGORIES, SEQ_LEN, size) for split, size in SEQ_SIZES.items()}
+        return ReversePredictor, dict(input_dim=NUM_CATEGORIES, num_classes=NUM_CATEGORIES), datasets
+    datasets = {split: SortDataset(NUM_CATEGORIES, SEQ_LEN, size) for split, size in SEQ_SIZES.items()}
+    vocabulary = NUM_CATEGORIES + 3  # the digits, then BOS, EOS and PAD
+    return Seq2SeqPredictor, dict(input_dim=vocabulary, num_classes=vocabulary), datasets
+
+
+def evaluate(trainer, model, loaders):
+    """Accuracy of model on each loader, in [0, 1]."""
+    return {name: trainer.test(model, dataloaders=loader, verbose=False)[0]["test_acc"]
+            for name, loader in loaders.items()}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.time()
+    seconds = {}
+    checkpoint_dir = os.path.join(args.checkpoint_dir, "synthetic") if args.synthetic else args.checkpoint_dir
+    name = TASK_NAMES[args.task]
+    root_dir = os.path.join(checkpoint_dir, name)
+    pretrained_filename = os.path.join(checkpoint_dir, f"{name}.ckpt")
+    last_checkpoint = os.path.join(root_dir, "checkpoints", "last.ckpt")
+    if args.resume and not os.path.isfile(last_checkpoint):
+        sys.exit(f"error: --resume found no {last_checkpoint} to continue from. Run without --resume to start anew.")
+    pl.seed_everything(args.seed)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu")
+    if args.task == "anomaly":
+        model_class, io_dims, datasets = anomaly_setup(args, checkpoint_dir, device)
+        seconds["features"] = time.time() - start
+    else:
+        model_class, io_dims, datasets = sequence_setup(args)
+    train_loader = data.DataLoader(datasets["train"], batch_size=args.batch_size, shuffle=True, drop_last=True,
                                    pin_memory=device.type == "cuda")
-    val_loader = data.DataLoader(val_dataset, batch_size=args.batch_size, shuffle=False, drop_last=False)
-    test_loader = data.DataLoader(test_dataset, batch_size=args.batch_size, shuffle=False, drop_last=False)
+    val_loader = data.DataLoader(datasets["val"], batch_size=args.batch_size, shuffle=False, drop_last=False)
+    test_loader = data.DataLoader(datasets["test"], batch_size=args.batch_size, shuffle=False, drop_last=False)
     if len(train_loader) == 0:
-        sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(train_dataset)} training sets.")
+        sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(datasets['train'])} training items.")
 
     # 模型训练和推理
-    hparams = dict(input_dim=train_set_feats.shape[-1], model_dim=args.model_dim, num_classes=1,
-                   num_heads=args.num_heads, num_layers=args.num_layers, lr=args.lr, warmup=args.warmup,
-                   max_iters=args.epochs * len(train_loader), dropout=args.dropout, input_dropout=args.input_dropout)
-    settings = dict(set_size=args.set_size, batch_size=args.batch_size, epochs=args.epochs,
-                    gradient_clip_val=args.gradient_clip_val, seed=args.seed)
+    hparams = dict(io_dims, model_dim=args.model_dim, num_heads=args.num_heads, num_layers=args.num_layers,
+                   lr=args.lr, warmup=args.warmup, max_iters=args.epochs * len(train_loader), dropout=args.dropout,
+                   input_dropout=args.input_dropout)
+    settings = dict(batch_size=args.batch_size, epochs=args.epochs, gradient_clip_val=args.gradient_clip_val,
+                    seed=args.seed)
+    if args.task == "anomaly":
+        settings["set_size"] = args.set_size
     best_checkpoint = ModelCheckpoint(dirpath=os.path.dirname(last_checkpoint), monitor="val_acc", mode="max",
                                       save_weights_only=True)
     # A second, full checkpoint (optimizer, scheduler, loop state) after every epoch, for --resume.
@@ -196,12 +244,12 @@ def main(argv=None):
     if not trained:
         check_saved_model(pretrained_filename, hparams, settings)
         print(f"Found pretrained model {pretrained_filename}, loading...")
-        model = AnomalyPredictor.load_from_checkpoint(pretrained_filename)
+        model = model_class.load_from_checkpoint(pretrained_filename)
     else:
-        model = AnomalyPredictor(**hparams)
+        model = model_class(**hparams)
         trainer.fit(model, train_loader, val_loader, ckpt_path=last_checkpoint if args.resume else None)
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing and evaluates the model it has
-            model = AnomalyPredictor.load_from_checkpoint(best_checkpoint.best_model_path)
+            model = model_class.load_from_checkpoint(best_checkpoint.best_model_path)
             # Keep the best model as a Lightning checkpoint (the post pickles the whole module with
             # torch.save, which load_from_checkpoint cannot read), with the run's settings for the check above.
             ckpt = torch.load(best_checkpoint.best_model_path, map_location="cpu", weights_only=False)
@@ -210,13 +258,15 @@ def main(argv=None):
     seconds["train"] = time.time() - train_start
 
     eval_start = time.time()
-    result = evaluate(trainer, model, {"train_acc": train_loader, "val_acc": val_loader, "test_acc": test_loader})
+    # Train accuracy is on freshly drawn training sets, as in the post; the sequence tasks report val and test.
+    loaders = {"train_acc": train_loader} if args.task == "anomaly" else {}
+    result = evaluate(trainer, model, dict(loaders, val_acc=val_loader, test_acc=test_loader))
     seconds["evaluate"] = time.time() - eval_start
     seconds["total"] = time.time() - start
 
-    print(f"Train accuracy: {100.0 * result['train_acc']:4.2f}%")
-    print(f"Val accuracy:   {100.0 * result['val_acc']:4.2f}%")
-    print(f"Test accuracy:  {100.0 * result['test_acc']:4.2f}%")
+    for key, label in (("train_acc", "Train accuracy: "), ("val_acc", "Val accuracy:   "), ("test_acc", "Test accuracy:  ")):
+        if key in result:
+            print(f"{label}{100.0 * result[key]:4.2f}%")
 
     results = dict(result,
                    trained=trained,
@@ -228,6 +278,7 @@ def main(argv=None):
                              "numpy": np.__version__},
                    seconds=seconds)
     results_file = os.path.join(root_dir, "results.json")
+
     def write_results(tmp):
         with open(tmp, "w") as f:
             json.dump(results, f, indent=2)
