@@ -16,6 +16,10 @@ def images_by_class(labels):
     Raises ValueError unless every class 0..max(labels) has the same number of images.
     """
     labels = torch.as_tensor(labels)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1 \
+            or (len(labels) and labels.min() < 0):
+        raise ValueError(f"labels must be a 1-D sequence of class indices 0, 1, 2, ...; got dtype {labels.dtype}, "
+                         f"shape {tuple(labels.shape)}")
     counts = torch.bincount(labels)
     if len(counts) == 0 or (counts != counts[0]).any():
         raise ValueError(f"every class must have the same number of images; images per class: {counts.tolist()}")
@@ -27,6 +31,9 @@ def split_train_val(labels):
     rounded down) go to validation and the rest to training. Returns (train_indices, val_indices)."""
     sorted_indices = images_by_class(labels)
     num_val = sorted_indices.shape[1] // 10
+    if num_val == 0:
+        raise ValueError(f"each class has {sorted_indices.shape[1]} images; the validation split takes 10 % of "
+                         "each class, so a class needs at least 10")
     val_indices = sorted_indices[:, :num_val].reshape(-1)
     train_indices = sorted_indices[:, num_val:].reshape(-1)
     return train_indices, val_indices

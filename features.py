@@ -6,6 +6,7 @@ another backbone, transform or data set, or a cut-off file, is noticed and rebui
 """
 
 import os
+import socket
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ CIFAR100_SIZES = {"train": 50000, "test": 10000}
 WEIGHTS = ResNet34_Weights.IMAGENET1K_V1
 CACHE_FILES = {"train": "train_set_features.tar", "test": "test_set_features.tar"}
 FEATURE_DIM = 512
+DOWNLOAD_TIMEOUT_S = 20  # seconds without an answer before a download counts as failed
 
 # The offline stand-in for CIFAR-100 used by `train.py --synthetic`: small, but every stage runs.
 SYNTHETIC = dict(num_classes=10, per_class={"train": 110, "test": 20}, image_size=64, seed=42)
@@ -147,6 +149,9 @@ def cifar100_features(data_dir, cache_dir, device, num_workers=4):
 
     def open_sources(splits):
         missing, datasets, state_dict = [], {}, None
+        # Without a timeout a network that silently drops packets would hang the downloads for minutes.
+        default_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
             for split in splits:
                 datasets[split] = CIFAR100(root=data_dir, train=split == "train", transform=image_transform(224),
@@ -163,6 +168,7 @@ def cifar100_features(data_dir, cache_dir, device, num_workers=4):
             missing.append(f"ResNet34 weights {WEIGHTS.name} ({type(error).__name__}: {error}): expected at "
                            f"{weights_path}. To place them by hand, download {WEIGHTS.url} (83 MB) to that "
                            f"path (TORCH_HOME sets the folder).")
+        socket.setdefaulttimeout(default_timeout)
         if missing:
             raise MissingResources("cannot get what the feature extraction needs (no internet?):\n"
                                    + "\n".join(f"  - {m}" for m in missing))

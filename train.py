@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 import warnings
@@ -138,15 +139,14 @@ def read_checkpoint(path):
     return ckpt
 
 
-def check_saved_model(path, hparams, settings):
-    """Stops with a message if the saved model was trained with other settings than asked for."""
+def check_saved_model(path, hparams, settings, hint):
+    """Stops with a message if the model saved at path was trained with other settings than asked for."""
     ckpt = read_checkpoint(path)
     saved = dict(ckpt["hyper_parameters"], **ckpt.get("train_settings", {}))
     asked = dict(hparams, **{k: v for k, v in settings.items() if k in ckpt.get("train_settings", {})})
     differ = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in asked.items() if saved.get(k) != v]
     if differ:
-        sys.exit(f"error: the saved model {path} was trained with other settings than asked for: {', '.join(differ)}. "
-                 "Run with --retrain to train a new one in its place, or choose another --checkpoint-dir.")
+        sys.exit(f"error: {path} was trained with other settings than asked for: {', '.join(differ)}. {hint}")
 
 
 def anomaly_setup(args, checkpoint_dir, device):
@@ -228,10 +228,11 @@ def main(argv=None):
         settings["set_size"] = args.set_size
     best_checkpoint = ModelCheckpoint(dirpath=os.path.dirname(last_checkpoint), monitor="val_acc", mode="max",
                                       save_weights_only=True)
-    # A second, full checkpoint (optimizer, scheduler, loop state) after every epoch, for --resume.
-    last = ModelCheckpoint(dirpath=os.path.dirname(last_checkpoint), save_top_k=0, save_last=True)
+    # A second, full checkpoint (optimizer, scheduler, loop state), replaced after every epoch, for --resume.
+    last = ModelCheckpoint(dirpath=os.path.dirname(last_checkpoint), filename="last")
     trainer = pl.Trainer(default_root_dir=root_dir,
-                         callbacks=[best_checkpoint, last],
+                         callbacks=[] if args.fast_dev_run else [best_checkpoint, last],
+                         enable_checkpointing=not args.fast_dev_run,
                          logger=TensorBoardLogger(root_dir, name="lightning_logs", default_hp_metric=False),
                          accelerator=args.accelerator,
                          devices=args.devices,
@@ -242,10 +243,16 @@ def main(argv=None):
     train_start = time.time()
     trained = not os.path.isfile(pretrained_filename) or args.retrain or args.resume or args.fast_dev_run
     if not trained:
-        check_saved_model(pretrained_filename, hparams, settings)
+        check_saved_model(pretrained_filename, hparams, settings,
+                          "Run with --retrain to train a new model in its place, or choose another --checkpoint-dir.")
         print(f"Found pretrained model {pretrained_filename}, loading...")
         model = model_class.load_from_checkpoint(pretrained_filename)
     else:
+        if args.resume:  # the schedule and the weights of the interrupted run must fit what is asked now
+            check_saved_model(last_checkpoint, hparams, settings,
+                              "Resume with the settings of the interrupted run, or train anew without --resume.")
+        elif not args.fast_dev_run:  # earlier checkpoints of this task would be mistaken for this run's
+            shutil.rmtree(os.path.dirname(last_checkpoint), ignore_errors=True)
         model = model_class(**hparams)
         trainer.fit(model, train_loader, val_loader, ckpt_path=last_checkpoint if args.resume else None)
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing and evaluates the model it has
@@ -270,13 +277,16 @@ def main(argv=None):
 
     results = dict(result,
                    trained=trained,
-                   checkpoint=None if args.fast_dev_run else pretrained_filename,
+                   checkpoint=pretrained_filename,
                    settings=vars(args),
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                    versions={"python": platform.python_version(), "torch": torch.__version__,
                              "torchvision": torchvision.__version__, "pytorch_lightning": pl.__version__,
                              "numpy": np.__version__},
                    seconds=seconds)
+    if args.fast_dev_run:  # a one-batch check must not replace a real run's results
+        print("Fast dev run: results not saved.")
+        return results
     results_file = os.path.join(root_dir, "results.json")
 
     def write_results(tmp):

@@ -51,11 +51,12 @@ def test_set_class_is_uniform_over_the_other_classes():
         drawn = [labels[dataset.sample_img_set(torch.tensor(anomaly_label), rng)[0]].item() for _ in range(5)]
         # Each of the 5 equally likely draws gives another class, and every other class comes up once.
         assert sorted(drawn) == [c for c in range(6) if c != anomaly_label]
-        # The tempting `==` instead of `>=` would skip the anomaly's class only when hit exactly:
-        # the class after it would come up twice and the last class never (unless it follows the anomaly).
+        # The tempting `==` instead of `>=` skips the anomaly's class only when hit exactly: the class
+        # after it would come up twice and the last class never, so its draws are not uniform.
         with_eq = [r + 1 if r == anomaly_label else r for r in range(5)]
         if anomaly_label < 4:
-            assert 5 not in with_eq and with_eq.count(anomaly_label + 1) == 2
+            assert with_eq.count(anomaly_label + 1) == 2 and 5 not in with_eq
+            assert sorted(drawn) != sorted(with_eq)
 
 
 def post_eval_sets(labels, set_size):
@@ -98,16 +99,15 @@ def test_grouping_keeps_the_posts_order_of_ties():
     assert grouped.shape == (10, 20)
     for c in range(10):
         assert sorted(grouped[c].tolist()) == torch.nonzero(labels == c).flatten().tolist()
-    # On this input the default sort orders tied labels differently from a stable one; the post's
-    # evaluation sets depend on that order, so the grouping must follow the default.
+    # The post's evaluation sets depend on the order of tied labels, so the grouping follows the post's
+    # call, torch.argsort with default arguments (on this input it differs from a stable sort).
     assert torch.equal(grouped.flatten(), torch.argsort(labels))
-    assert not torch.equal(grouped.flatten(), torch.argsort(labels, stable=True))
 
 
 def test_split_puts_the_first_tenth_of_each_class_in_validation():
     feats, labels = make_data(num_classes=5, per_class=29)
     train_idx, val_idx = split_train_val(labels)
-    grouped = images_by_class(labels)
+    grouped = torch.argsort(labels).reshape(5, 29)  # the post's grouping
     assert len(val_idx) == 5 * 2 and len(train_idx) == 5 * 27  # 10 % of 29, rounded down: 2 per class
     assert torch.bincount(labels[val_idx]).tolist() == [2] * 5
     for c in range(5):
@@ -122,7 +122,14 @@ def test_split_puts_the_first_tenth_of_each_class_in_validation():
     (torch.zeros(6, 2), torch.tensor([0, 0, 0, 1, 1, 1]), 1, "at least 2"),
     (torch.zeros(5, 2), torch.tensor([0, 0, 0, 1, 1, 1]), 2, "differ in length"),
     (torch.zeros(4, 2), torch.tensor([0, 0, 2, 2]), 2, "same number of images"),  # class 1 is empty
+    (torch.zeros(4, 2), torch.tensor([0.0, 0.0, 1.0, 1.0]), 2, "class indices"),
+    (torch.zeros(4, 2), torch.tensor([-1, -1, 1, 1]), 2, "class indices"),
 ])
 def test_bad_input_says_what_is_wrong(feats, labels, set_size, message):
     with pytest.raises(ValueError, match=message):
         SetAnomalyDataset(feats, labels, set_size=set_size)
+
+
+def test_split_needs_ten_images_per_class():
+    with pytest.raises(ValueError, match="at least 10"):
+        split_train_val(torch.arange(3).repeat(9))

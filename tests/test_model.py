@@ -326,9 +326,9 @@ def test_anomaly_predictor_learns_clustered_features():
     untrained = trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
     trainer.fit(model, train_loader)
     trained = trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
-    # Through random weights an outlier already stands out a little (about 0.3-0.4 here, chance is 0.1);
-    # only training gets it right nearly always.
-    assert untrained < 0.6
+    # Chance is 0.1, but on such clean clusters an outlier stands out a little even through random
+    # weights (0.3-0.4 here); only training finds it nearly always.
+    assert untrained < 0.5
     assert trained >= 0.9
 
 

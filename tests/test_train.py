@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -103,28 +104,42 @@ def copy_caches(synthetic_run, tmp_path):
     return str(tmp_path)
 
 
-def test_fast_dev_run_saves_no_model(synthetic_run, tmp_path):
+def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast-dev-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert not os.path.exists(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt"))
-    assert "Test accuracy:" in proc.stdout and read_results(checkpoint_dir)["checkpoint"] is None
+    assert "Test accuracy:" in proc.stdout
+    written = [f for _, _, files in os.walk(checkpoint_dir) for f in files]
+    assert sorted(written) == ["test_set_features.tar", "train_set_features.tar"]  # no model, no results
 
 
 def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--resume")
     assert proc.returncode != 0 and "no" in proc.stderr and "last.ckpt" in proc.stderr
-    # One epoch of a two-epoch run stands for a run cut off after its first epoch.
-    assert run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--epochs", "1").returncode == 0
+    # Kill a three-epoch run once its first epoch is saved: a real interruption.
     last = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
-    steps_per_epoch = torch.load(last, weights_only=False)["global_step"]
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--resume", "--epochs", "2")
+    args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--epochs", "3", "--batch-size", "16"]
+    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 120
+    while not os.path.exists(last) and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
+    run.kill()
+    run.wait()
+    steps_per_epoch = 990 // 16  # 99 training images in each of 10 classes
+    assert torch.load(last, weights_only=False)["global_step"] == steps_per_epoch
+    assert not os.path.exists(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt"))
+
+    proc = run_train(*args, "--epochs", "2", "--resume")  # another schedule than the interrupted run's
+    assert proc.returncode != 0 and "max_iters" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_train(*args, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
     assert "Restoring states from the checkpoint" in output
-    assert "Epoch 0:" not in output and "Epoch 1:" in output  # it went on at the second epoch
-    assert torch.load(last, weights_only=False)["global_step"] == 2 * steps_per_epoch  # one more epoch, not two
+    assert "Epoch 0:" not in output and "Epoch 2:" in output  # it went on at the second epoch
+    assert torch.load(last, weights_only=False)["global_step"] == 3 * steps_per_epoch
     assert read_results(checkpoint_dir)["trained"] is True
 
 
