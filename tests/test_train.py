@@ -152,3 +152,24 @@ def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "CIFAR-100" in proc.stderr and str(tmp_path / "data") in proc.stderr
     assert "resnet34-b627a593.pth" in proc.stderr and str(tmp_path / "torch") in proc.stderr
+
+
+def test_sequence_tasks_have_the_tutorials_defaults():
+    args = parse_args(["--task", "reverse"])
+    assert (args.batch_size, args.model_dim, args.num_heads, args.num_layers, args.dropout, args.lr, args.warmup,
+            args.epochs, args.gradient_clip_val) == (128, 32, 1, 1, 0.0, 5e-4, 50, 10, 5.0)
+    assert parse_args(["--task", "seq2seq", "--epochs", "3"]).epochs == 3
+
+
+@pytest.mark.parametrize("argv", [["--task", "reverse", "--synthetic"], ["--task", "seq2seq", "--set-size", "5"]])
+def test_anomaly_only_flags_are_refused_for_sequence_tasks(argv):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+
+
+@pytest.mark.parametrize("task, name", [("reverse", "ReverseTask"), ("seq2seq", "Seq2SeqTask")])
+def test_sequence_task_runs_through_train_py(task, name, tmp_path):
+    proc = run_train("--task", task, "--checkpoint-dir", str(tmp_path), "--fast-dev-run")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Val accuracy:" in proc.stdout and "Test accuracy:" in proc.stdout and "Train accuracy" not in proc.stdout
+    assert not os.path.exists(tmp_path / f"{name}.ckpt")
