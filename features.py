@@ -81,6 +81,11 @@ def cache_meta(dataset_name, split, num_images, weights_name, image_size):
     }
 
 
+def cifar100_meta(split):
+    """What the post's feature cache of a CIFAR-100 split is made of."""
+    return cache_meta("CIFAR-100", split, CIFAR100_SIZES[split], WEIGHTS.name, 224)
+
+
 def save_atomically(path, write):
     """Calls write(tmp_path), then renames tmp_path to path: an interrupted run leaves no half-written path."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -145,7 +150,7 @@ def cifar100_features(data_dir, cache_dir, device, num_workers=4):
     Valid caches are enough: CIFAR-100 and the weights are needed (and downloaded) only to build a cache.
     Raises MissingResources naming everything that could not be had.
     """
-    metas = {split: cache_meta("CIFAR-100", split, n, WEIGHTS.name, 224) for split, n in CIFAR100_SIZES.items()}
+    metas = {split: cifar100_meta(split) for split in CIFAR100_SIZES}
 
     def open_sources(splits):
         missing, datasets, state_dict = [], {}, None
