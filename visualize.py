@@ -17,6 +17,7 @@ matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from torchvision.datasets import CIFAR100
 
 from data import ReverseDataset, SetAnomalyDataset
 from features import DATA_MEANS, DATA_STD, cifar100_meta, image_transform, load_cache, save_atomically
@@ -165,8 +166,6 @@ def reverse_figure(checkpoint_dir, out_dir):
 def anomaly_figures(checkpoint_dir, data_dir, out_dir, num_mistakes=5):
     """Paths of the set task's figures that its inputs allow: example sets (CIFAR-100), one set's prediction
     and attention and the worst mistakes (also the trained model and the test feature cache)."""
-    from torchvision.datasets import CIFAR100
-
     try:
         cifar = CIFAR100(root=data_dir, train=False, download=False, transform=image_transform(32))
     except RuntimeError:

@@ -70,3 +70,27 @@ def test_main_makes_what_it_can_and_says_what_it_skips(tmp_path, capsys):
     assert png_size(checkpoint_dir / "figures" / "reverse_attention.png") == (1000, 1060)  # 2 heads, 2 layers
     out = capsys.readouterr().out
     assert "skipped set-task figures: no CIFAR-100" in out
+
+
+def test_set_task_figures_from_generated_cifar(tmp_path, monkeypatch, capsys):
+    # CIFAR-100 replaced by 100 generated images in 10 classes, with a feature cache and a model to match.
+    import features
+    from model import AnomalyPredictor
+
+    monkeypatch.setattr(visualize, "CIFAR100", lambda root, train, download, transform: features.GeneratedImages(
+        num_classes=10, per_class=10, transform=transform, seed=0, split="test"))
+    monkeypatch.setitem(features.CIFAR100_SIZES, "test", 100)
+    images = features.GeneratedImages(num_classes=10, per_class=10, transform=None, seed=0, split="test")
+    features.save_cache(str(tmp_path / "test_set_features.tar"), torch.randn(100, 512),
+                        torch.tensor(images.targets), features.cifar100_meta("test"))
+    hparams = dict(input_dim=512, model_dim=16, num_classes=1, num_heads=2, num_layers=3, lr=5e-4, warmup=5,
+                   max_iters=10)
+    torch.save({"state_dict": AnomalyPredictor(**hparams).state_dict(), "hyper_parameters": hparams,
+                "pytorch-lightning_version": "2.0.0"}, tmp_path / "SetAnomalyDetect.ckpt")
+    made = visualize.anomaly_figures(str(tmp_path), str(tmp_path / "data"), str(tmp_path / "figures"),
+                                     num_mistakes=3)
+    sizes = {str(p).rsplit("/", 1)[-1]: png_size(p) for p in made}
+    assert sizes == {"anomaly_example_sets.png": (1200, 580),       # 4 sets of 10
+                     "anomaly_prediction.png": (1200, 980),         # 10 images over 3 layers
+                     "anomaly_mistakes.png": (1200, 450)}           # 3 sets of 10
+    assert "skipped" not in capsys.readouterr().out
