@@ -157,3 +157,48 @@ class SortDataset(data.Dataset):
 
     def __getitem__(self, idx):
         return self.src[idx], self.tgt[idx]
+
+
+class SetBatches:
+    """Whole batches of sets made with tensor operations on the features' device: the fast path's stand-in
+    for DataLoader(dataset, batch_size, shuffle=dataset.train, drop_last=dataset.train).
+
+    Training batches follow SetAnomalyDataset's distribution (a random order of anomalies; per set a class
+    uniform over the other classes and set_size-1 distinct images of it); evaluation batches are the
+    dataset's own pre-generated sets. Batches are (img_sets [B, set_size, D], indices [B, set_size], labels [B]).
+    """
+
+    def __init__(self, dataset, batch_size, device=None):
+        self.img_feats = dataset.img_feats.to(device)
+        self.labels = dataset.labels.to(self.img_feats.device)
+        self.img_idx_by_label = dataset.img_idx_by_label.to(self.img_feats.device)
+        self.num_drawn = dataset.set_size  # images of the set's class; the anomaly comes last
+        self.train = dataset.train
+        self.test_sets = None if self.train else dataset.test_sets.to(self.img_feats.device)
+        self.batch_size = batch_size
+
+    def __len__(self):
+        n = len(self.labels)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def sample_img_sets(self, anomaly_labels):
+        """[B, set_size-1] image indices: for each anomaly label, distinct images of one other class."""
+        device = anomaly_labels.device
+        num_labels, per_class = self.img_idx_by_label.shape
+        set_labels = torch.randint(num_labels - 1, anomaly_labels.shape, device=device)
+        set_labels += set_labels >= anomaly_labels  # the same shift as sample_img_set: uniform over the others
+        # The positions of the set_size-1 largest of per_class uniform numbers: a uniformly random subset
+        # of distinct images, in random order.
+        chosen = torch.rand(len(anomaly_labels), per_class, device=device).topk(self.num_drawn, dim=1).indices
+        return self.img_idx_by_label[set_labels[:, None], chosen]
+
+    def __iter__(self):
+        device, n = self.img_feats.device, len(self.labels)
+        if self.train:
+            batches = torch.randperm(n, device=device)[: len(self) * self.batch_size].view(len(self), -1)
+        else:
+            batches = torch.arange(n, device=device).split(self.batch_size)
+        for idx in batches:
+            img_indices = self.sample_img_sets(self.labels[idx]) if self.train else self.test_sets[idx]
+            indices = torch.cat([img_indices, idx[:, None]], dim=1)
+            yield self.img_feats[indices], indices, torch.full_like(idx, self.num_drawn)

@@ -8,6 +8,7 @@ Read it beside the post's sections: 嵌入表示层 (positional encoding), 注�
 
 import math
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -51,6 +52,37 @@ def expand_mask(mask):
     return mask
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout with a cheaper random mask once `fast` is set (see TransformerPredictor.use_fast_path).
+
+    The fast mask compares 16 random bits per element with a threshold, four elements per 64-bit draw;
+    on a CPU the bits come from numpy's PCG64, seeded from torch's generator, about twice as fast as
+    torch's. Together that is about a fifth of the cost of nn.Dropout's bernoulli_. p is rounded to a
+    multiple of 1/65536 (0.1 becomes 0.100006), and kept values are scaled by 1/(1-p) for that rounded p.
+    """
+
+    fast = False
+    bit_generator = None  # numpy's PCG64, made on first use
+
+    def random_bits(self, count, device):
+        """count 64-bit words of random bits, as int64."""
+        if device.type != "cpu":
+            return torch.empty(count, dtype=torch.int64, device=device).random_(-2**63, 2**63 - 1)
+        if self.bit_generator is None:  # seeded from torch, so that seed_everything makes runs repeatable
+            self.bit_generator = np.random.PCG64(torch.randint(2**62, ()).item())
+        return torch.from_numpy(self.bit_generator.random_raw(count).view(np.int64))
+
+    def forward(self, x):
+        if not (self.fast and self.training and self.p > 0):
+            return super().forward(x)
+        drop_below = min(round(self.p * 65536), 65535) - 32768  # an int16 below this is dropped
+        fields = self.random_bits(-(-x.numel() // 4), x.device).view(torch.int16)
+        noise = torch.ge(fields, drop_below, out=torch.empty(fields.shape, dtype=x.dtype, device=x.device))
+        noise = noise[: x.numel()].view(x.shape).mul_(65536 / (32768 - drop_below))
+        # One float noise tensor, as nn.Dropout makes on a CPU, so the backward is a single multiplication.
+        return x * noise
+
+
 class MultiheadAttention(nn.Module):
     """Multi-head attention (多头注意力): num_heads scaled dot-products over learned projections.
 
@@ -66,6 +98,7 @@ class MultiheadAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
+        self.fast = False  # use PyTorch's fused attention when no attention maps are asked for
 
         # One matrix for q, k and v of all heads: one matmul instead of three.
         self.qkv_proj = nn.Linear(input_dim, 3 * embed_dim)
@@ -105,7 +138,12 @@ class MultiheadAttention(nn.Module):
             kv = kv.reshape(batch_size, memory.size(1), self.num_heads, 2 * self.head_dim).permute(0, 2, 1, 3)
             k, v = kv.chunk(2, dim=-1)
 
-        values, attention = scaled_dot_product(q, k, v, mask=mask)
+        if self.fast and not return_attention:
+            # The same softmax(q·kᵀ/√d)·v in one fused kernel. Its mask must be boolean (True = may attend):
+            # a float 0/1 mask would be added to the logits and mask nothing.
+            values = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.bool())
+        else:
+            values, attention = scaled_dot_product(q, k, v, mask=mask)
         values = values.permute(0, 2, 1, 3)  # [Batch, SeqLen, Head, head_dim]
         values = values.reshape(batch_size, seq_length, self.embed_dim)
         o = self.o_proj(values)
@@ -136,13 +174,13 @@ class EncoderBlock(nn.Module):
         self.self_attn = MultiheadAttention(input_dim, input_dim, num_heads)
         self.linear_net = nn.Sequential(
             nn.Linear(input_dim, dim_feedforward),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.ReLU(inplace=True),
             nn.Linear(dim_feedforward, input_dim),
         )
         self.norm1 = nn.LayerNorm(input_dim)
         self.norm2 = nn.LayerNorm(input_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def forward(self, x, mask=None):
         """x [Batch, SeqLen, input_dim] -> same shape."""
@@ -313,7 +351,7 @@ class TransformerPredictor(pl.LightningModule):
 
     def _create_model(self):
         hp = self.hparams
-        self.input_net = nn.Sequential(nn.Dropout(hp.input_dropout), nn.Linear(hp.input_dim, hp.model_dim))
+        self.input_net = nn.Sequential(Dropout(hp.input_dropout), nn.Linear(hp.input_dim, hp.model_dim))
         self.positional_encoding = PositionalEncoding(d_model=hp.model_dim)
         self.transformer = TransformerEncoder(num_layers=hp.num_layers, input_dim=hp.model_dim,
                                               dim_feedforward=2 * hp.model_dim, num_heads=hp.num_heads,
@@ -322,7 +360,7 @@ class TransformerPredictor(pl.LightningModule):
             nn.Linear(hp.model_dim, hp.model_dim),
             nn.LayerNorm(hp.model_dim),
             nn.ReLU(inplace=True),
-            nn.Dropout(hp.dropout),
+            Dropout(hp.dropout),
             nn.Linear(hp.model_dim, hp.num_classes),
         )
 
@@ -344,8 +382,18 @@ class TransformerPredictor(pl.LightningModule):
         x = self._embed(x, add_positional_encoding)
         return self.transformer.get_attention_maps(x, mask=mask)
 
+    def use_fast_path(self, enabled=True):
+        """Switches the fast path on (or off): fused attention where no maps are asked for, cheaper dropout
+        masks, and a fused Adam step where this PyTorch has one. Weights, state_dict and checkpoints stay
+        the same; the forward pass in eval mode gives the same values up to float rounding."""
+        for module in self.modules():
+            if isinstance(module, (Dropout, MultiheadAttention)):
+                module.fast = enabled
+        self.fast = enabled
+        return self
+
     def configure_optimizers(self):
-        optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr)
+        optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr, fused=getattr(self, "fast", False) or None)
         self.lr_scheduler = CosineWarmupScheduler(optimizer, warmup=self.hparams.warmup,
                                                   max_iters=self.hparams.max_iters)
         return [optimizer], [{"scheduler": self.lr_scheduler, "interval": "step"}]

@@ -24,7 +24,7 @@ import torchvision
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from data import ReverseDataset, SetAnomalyDataset, SortDataset, split_train_val
+from data import ReverseDataset, SetAnomalyDataset, SetBatches, SortDataset, split_train_val
 from features import MissingResources, cifar100_features, save_atomically, synthetic_features
 from model import AnomalyPredictor, ReversePredictor, Seq2SeqPredictor
 
@@ -100,6 +100,11 @@ def parse_args(argv=None):
     p.add_argument("--accelerator", choices=["cpu", "cuda", "gpu", "mps", "auto"], default=default_accelerator,
                    help=f"Lightning accelerator (default here: {default_accelerator})")
     p.add_argument("--devices", type=positive_int, default=1, help="devices to train on (default: 1)")
+    p.add_argument("--strategy", default="auto",
+                   help="Lightning strategy, e.g. ddp with --devices 2 or more (default: auto)")
+    p.add_argument("--fast", action="store_true",
+                   help="the fast path: batched feature extraction, sets sampled on the device, fused attention, "
+                        "cheaper dropout masks, fused Adam (see BENCHMARKS.md); the same model and checkpoints")
     p.add_argument("--num-workers", type=int, default=4,
                    help="DataLoader workers for the feature extraction (default: 4, as the post)")
     p.add_argument("--fast-dev-run", action="store_true",
@@ -153,9 +158,10 @@ def anomaly_setup(args, checkpoint_dir, device):
     """Features (cached), the post's split and the set datasets of the anomaly task; exits on missing data."""
     try:
         if args.synthetic:
-            feats = synthetic_features(checkpoint_dir, device, num_workers=args.num_workers)
+            feats = synthetic_features(checkpoint_dir, device, num_workers=args.num_workers, fast=args.fast)
         else:
-            feats = cifar100_features(args.data_dir, checkpoint_dir, device, num_workers=args.num_workers)
+            feats = cifar100_features(args.data_dir, checkpoint_dir, device, num_workers=args.num_workers,
+                                      fast=args.fast)
     except MissingResources as error:
         sys.exit(f"error: {error}")
     train_set_feats, train_set_labels = feats["train"]
@@ -186,6 +192,32 @@ def sequence_setup(args):
     return Seq2SeqPredictor, dict(input_dim=vocabulary, num_classes=vocabulary), datasets
 
 
+def make_loaders(args, datasets, device):
+    """{"train", "val", "test"} batches of the datasets: the post's DataLoaders, or with --fast (set task,
+    one device) SetBatches, which samples whole batches with tensor operations on the device."""
+    if args.fast and args.task == "anomaly" and args.devices == 1:
+        return {split: SetBatches(dataset, args.batch_size, device) for split, dataset in datasets.items()}
+    return {"train": data.DataLoader(datasets["train"], batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                     pin_memory=device.type == "cuda"),
+            "val": data.DataLoader(datasets["val"], batch_size=args.batch_size, shuffle=False, drop_last=False),
+            "test": data.DataLoader(datasets["test"], batch_size=args.batch_size, shuffle=False, drop_last=False)}
+
+
+def make_trainer(args, root_dir, callbacks, **overrides):
+    """The Lightning Trainer of a run: devices, epochs, clipping, TensorBoard logs under root_dir."""
+    settings = dict(default_root_dir=root_dir,
+                    callbacks=callbacks,
+                    enable_checkpointing=bool(callbacks),
+                    logger=TensorBoardLogger(root_dir, name="lightning_logs", default_hp_metric=False),
+                    accelerator=args.accelerator,
+                    devices=args.devices,
+                    strategy=args.strategy,
+                    max_epochs=args.epochs,
+                    gradient_clip_val=args.gradient_clip_val,
+                    fast_dev_run=args.fast_dev_run)
+    return pl.Trainer(**dict(settings, **overrides))
+
+
 def evaluate(trainer, model, loaders):
     """Accuracy of model on each loader, in [0, 1]."""
     return {name: trainer.test(model, dataloaders=loader, verbose=False)[0]["test_acc"]
@@ -211,10 +243,8 @@ def main(argv=None):
         seconds["features"] = time.time() - start
     else:
         model_class, io_dims, datasets = sequence_setup(args)
-    train_loader = data.DataLoader(datasets["train"], batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                   pin_memory=device.type == "cuda")
-    val_loader = data.DataLoader(datasets["val"], batch_size=args.batch_size, shuffle=False, drop_last=False)
-    test_loader = data.DataLoader(datasets["test"], batch_size=args.batch_size, shuffle=False, drop_last=False)
+    loaders = make_loaders(args, datasets, device)
+    train_loader, val_loader, test_loader = loaders["train"], loaders["val"], loaders["test"]
     if len(train_loader) == 0:
         sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(datasets['train'])} training items.")
 
@@ -230,15 +260,7 @@ def main(argv=None):
                                       save_weights_only=True)
     # A second, full checkpoint (optimizer, scheduler, loop state), replaced after every epoch, for --resume.
     last = ModelCheckpoint(dirpath=os.path.dirname(last_checkpoint), filename="last")
-    trainer = pl.Trainer(default_root_dir=root_dir,
-                         callbacks=[] if args.fast_dev_run else [best_checkpoint, last],
-                         enable_checkpointing=not args.fast_dev_run,
-                         logger=TensorBoardLogger(root_dir, name="lightning_logs", default_hp_metric=False),
-                         accelerator=args.accelerator,
-                         devices=args.devices,
-                         max_epochs=args.epochs,
-                         gradient_clip_val=args.gradient_clip_val,
-                         fast_dev_run=args.fast_dev_run)
+    trainer = make_trainer(args, root_dir, callbacks=[] if args.fast_dev_run else [best_checkpoint, last])
 
     train_start = time.time()
     trained = not os.path.isfile(pretrained_filename) or args.retrain or args.resume or args.fast_dev_run
@@ -246,17 +268,19 @@ def main(argv=None):
         check_saved_model(pretrained_filename, hparams, settings,
                           "Run with --retrain to train a new model in its place, or choose another --checkpoint-dir.")
         print(f"Found pretrained model {pretrained_filename}, loading...")
-        model = model_class.load_from_checkpoint(pretrained_filename)
+        model = model_class.load_from_checkpoint(pretrained_filename).use_fast_path(args.fast)
     else:
         if args.resume:  # the schedule and the weights of the interrupted run must fit what is asked now
             check_saved_model(last_checkpoint, hparams, settings,
                               "Resume with the settings of the interrupted run, or train anew without --resume.")
         elif not args.fast_dev_run:  # earlier checkpoints of this task would be mistaken for this run's
             shutil.rmtree(os.path.dirname(last_checkpoint), ignore_errors=True)
-        model = model_class(**hparams)
+        model = model_class(**hparams).use_fast_path(args.fast)
         trainer.fit(model, train_loader, val_loader, ckpt_path=last_checkpoint if args.resume else None)
+        if not trainer.is_global_zero:  # with several processes, the first one alone saves and evaluates
+            return None
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing and evaluates the model it has
-            model = model_class.load_from_checkpoint(best_checkpoint.best_model_path)
+            model = model_class.load_from_checkpoint(best_checkpoint.best_model_path).use_fast_path(args.fast)
             # Keep the best model as a Lightning checkpoint (the post pickles the whole module with
             # torch.save, which load_from_checkpoint cannot read), with the run's settings for the check above.
             ckpt = torch.load(best_checkpoint.best_model_path, map_location="cpu", weights_only=False)
@@ -265,6 +289,8 @@ def main(argv=None):
     seconds["train"] = time.time() - train_start
 
     eval_start = time.time()
+    if trainer.world_size > 1:  # evaluate on this one process, over the full sets (no padded duplicates)
+        trainer = make_trainer(args, root_dir, callbacks=[], devices=1, strategy="auto", logger=False)
     # Train accuracy is on freshly drawn training sets, as in the post; the sequence tasks report val and test.
     loaders = {"train_acc": train_loader} if args.task == "anomaly" else {}
     result = evaluate(trainer, model, dict(loaders, val_acc=val_loader, test_acc=test_loader))

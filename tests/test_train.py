@@ -173,3 +173,30 @@ def test_sequence_task_runs_through_train_py(task, name, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Val accuracy:" in proc.stdout and "Test accuracy:" in proc.stdout and "Train accuracy" not in proc.stdout
     assert not os.path.exists(tmp_path / f"{name}.ckpt")
+
+
+def test_fast_synthetic_run(synthetic_run, tmp_path):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The caches were made by the faithful path: the fast run says so and makes its own.
+    assert "made differently" in proc.stdout
+    results = read_results(checkpoint_dir)
+    assert results["settings"]["fast"] is True and 0 <= results["test_acc"] <= 1
+    model = AnomalyPredictor.load_from_checkpoint(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt"))
+    assert list(model.state_dict()) == list(AnomalyPredictor(**model.hparams).state_dict())
+
+
+def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_path):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--accelerator", "cpu", "--devices", "2",
+                     "--strategy", "ddp", timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[rank: 1]" in proc.stdout + proc.stderr  # a second process really took part
+    assert proc.stdout.count("Test accuracy:") == 1
+    ddp = read_results(checkpoint_dir)
+    # A plain run evaluates the saved model on one process over the full, fixed sets: the same numbers.
+    assert run_train("--synthetic", "--checkpoint-dir", checkpoint_dir).returncode == 0
+    single = read_results(checkpoint_dir)
+    assert single["trained"] is False
+    assert (single["val_acc"], single["test_acc"]) == (ddp["val_acc"], ddp["test_acc"])

@@ -1,0 +1,205 @@
+"""Times the post's (faithful) path against the fast path (train.py --fast) on generated data of the real
+shapes, and writes bench.json.
+
+    python bench.py                      # on the CPU
+    python bench.py --device cuda        # on a GPU
+
+Measured per path, in this one process with the paths taking turns (the best of --rounds counts): a
+training step through train.py's own Trainer and loaders (median after warm-up), the projected epoch and
+100-epoch times, feature extraction in images per second (resize and normalisation included), evaluation
+in sets per second; and, each in a process of its own, the peak resident memory of a path. The FLOP rate of
+the training step (6 · parameters · tokens per step) says how close it runs to the hardware's matmul speed.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+import train
+from data import SetAnomalyDataset, split_train_val
+from features import save_atomically, extract_features, extract_features_fast, image_transform, resnet34_backbone
+from model import AnomalyPredictor
+
+# The post's data: 45 000 / 5 000 / 10 000 image features in 100 classes, 60 000 images in all.
+SIZES = {"train": 45000, "val": 5000, "test": 10000}
+NUM_CLASSES, FEATURE_DIM, ALL_IMAGES = 100, 512, 60000
+# The post's model has 2.3 M parameters; a step of 64 sets of 10 feeds 640 tokens through them.
+PARAMS = sum(p.numel() for p in AnomalyPredictor(FEATURE_DIM, 256, 1, 4, 4, 5e-4, 100, 1).parameters())
+TOKENS = 64 * 10
+
+
+class StepTimer(pl.Callback):
+    """Wall-clock time between the ends of consecutive training batches: data, step and loop overhead."""
+
+    def __init__(self):
+        self.ends = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.ends.append(time.perf_counter())
+
+
+class CifarShaped(torch.utils.data.Dataset):
+    """uint8 images [N, 32, 32, 3] through a PIL transform, the way torchvision's CIFAR100 serves them."""
+
+    def __init__(self, images, transform):
+        self.data, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, idx):
+        from PIL import Image
+        return self.transform(Image.fromarray(self.data[idx])), 0
+
+
+def generated_datasets(set_size=10):
+    """Set datasets over random features with the post's shapes and split."""
+    g = torch.Generator().manual_seed(0)
+    per_class = (SIZES["train"] + SIZES["val"]) // NUM_CLASSES
+    labels = torch.arange(NUM_CLASSES).repeat(per_class)
+    feats = torch.randn(len(labels), FEATURE_DIM, generator=g)
+    train_idx, val_idx = split_train_val(labels)
+    test_labels = torch.arange(NUM_CLASSES).repeat(SIZES["test"] // NUM_CLASSES)
+    return {"train": SetAnomalyDataset(feats[train_idx], labels[train_idx], set_size, train=True),
+            "val": SetAnomalyDataset(feats[val_idx], labels[val_idx], set_size, train=False),
+            "test": SetAnomalyDataset(torch.randn(len(test_labels), FEATURE_DIM, generator=g), test_labels, set_size,
+                                      train=False)}
+
+
+def make_model(args, steps_per_epoch, fast):
+    return AnomalyPredictor(input_dim=FEATURE_DIM, num_classes=1, model_dim=args.model_dim, num_heads=args.num_heads,
+                            num_layers=args.num_layers, lr=args.lr, warmup=args.warmup,
+                            max_iters=args.epochs * steps_per_epoch, dropout=args.dropout,
+                            input_dropout=args.input_dropout).use_fast_path(fast)
+
+
+def time_training(fast, device, datasets, steps, warmup):
+    """(median seconds per training step, steps per epoch, evaluation sets per second), through train.py's
+    own loaders and Trainer."""
+    args = train.parse_args(["--accelerator", device] + (["--fast"] if fast else []))
+    pl.seed_everything(0)
+    loaders = train.make_loaders(args, datasets, torch.device(device))
+    model = make_model(args, len(loaders["train"]), fast)
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as root_dir:
+        trainer = train.make_trainer(args, root_dir, callbacks=[timer], max_steps=warmup + steps,
+                                     limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False)
+        trainer.fit(model, loaders["train"])
+        start = time.perf_counter()
+        trainer.test(model, loaders["val"], verbose=False)
+        eval_sets_per_s = len(datasets["val"]) / (time.perf_counter() - start)
+    return float(statistics.median(np.diff(timer.ends[warmup:]))), len(loaders["train"]), eval_sets_per_s
+
+
+def time_extraction(fast, device, backbone, images):
+    """(images per second, features) of one path; a first batch warms the backbone up untimed."""
+    device = torch.device(device)
+    if fast:
+        extract = lambda imgs: extract_features_fast(backbone, imgs, device)
+    else:  # the post's DataLoader: PIL transforms, batch 128, 4 workers
+        extract = lambda imgs: extract_features(backbone, CifarShaped(imgs, image_transform(224)), device,
+                                                batch_size=128, num_workers=4)
+    extract(images[:16])
+    start = time.perf_counter()
+    feats = extract(images)
+    return len(images) / (time.perf_counter() - start), feats
+
+
+def peak_memory(path, device, images):
+    """Peak resident memory in MB of a fresh process that trains, evaluates and extracts along one path."""
+    code = (f"import bench, resource; bench.memory_workload({path == 'fast'}, {device!r}, {images}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_workload(fast, device, num_images):
+    datasets = generated_datasets()
+    time_training(fast, device, datasets, steps=10, warmup=1)
+    torch.manual_seed(0)
+    images = np.random.default_rng(0).integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)
+    time_extraction(fast, device, resnet34_backbone(), images)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--steps", type=int, default=60, help="timed training steps per path (default: 60)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed training steps first (default: 10)")
+    p.add_argument("--images", type=int, default=256, help="images for the extraction timing (default: 256)")
+    p.add_argument("--rounds", type=int, default=2, help="turns each path takes; the best counts (default: 2)")
+    p.add_argument("--out", default="bench.json", help="where to write the results (default: bench.json)")
+    args = p.parse_args(argv)
+    if args.steps < 50 or args.warmup < 1 or args.rounds < 1:
+        p.error("--steps must be at least 50, --warmup and --rounds at least 1")
+    images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
+    datasets = generated_datasets()
+    torch.manual_seed(0)
+    backbone = resnet34_backbone()
+
+    # Times in this one process, the two paths taking turns; the best round of each counts, which keeps
+    # a noisy machine from favouring either.
+    runs = {path: [] for path in ("faithful", "fast")}
+    for _ in range(args.rounds):
+        for path in runs:
+            fast = path == "fast"
+            step_s, steps_per_epoch, eval_rate = time_training(fast, args.device, datasets, args.steps, args.warmup)
+            extract_rate, feats = time_extraction(fast, args.device, backbone, images)
+            runs[path].append(dict(step_s=step_s, eval=eval_rate, extract=extract_rate, feats=feats))
+    results = {}
+    for path, rounds in runs.items():
+        step_s = min(r["step_s"] for r in rounds)
+        extract_rate, eval_rate = max(r["extract"] for r in rounds), max(r["eval"] for r in rounds)
+        results[path] = {
+            "train_step_ms": 1000 * step_s,
+            "epoch_s": step_s * steps_per_epoch,
+            "train_100_epochs_s": step_s * steps_per_epoch * 100,
+            "train_gflops": 6 * PARAMS * TOKENS / step_s / 1e9,
+            "extract_images_per_s": extract_rate,
+            "eval_sets_per_s": eval_rate,
+            # Features of all 60 000 images, 100 epochs, then train, val and test accuracy (60 000 sets).
+            "projected_run_s": ALL_IMAGES / extract_rate + step_s * steps_per_epoch * 100 + ALL_IMAGES / eval_rate,
+            "peak_rss_mb": peak_memory(path, args.device, args.images),  # its own process: the peak only grows
+        }
+    cosine = F.cosine_similarity(runs["faithful"][0]["feats"], runs["fast"][0]["feats"])
+    report = {
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "command": " ".join(["python", "bench.py"] + (argv if argv is not None else sys.argv[1:])),
+        "date": time.strftime("%Y-%m-%d"),
+        "feature_cosine_mean": cosine.mean().item(),
+        "feature_cosine_worst": cosine.min().item(),
+    }
+    for key in results["faithful"]:
+        faithful, fast = results["faithful"][key], results["fast"][key]
+        report[key] = {"faithful": faithful, "fast": fast, "fast/faithful": fast / faithful}
+
+    print(f"\n{report['device']}, torch {report['torch']}, {report['threads']} threads")
+    print(f"{'':24s}{'faithful':>12s}{'fast':>12s}{'fast/faithful':>15s}")
+    for key in results["faithful"]:
+        row = report[key]
+        print(f"{key:24s}{row['faithful']:12.1f}{row['fast']:12.1f}{row['fast/faithful']:15.2f}")
+    print(f"feature cosine similarity fast vs faithful: mean {report['feature_cosine_mean']:.6f}, "
+          f"worst image {report['feature_cosine_worst']:.6f}")
+    save_atomically(args.out, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2)))
+    print(f"written to {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""The fast path (train.py --fast) computes what the faithful path computes."""
+
+import numpy as np
+import pytorch_lightning as pl
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils.data as data
+
+from data import SetAnomalyDataset, SetBatches
+from features import GeneratedImages, extract_features, extract_features_fast, image_transform, resnet34_backbone
+from model import AnomalyPredictor, Dropout, MultiheadAttention, Seq2SeqPredictor, causal_mask
+from test_model import clustered_features, randomise
+
+POST = dict(input_dim=512, model_dim=256, num_classes=1, num_heads=4, num_layers=4, lr=5e-4, warmup=100,
+            max_iters=70300, dropout=0.1, input_dropout=0.1)
+
+
+def test_fast_forward_equals_faithful_forward():
+    torch.manual_seed(0)
+    model = randomise(AnomalyPredictor(**POST)).eval()
+    x = torch.randn(8, 10, 512)
+    faithful = model(x, add_positional_encoding=False)
+    fast = model.use_fast_path()(x, add_positional_encoding=False)
+    torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
+    assert list(model.state_dict()) == list(AnomalyPredictor(**POST).state_dict())  # same checkpoint layout
+
+
+@pytest.mark.parametrize("mask", ["causal", "padding"])
+def test_fused_attention_masks_like_the_manual_one(mask):
+    torch.manual_seed(0)
+    attn = randomise(MultiheadAttention(16, 16, 4))
+    x = torch.randn(3, 6, 16)
+    m = causal_mask(6) if mask == "causal" else torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])[:, None, :]
+    for as_float in (False, True):  # a float 0/1 mask must mask as well, not be added to the logits
+        m_in = m.float() if as_float else m
+        faithful = attn(x, mask=m_in)
+        attn.fast = True
+        fast = attn(x, mask=m_in)
+        attn.fast = False
+        torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
+
+
+def test_fast_seq2seq_generation_is_unchanged():
+    torch.manual_seed(0)
+    model = randomise(Seq2SeqPredictor(input_dim=8, model_dim=16, num_classes=8, num_heads=2, num_layers=2,
+                                       lr=1e-3, warmup=1, max_iters=10)).eval()
+    src = torch.tensor([[3, 1, 4, 1, 7, 7], [2, 0, 4, 4, 3, 1]])
+    faithful = model.generate(src, 8)
+    assert torch.equal(model.use_fast_path().generate(src, 8), faithful)
+
+
+def test_fast_dropout_drops_with_probability_p_and_rescales():
+    torch.manual_seed(0)
+    drop = Dropout(0.1)
+    drop.fast = True
+    x = torch.ones(1000, 1000)
+    y = drop(x)
+    kept = y[y != 0]
+    p = round(0.1 * 65536) / 65536  # the probability the 16-bit threshold gives
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)))
+    assert abs((y == 0).float().mean().item() - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    # Each of the four 16-bit fields of a draw is used: every position in a group of four drops alike.
+    per_field = (y.view(-1, 4) == 0).float().mean(dim=0)
+    assert (per_field - p).abs().max() < 5 * (p * (1 - p) / (x.numel() / 4)) ** 0.5
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    drop.train()
+    grad_x = torch.ones(10, 10, requires_grad=True)
+    out = drop(grad_x)
+    out.sum().backward()
+    torch.testing.assert_close(grad_x.grad, out.detach())  # d(x·noise)/dx = noise
+
+
+def sets_of(loader):
+    return [batch for batch in loader]
+
+
+def test_set_batches_evaluation_sets_are_the_datasets():
+    feats, labels = clustered_features(10, 30, 8, seed=0)
+    dataset = SetAnomalyDataset(feats, labels, set_size=5, train=False)
+    fast = sets_of(SetBatches(dataset, batch_size=64))
+    faithful = sets_of(data.DataLoader(dataset, batch_size=64))
+    assert len(fast) == len(faithful) == len(SetBatches(dataset, batch_size=64))
+    for (a_sets, a_idx, a_lab), (b_sets, b_idx, b_lab) in zip(fast, faithful):
+        assert torch.equal(a_sets, b_sets) and torch.equal(a_idx, b_idx) and torch.equal(a_lab, b_lab)
+
+
+def test_set_batches_training_sets_follow_the_datasets_distribution():
+    torch.manual_seed(0)
+    num_classes, per_class = 6, 20
+    feats, labels = clustered_features(num_classes, per_class, 4, seed=0)
+    batches = SetBatches(SetAnomalyDataset(feats, labels, set_size=5, train=True), batch_size=16)
+    assert len(batches) == num_classes * per_class // 16
+    counts = torch.zeros(num_classes, num_classes)
+    for _ in range(50):
+        seen = []
+        for img_sets, indices, label in batches:
+            assert img_sets.shape == (16, 5, 4) and torch.all(label == 4)
+            torch.testing.assert_close(img_sets, feats[indices])
+            seen += indices[:, -1].tolist()
+            for row in indices:
+                set_labels = labels[row[:-1]]
+                assert len(set(row[:-1].tolist())) == 4 and torch.all(set_labels == set_labels[0])
+                assert set_labels[0] != labels[row[-1]]
+                counts[labels[row[-1]], set_labels[0]] += 1
+        assert len(set(seen)) == len(seen) == len(batches) * 16  # every anomaly at most once an epoch
+    # The set's class is uniform over the other classes: each cell of the table near its expected count.
+    expected = counts.sum(dim=1, keepdim=True) / (num_classes - 1)
+    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool)
+    assert torch.all(counts.diagonal() == 0)
+    assert torch.all((counts - expected)[off_diagonal].abs() < 5 * expected.expand_as(counts)[off_diagonal].sqrt())
+
+
+def test_fast_features_agree_with_faithful_ones():
+    torch.manual_seed(0)
+    backbone = resnet34_backbone()
+    images = GeneratedImages(num_classes=4, per_class=2, transform=image_transform(224), seed=0, split="test")
+    faithful = extract_features(backbone, images, torch.device("cpu"), batch_size=4, num_workers=0)
+    fast = extract_features_fast(backbone, images.data, torch.device("cpu"), batch_size=4)
+    cosine = F.cosine_similarity(fast, faithful)
+    assert cosine.min() > 0.999
+
+
+def train_and_test(fast, train_set, test_set, steps):
+    pl.seed_everything(0)
+    model = AnomalyPredictor(input_dim=32, model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3,
+                             warmup=10, max_iters=steps, dropout=0.1, input_dropout=0.1).use_fast_path(fast)
+    if fast:
+        train_loader, test_loader = SetBatches(train_set, 32), SetBatches(test_set, 64)
+    else:
+        train_loader = data.DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True)
+        test_loader = data.DataLoader(test_set, batch_size=64)
+    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, train_loader)
+    return trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
+
+
+def test_fast_and_faithful_training_reach_the_same_accuracy():
+    train_feats, train_labels = clustered_features(20, 40, 32, seed=0)
+    test_feats, test_labels = clustered_features(20, 20, 32, seed=0)
+    test_feats = test_feats + 0.3 * torch.randn(test_feats.shape, generator=torch.Generator().manual_seed(1))
+    train_set = SetAnomalyDataset(train_feats, train_labels, set_size=10, train=True)
+    test_set = SetAnomalyDataset(test_feats, test_labels, set_size=10, train=False)
+    faithful = train_and_test(False, train_set, test_set, steps=300)
+    fast = train_and_test(True, train_set, test_set, steps=300)
+    assert faithful > 0.9 and abs(fast - faithful) <= 0.01 + 1e-6  # 1 point; accuracies are float32
