@@ -120,11 +120,17 @@ def time_extraction(fast, device, backbone, images):
 
 def peak_memory(path, device, images):
     """Peak resident memory in MB of a fresh process that trains, evaluates and extracts along one path."""
-    code = (f"import bench, resource; bench.memory_workload({path == 'fast'}, {device!r}, {images}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    code = f"import bench; bench.memory_workload({path == 'fast'}, {device!r}, {images}); print(bench.peak_rss_mb())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def peak_rss_mb():
+    """This process's peak resident memory. VmHWM, not getrusage: a child's ru_maxrss starts from its
+    parent's at fork and survives exec, so it would report this benchmark's own size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
 def memory_workload(fast, device, num_images):

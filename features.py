@@ -73,13 +73,15 @@ def extract_features(model, dataset, device, batch_size=128, num_workers=4, desc
 
 
 @torch.inference_mode()
-def extract_features_fast(model, images, device, image_size=224, batch_size=128, desc="features"):
+def extract_features_fast(model, images, device, image_size=224, batch_size=None, desc="features"):
     """The fast path of extract_features: images [N, H, W, 3] uint8 (a CIFAR100's .data) go to the device as
     they are, and are resized, normalised and run through model there in batches, with no PIL and no workers.
 
     The resize is bilinear like torchvision's Resize of a PIL image (antialiased when it shrinks), but in
     float instead of 8-bit pixels. Features agree with extract_features to a cosine similarity above 0.999.
     """
+    # Small batches keep a CPU's caches warm (16: about 15 % faster than 128); a GPU wants large ones.
+    batch_size = batch_size or (256 if device.type == "cuda" else 16)
     # BatchNorm folded into the convolutions, and channels-last layout, which oneDNN and cuDNN run faster.
     model = fuse(copy.deepcopy(model).eval()).to(device, memory_format=torch.channels_last)
     mean = torch.tensor(DATA_MEANS, device=device).view(1, 3, 1, 1)

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
 
 # ---------------------------------------------------------------------------
 # 注意力层 / attention
@@ -393,7 +395,9 @@ class TransformerPredictor(pl.LightningModule):
         return self
 
     def configure_optimizers(self):
-        optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr, fused=getattr(self, "fast", False) or None)
+        # The fast path's Adam updates all parameters in one fused kernel (on a CPU from PyTorch 2.4 on).
+        fused = getattr(self, "fast", False) and (self.device.type == "cuda" or TORCH_VERSION >= (2, 4))
+        optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused or None)
         self.lr_scheduler = CosineWarmupScheduler(optimizer, warmup=self.hparams.warmup,
                                                   max_iters=self.hparams.max_iters)
         return [optimizer], [{"scheduler": self.lr_scheduler, "interval": "step"}]
