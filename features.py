@@ -5,6 +5,7 @@ The caches hold the features, the labels and a note of what produced them, so a 
 another backbone, transform or data set, or a cut-off file, is noticed and rebuilt.
 """
 
+import contextlib
 import copy
 import os
 import socket
@@ -36,7 +37,38 @@ SYNTHETIC = dict(num_classes=10, per_class={"train": 110, "test": 20}, image_siz
 
 
 class MissingResources(RuntimeError):
-    """CIFAR-100 or the ResNet34 weights are neither on disk nor downloadable; the message says where to put them."""
+    """CIFAR-100 or the ResNet34 weights are neither on disk nor downloadable; the message names each
+    missing item (a list of lines) and says where to put it."""
+
+    def __init__(self, items):
+        self.items = items
+        super().__init__("cannot get what the feature extraction needs (no internet?):\n"
+                         + "\n".join(f"  - {item}" for item in items))
+
+
+@contextlib.contextmanager
+def download_timeout():
+    """Without a timeout a network that silently drops packets would hang a download for minutes."""
+    default = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(default)
+
+
+def imagenet_resnet34():
+    """The post's backbone: ResNet34 with torchvision's IMAGENET1K_V1 weights (downloaded once into
+    torch's cache), classifier removed. Raises MissingResources if the weights can't be had."""
+    try:
+        with download_timeout():
+            state_dict = WEIGHTS.get_state_dict(progress=True, check_hash=True)
+    except Exception as error:
+        weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS.url))
+        raise MissingResources([f"ResNet34 weights {WEIGHTS.name} ({type(error).__name__}: {error}): expected at "
+                                f"{weights_path}. To place them by hand, download {WEIGHTS.url} (83 MB) to that "
+                                f"path (TORCH_HOME sets the folder)."]) from None
+    return resnet34_backbone(state_dict)
 
 
 def image_transform(image_size=224):
@@ -187,31 +219,24 @@ def cifar100_features(data_dir, cache_dir, device, num_workers=4, fast=False):
     metas = {split: cifar100_meta(split, fast) for split in CIFAR100_SIZES}
 
     def open_sources(splits):
-        missing, datasets, state_dict = [], {}, None
-        # Without a timeout a network that silently drops packets would hang the downloads for minutes.
-        default_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+        missing, datasets, backbone = [], {}, None
         try:
-            for split in splits:
-                datasets[split] = CIFAR100(root=data_dir, train=split == "train", transform=image_transform(224),
-                                           download=True)
+            with download_timeout():
+                for split in splits:
+                    datasets[split] = CIFAR100(root=data_dir, train=split == "train",
+                                               transform=image_transform(224), download=True)
         except Exception as error:
             missing.append(f"CIFAR-100 ({type(error).__name__}: {error}): expected at "
                            f"{os.path.join(os.path.abspath(data_dir), 'cifar-100-python')}/. To place it by hand, "
                            f"download {CIFAR100_URL} (about 170 MB) into {os.path.abspath(data_dir)}/; "
                            f"the next run unpacks it.")
         try:
-            state_dict = WEIGHTS.get_state_dict(progress=True, check_hash=True)
-        except Exception as error:
-            weights_path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(WEIGHTS.url))
-            missing.append(f"ResNet34 weights {WEIGHTS.name} ({type(error).__name__}: {error}): expected at "
-                           f"{weights_path}. To place them by hand, download {WEIGHTS.url} (83 MB) to that "
-                           f"path (TORCH_HOME sets the folder).")
-        socket.setdefaulttimeout(default_timeout)
+            backbone = imagenet_resnet34()
+        except MissingResources as error:
+            missing += error.items
         if missing:
-            raise MissingResources("cannot get what the feature extraction needs (no internet?):\n"
-                                   + "\n".join(f"  - {m}" for m in missing))
-        return datasets, resnet34_backbone(state_dict)
+            raise MissingResources(missing)
+        return datasets, backbone
 
     return cached_features(cache_dir, metas, open_sources, device, num_workers, fast)
 
