@@ -159,28 +159,29 @@ def save_atomically(path, write):
             os.remove(tmp_path)
 
 
-def load_cache(path, meta):
-    """(features, labels) from a cache at path if it is complete and matches meta; None otherwise,
-    after printing one line that says why it is rebuilt."""
+def load_cache(path, meta, then="rebuilding it"):
+    """(features, labels) from a cache at path if it is complete and matches meta (or one of a list of
+    metas); None otherwise, after printing one line that says why, ending with `then`."""
     if not os.path.isfile(path):
         return None
     try:
         cache = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a cut-off or corrupt file fails in many ways, all meaning "rebuild"
-        print(f"Feature cache {path} cannot be read ({type(error).__name__}); rebuilding it.")
+        print(f"Feature cache {path} cannot be read ({type(error).__name__}); {then}.")
         return None
     if torch.is_tensor(cache):
-        print(f"Feature cache {path} is a bare tensor (the post's format) without labels or origin; rebuilding it.")
+        print(f"Feature cache {path} is a bare tensor (the post's format) without labels or origin; {then}.")
         return None
-    if not isinstance(cache, dict) or cache.get("meta") != meta:
+    metas = meta if isinstance(meta, list) else [meta]
+    if not isinstance(cache, dict) or cache.get("meta") not in metas:
         print(f"Feature cache {path} was made differently from this run "
-              f"({cache.get('meta') if isinstance(cache, dict) else type(cache).__name__}); rebuilding it.")
+              f"({cache.get('meta') if isinstance(cache, dict) else type(cache).__name__}); {then}.")
         return None
     feats, labels = cache.get("features"), cache.get("labels")
-    n = meta["num_images"]
+    n = cache["meta"]["num_images"]
     if not (torch.is_tensor(feats) and feats.shape == (n, FEATURE_DIM) and feats.is_floating_point()
             and torch.is_tensor(labels) and labels.shape == (n,)):
-        print(f"Feature cache {path} does not hold {n} features of {FEATURE_DIM} dims with their labels; rebuilding it.")
+        print(f"Feature cache {path} does not hold {n} features of {FEATURE_DIM} dims with their labels; {then}.")
         return None
     return feats, labels.long()
 
@@ -265,21 +266,30 @@ class GeneratedImages(data.Dataset):
         return self.transform(Image.fromarray(self.data[idx])), self.targets[idx]
 
 
+def synthetic_backbone():
+    """The --synthetic stand-in for imagenet_resnet34: ResNet34 with random weights (seed SYNTHETIC["seed"])."""
+    with torch.random.fork_rng():
+        torch.manual_seed(SYNTHETIC["seed"])
+        return resnet34_backbone()
+
+
+def synthetic_meta(split, fast=False):
+    """What the --synthetic feature cache of a split is made of."""
+    cfg = SYNTHETIC
+    return cache_meta("generated images", split, cfg["num_classes"] * cfg["per_class"][split],
+                      f"random init (seed {cfg['seed']})", cfg["image_size"], fast)
+
+
 def synthetic_features(cache_dir, device, num_workers=0, fast=False):
     """Features of GeneratedImages through a randomly initialised ResNet34: the whole pipeline, offline."""
     cfg = SYNTHETIC
-    weights_name = f"random init (seed {cfg['seed']})"
-    metas = {split: cache_meta("generated images", split, cfg["num_classes"] * n, weights_name, cfg["image_size"],
-                               fast) for split, n in cfg["per_class"].items()}
+    metas = {split: synthetic_meta(split, fast) for split in cfg["per_class"]}
 
     def open_sources(splits):
         transform = image_transform(cfg["image_size"])
         datasets = {split: GeneratedImages(cfg["num_classes"], cfg["per_class"][split], transform, cfg["seed"], split)
                     for split in splits}
-        with torch.random.fork_rng():
-            torch.manual_seed(cfg["seed"])
-            backbone = resnet34_backbone()
-        return datasets, backbone
+        return datasets, synthetic_backbone()
 
     return cached_features(cache_dir, metas, open_sources, device, num_workers, fast, cfg["image_size"])
 

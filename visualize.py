@@ -109,11 +109,12 @@ def plot_attention_grid(fig, attention_maps, tick_labels, axis_name):
             ax.set_title(f"Layer {layer + 1}, head {head + 1}", fontsize=9)
 
 
-def plot_set_prediction(path, images, probs, attention_maps):
+def plot_set_prediction(path, images, probs, attention_maps, title=None, names=None):
     """One set: its images with the predicted probability of each being the anomaly, and the attention
     maps of every layer and head.
 
     images - [SetSize, H, W, 3] in [0, 1];  probs - [SetSize];  attention_maps - layers × [Head, SetSize, SetSize]
+    title - defaults to the prediction against the true anomaly, the last image;  names - labels under the images
     """
     set_size, num_layers, num_heads = len(images), len(attention_maps), attention_maps[0].shape[0]
     fig = plt.figure(figsize=(max(1.2 * set_size, 2.6 * num_heads), 2.0 + 2.6 * num_layers), layout="constrained")
@@ -123,9 +124,9 @@ def plot_set_prediction(path, images, probs, attention_maps):
         ax.imshow(images[i])
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel(f"{i + 1}: p={probs[i]:.2f}", fontsize=8)
+        ax.set_xlabel(f"{names[i] if names else i + 1}: p={probs[i]:.2f}", fontsize=8)
     axes[0].set_ylabel("image", fontsize=8)
-    top.suptitle(f"Predicted anomaly: image {int(np.argmax(probs)) + 1} (the true one is image {set_size})")
+    top.suptitle(title or f"Predicted anomaly: image {int(np.argmax(probs)) + 1} (the true one is image {set_size})")
     plot_attention_grid(bottom, attention_maps, [str(i + 1) for i in range(set_size)], "image")
     return save_figure(fig, path)
 

@@ -1,0 +1,180 @@
+"""Find the odd one out among your own pictures with the trained set-anomaly model.
+
+    python predict.py photos/                   # every image file in the folder, sorted by name
+    python predict.py a.jpg b.jpg c.png         # or the files themselves; two or more
+    python predict.py photos/ --json            # the same, as JSON for scripts
+    python predict.py photos/ --figure odd.png  # the images, their probabilities and every attention map
+    python predict.py --set-sizes 2 5 10 20     # the model's accuracy on the test features, per set size
+
+Each image goes through the transform and the ImageNet ResNet34 of the training features (features.py),
+the set through the AnomalyPredictor that `python train.py` saved. The model was trained on sets of 10,
+but its attention fixes no set size: any set of two or more images works.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.utils.data as data
+from PIL import Image, UnidentifiedImageError
+
+import features
+from data import SetAnomalyDataset
+from model import AnomalyPredictor
+
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
+
+
+class ImageSet(data.Dataset):
+    """PIL images through a transform, as extract_features expects of a data set."""
+
+    def __init__(self, images, transform):
+        self.images, self.transform = images, transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        return self.transform(self.images[idx]), 0
+
+
+def image_files(paths):
+    """The files to look at: the given files in their order, or every image file of one folder by name."""
+    if len(paths) == 1 and os.path.isdir(paths[0]):
+        files = sorted(os.path.join(paths[0], f) for f in os.listdir(paths[0])
+                       if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(paths[0], f)))
+        if not files:
+            sys.exit(f"error: the folder {paths[0]} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+        return files
+    missing = [p for p in paths if not os.path.exists(p)]
+    if missing:
+        sys.exit(f"error: no such file or folder: {', '.join(missing)}")
+    folders = [p for p in paths if os.path.isdir(p)]
+    if folders:
+        sys.exit(f"error: give one folder alone, or image files: {', '.join(folders)} is a folder.")
+    return list(paths)
+
+
+def load_image(path):
+    """The image at path as an RGB PIL image: grey-scale, palette and RGBA images converted as CIFAR-100's are."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            if image.mode == "RGBA":  # transparent parts become white rather than black
+                background = Image.new("RGB", image.size, (255, 255, 255))
+                background.paste(image, mask=image.getchannel("A"))
+                return background
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        sys.exit(f"error: {path} is not a readable image ({type(error).__name__}). Remove it or give other files.")
+
+
+def load_model(path, device):
+    """The AnomalyPredictor saved at path; exits with a message if it is missing or of another task."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: no trained model at {path}. `python train.py` trains one and saves it there "
+                 "(`--checkpoint-dir` for another folder), or point --ckpt at a SetAnomalyDetect.ckpt.")
+    try:
+        hparams = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
+    except Exception as error:
+        sys.exit(f"error: {path} is not a readable Lightning checkpoint ({type(error).__name__}).")
+    if hparams.get("num_classes") != 1 or hparams.get("input_dim") != features.FEATURE_DIM:
+        sys.exit(f"error: {path} is a model of another task (input_dim={hparams.get('input_dim')}, "
+                 f"num_classes={hparams.get('num_classes')}), not the set-anomaly model; use the "
+                 "SetAnomalyDetect.ckpt that `python train.py` writes.")
+    return AnomalyPredictor.load_from_checkpoint(path, map_location=device).eval()
+
+
+@torch.no_grad()
+def predict(model, backbone, images, device, image_size=224):
+    """(probabilities [N] that each image is the odd one out, attention maps: layers × [Head, N, N])."""
+    feats = features.extract_features(backbone, ImageSet(images, features.image_transform(image_size)), device,
+                                      batch_size=32, num_workers=0, desc="images")
+    x = feats[None].to(device)  # one set: [1, N, 512]
+    probs = model(x, add_positional_encoding=False)[0, :, 0].softmax(dim=0)
+    maps = model.get_attention_maps(x, add_positional_encoding=False)
+    return probs.cpu().numpy(), [m[0].cpu().numpy() for m in maps]
+
+
+@torch.no_grad()
+def set_size_accuracy(model, feats, labels, set_size, device):
+    """Accuracy of model on the post's fixed evaluation sets of set_size built from feats and labels."""
+    loader = data.DataLoader(SetAnomalyDataset(feats, labels, set_size=set_size, train=False), batch_size=256)
+    right = sum((model(img_sets.to(device), add_positional_encoding=False)[..., 0].argmax(dim=-1).cpu() == label)
+                .sum().item() for img_sets, _, label in loader)
+    return right / len(labels)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="*", help="two or more image files, or one folder of them")
+    p.add_argument("--checkpoint-dir", default="saved_models", help="where train.py saved its model (default: saved_models)")
+    p.add_argument("--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--figure", help="save the images, their probabilities and the attention maps to this PNG")
+    p.add_argument("--set-sizes", type=int, nargs="+", metavar="N",
+                   help="instead of images: the model's accuracy on the cached test features for these set sizes")
+    p.add_argument("--synthetic", action="store_true",
+                   help="the model and backbone of `python train.py --synthetic` (untrained ResNet34, 64×64 images)")
+    args = p.parse_args(argv)
+    checkpoint_dir = os.path.join(args.checkpoint_dir, "synthetic") if args.synthetic else args.checkpoint_dir
+    ckpt = args.ckpt or os.path.join(checkpoint_dir, "SetAnomalyDetect.ckpt")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    if args.set_sizes:
+        if args.images:
+            p.error("--set-sizes measures on the test features; give no images with it")
+        if min(args.set_sizes) < 2:
+            p.error("a set needs at least 2 images")
+        model = load_model(ckpt, device)
+        meta = features.synthetic_meta if args.synthetic else features.cifar100_meta
+        path = os.path.join(checkpoint_dir, features.CACHE_FILES["test"])
+        cache = features.load_cache(path, [meta("test"), meta("test", fast=True)], then="`python train.py` rebuilds it")
+        if cache is None:
+            sys.exit(f"error: no valid test feature cache at {path}; `python train.py` makes it.")
+        try:
+            accuracies = {n: set_size_accuracy(model, *cache, n, device) for n in args.set_sizes}
+        except ValueError as error:
+            sys.exit(f"error: {error}")
+        print(json.dumps(accuracies) if args.json else
+              "\n".join(f"set size {n:3d}: accuracy {100 * acc:6.2f}% (chance {100 / n:6.2f}%)"
+                        for n, acc in accuracies.items()))
+        return accuracies
+
+    files = image_files(args.images)
+    if len(files) < 2:
+        sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
+    images = [load_image(f) for f in files]
+    model = load_model(ckpt, device)
+    try:
+        backbone = features.synthetic_backbone() if args.synthetic else features.imagenet_resnet34()
+    except features.MissingResources as error:
+        sys.exit(f"error: {error}")
+    image_size = features.SYNTHETIC["image_size"] if args.synthetic else 224
+    probs, maps = predict(model, backbone, images, device, image_size)
+    names = [os.path.basename(f) for f in files]
+    odd = int(np.argmax(probs))
+
+    if args.json:
+        print(json.dumps({"files": files, "probabilities": [float(q) for q in probs], "predicted_index": odd,
+                          "predicted_file": files[odd]}, indent=2))
+    else:
+        for i in np.argsort(-probs, kind="stable"):
+            print(f"{100 * probs[i]:6.2f}%  {files[i]}")
+        print(f"Odd one out: {files[odd]} ({100 * probs[odd]:.2f}%)")
+    if args.figure:
+        import visualize  # matplotlib only when a figure is asked for
+
+        thumbnails = np.stack([np.asarray(im.resize((64, 64)), dtype=np.float32) / 255 for im in images])
+        visualize.plot_set_prediction(args.figure, thumbnails, probs, maps, names=names,
+                                      title=f"Odd one out: {names[odd]} (p={probs[odd]:.2f})")
+        if not args.json:
+            print(f"Figure written to {args.figure}")
+    return {"files": files, "probabilities": probs, "predicted_index": odd}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""predict.py on generated images, with a model trained here on generated features."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+import torch.utils.data as data
+from PIL import Image
+
+import features
+import predict
+from data import SetAnomalyDataset
+from features import GeneratedImages, extract_features, image_transform
+from model import AnomalyPredictor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_SIZE = features.SYNTHETIC["image_size"]
+
+
+def toy_backbone():
+    """A small fixed feature extractor standing in for ResNet34: mean colours of a 2×2 grid, projected to
+    512 dimensions. Generated classes differ in exactly those colours."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 512)).eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A checkpoint folder as `train.py --synthetic` leaves it, its model trained on toy-backbone features."""
+    root = tmp_path_factory.mktemp("predict")
+    images = GeneratedImages(10, 40, image_transform(IMAGE_SIZE), seed=0, split="train")
+    feats = extract_features(toy_backbone(), images, torch.device("cpu"), batch_size=100, num_workers=0)
+    pl.seed_everything(0)
+    model = AnomalyPredictor(input_dim=512, model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3,
+                             warmup=10, max_iters=200)
+    trainer = pl.Trainer(max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    loader = data.DataLoader(SetAnomalyDataset(feats, torch.tensor(images.targets), set_size=10, train=True),
+                             batch_size=32, shuffle=True, drop_last=True)
+    trainer.fit(model, loader)
+    os.makedirs(root / "synthetic")
+    trainer.save_checkpoint(root / "synthetic" / "SetAnomalyDetect.ckpt")
+    return root
+
+
+def write_set(folder, odd_position, size=10, seed=0):
+    """size PNG files named a.png, b.png, ...: one generated class, and at odd_position an image of another."""
+    os.makedirs(folder, exist_ok=True)
+    pool = GeneratedImages(10, 20, None, seed=seed, split="test")
+    targets = np.array(pool.targets)
+    usual, odd = np.where(targets == 2)[0], np.where(targets == 7)[0]
+    names = []
+    for i in range(size):
+        name = f"{chr(ord('a') + i)}.png"
+        Image.fromarray(pool.data[odd[0] if i == odd_position else usual[i]]).save(folder / name)
+        names.append(name)
+    return names
+
+
+@pytest.fixture
+def offline_backbone(monkeypatch):
+    monkeypatch.setattr(features, "synthetic_backbone", toy_backbone)
+
+
+def run(trained, *args):
+    return predict.main(["--synthetic", "--checkpoint-dir", str(trained), *map(str, args)])
+
+
+@pytest.mark.parametrize("odd_position", [0, 6, 9])
+def test_the_odd_image_is_found(trained, tmp_path, offline_backbone, capsys, odd_position):
+    names = write_set(tmp_path / "set", odd_position)
+    result = run(trained, tmp_path / "set")
+    assert result["predicted_index"] == odd_position
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("Odd one out: ") and names[odd_position] in out[-1]
+    assert len(out) == 11 and names[odd_position] in out[0]  # sorted: the most likely first
+    assert result["probabilities"].sum() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_order_of_the_files_does_not_matter(trained, tmp_path, offline_backbone):
+    names = write_set(tmp_path / "set", 4)
+    files = [tmp_path / "set" / n for n in names]
+    forward = run(trained, *files)
+    backward = run(trained, *files[::-1])
+    prob = {os.path.basename(f): p for f, p in zip(forward["files"], forward["probabilities"])}
+    for f, p in zip(backward["files"], backward["probabilities"]):
+        assert p == pytest.approx(prob[os.path.basename(f)], abs=1e-6)
+
+
+def test_json_matches_the_text(trained, tmp_path, offline_backbone, capsys):
+    write_set(tmp_path / "set", 3)
+    run(trained, tmp_path / "set")
+    text = capsys.readouterr().out.splitlines()
+    run(trained, tmp_path / "set", "--json")
+    result = json.loads(capsys.readouterr().out)
+    assert result["predicted_index"] == 3 and result["predicted_file"] == result["files"][3]
+    for line in text[:-1]:
+        percent, name = line.split()
+        assert float(percent.rstrip("%")) == pytest.approx(100 * result["probabilities"][result["files"].index(name)],
+                                                           abs=0.006)
+
+
+def test_any_set_size_and_image_kind(trained, tmp_path, offline_backbone):
+    names = write_set(tmp_path / "set", 1, size=4)
+    Image.open(tmp_path / "set" / names[0]).convert("RGBA").save(tmp_path / "set" / names[0])  # opaque alpha
+    Image.open(tmp_path / "set" / names[2]).resize((96, 96), Image.NEAREST).save(tmp_path / "set" / names[2])
+    result = run(trained, tmp_path / "set")
+    assert len(result["files"]) == 4 and result["predicted_index"] == 1
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16"])
+def test_every_image_mode_becomes_rgb(tmp_path, mode):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    image = image.convert(mode) if mode != "I;16" else image.convert("L").convert("I;16")
+    image.save(tmp_path / "image.png")
+    loaded = predict.load_image(tmp_path / "image.png")
+    assert loaded.mode == "RGB" and loaded.size == (30, 20)
+
+
+def test_figure(trained, tmp_path, offline_backbone):
+    write_set(tmp_path / "set", 5)
+    run(trained, tmp_path / "set", "--figure", tmp_path / "odd.png")
+    with Image.open(tmp_path / "odd.png") as image:
+        assert image.size == (1200, 720)  # 10 images over 2 layers of 2 heads: 2 in + 2.6 in per layer
+
+
+def exits_with(message, *argv):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(list(map(str, argv)))
+    assert message in str(exit_info.value.code)
+
+
+def test_bad_input_gets_one_clear_line(trained, tmp_path, offline_backbone):
+    names = write_set(tmp_path / "set", 0, size=3)
+    synthetic = ["--synthetic", "--checkpoint-dir", trained]
+    exits_with("at least two images", *synthetic, tmp_path / "set" / names[0])
+    (tmp_path / "set" / "broken.png").write_bytes(b"not a picture")
+    exits_with("broken.png is not a readable image", *synthetic, tmp_path / "set")
+    exits_with("no such file or folder", *synthetic, tmp_path / "nowhere")
+    os.makedirs(tmp_path / "empty")
+    exits_with("holds no image files", *synthetic, tmp_path / "empty")
+    files = [tmp_path / "set" / n for n in names]
+    exits_with("`python train.py` trains one", "--checkpoint-dir", tmp_path / "none", *files)
+    reverse = tmp_path / "ReverseTask.ckpt"
+    hparams = dict(input_dim=10, model_dim=16, num_classes=10, num_heads=1, num_layers=1, lr=1e-3, warmup=1, max_iters=2)
+    torch.save({"state_dict": {}, "hyper_parameters": hparams}, reverse)
+    exits_with("model of another task", "--ckpt", reverse, *files)
+
+
+def test_missing_weights_offline_give_train_pys_message(trained, tmp_path, monkeypatch):
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # every download fails at once
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    names = write_set(tmp_path / "set", 0, size=3)
+    exits_with("resnet34-b627a593.pth", "--ckpt", trained / "synthetic" / "SetAnomalyDetect.ckpt",
+               *[tmp_path / "set" / n for n in names])
+
+
+def test_exit_code_and_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--checkpoint-dir", str(tmp_path),
+                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
+
+
+def test_set_size_accuracy_on_cached_test_features(trained, tmp_path, capsys):
+    images = GeneratedImages(10, 20, image_transform(IMAGE_SIZE), seed=0, split="test")
+    feats = extract_features(toy_backbone(), images, torch.device("cpu"), batch_size=100, num_workers=0)
+    features.save_cache(str(trained / "synthetic" / "test_set_features.tar"), feats, torch.tensor(images.targets),
+                        features.synthetic_meta("test"))
+    accuracies = run(trained, "--set-sizes", 2, 10)
+    assert set(accuracies) == {2, 10} and accuracies[10] > 0.9
+    assert "set size  10: accuracy" in capsys.readouterr().out
