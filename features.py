@@ -28,7 +28,7 @@ DATA_STD = (0.229, 0.224, 0.225)
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_SIZES = {"train": 50000, "test": 10000}
 WEIGHTS = ResNet34_Weights.IMAGENET1K_V1
-CACHE_FILES = {"train": "train_set_features.tar", "test": "test_set_features.tar"}
+CACHE_FILES = {"train": "train_set_features.tar", "test": "test_set_features.tar"}  # the post's names
 FEATURE_DIM = 512
 DOWNLOAD_TIMEOUT_S = 20  # seconds without an answer before a download counts as failed
 
@@ -110,9 +110,10 @@ def extract_features_fast(model, images, device, image_size=224, batch_size=None
     they are, and are resized, normalised and run through model there in batches, with no PIL and no workers.
 
     The resize is bilinear like torchvision's Resize of a PIL image (antialiased when it shrinks), but in
-    float instead of 8-bit pixels. Features agree with extract_features to a cosine similarity above 0.999.
+    float instead of 8-bit pixels. Features agree with extract_features to a cosine similarity above 0.999
+    (tests/test_fast.py, bench.py).
     """
-    # Small batches keep a CPU's caches warm (16: about 15 % faster than 128); a GPU wants large ones.
+    # Small batches keep a CPU's caches warm (faster here than 128); a GPU wants large ones.
     batch_size = batch_size or (256 if device.type == "cuda" else 16)
     # BatchNorm folded into the convolutions, and channels-last layout, which oneDNN and cuDNN run faster.
     model = fuse(copy.deepcopy(model).eval()).to(device, memory_format=torch.channels_last)
@@ -186,6 +187,26 @@ def load_cache(path, meta, then="rebuilding it"):
     return feats, labels.long()
 
 
+def cache_path(cache_dir, split, fast=False):
+    """Where a split's features are cached: the post's file name, or with --fast a file of its own, so
+    that the two paths never replace each other's caches."""
+    name = CACHE_FILES[split]
+    return os.path.join(cache_dir, name.replace(".tar", "_fast.tar") if fast else name)
+
+
+def cached_test_features(cache_dir, synthetic=False):
+    """(features, labels) of the test split from a cache that train.py left in cache_dir (the post's path
+    first, then --fast's), or None."""
+    meta = synthetic_meta if synthetic else cifar100_meta
+    for fast in (False, True):
+        if os.path.isfile(cache_path(cache_dir, "test", fast)):
+            cache = load_cache(cache_path(cache_dir, "test", fast), meta("test", fast),
+                               then="`python train.py` rebuilds it")
+            if cache is not None:
+                return cache
+    return None
+
+
 def save_cache(path, feats, labels, meta):
     save_atomically(path, lambda tmp: torch.save({"features": feats, "labels": labels, "meta": meta}, tmp))
 
@@ -194,7 +215,7 @@ def cached_features(cache_dir, metas, open_sources, device, num_workers, fast=Fa
     """{split: (features [N, 512], labels [N])} for each split in metas, from the caches in cache_dir
     where they are valid, otherwise extracted with open_sources(splits) -> (datasets, backbone) and cached
     (by extract_features, or with fast by extract_features_fast at image_size)."""
-    result = {split: load_cache(os.path.join(cache_dir, CACHE_FILES[split]), meta) for split, meta in metas.items()}
+    result = {split: load_cache(cache_path(cache_dir, split, fast), meta) for split, meta in metas.items()}
     todo = [split for split, cached in result.items() if cached is None]
     if todo:
         datasets, backbone = open_sources(todo)
@@ -206,7 +227,7 @@ def cached_features(cache_dir, metas, open_sources, device, num_workers, fast=Fa
                 feats = extract_features(backbone, datasets[split], device, num_workers=num_workers,
                                          desc=f"{split} features")
             labels = torch.as_tensor(datasets[split].targets, dtype=torch.long)
-            save_cache(os.path.join(cache_dir, CACHE_FILES[split]), feats, labels, metas[split])
+            save_cache(cache_path(cache_dir, split, fast), feats, labels, metas[split])
             result[split] = (feats, labels)
     return result
 

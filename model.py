@@ -58,9 +58,9 @@ class Dropout(nn.Dropout):
     """nn.Dropout with a cheaper random mask once `fast` is set (see TransformerPredictor.use_fast_path).
 
     The fast mask compares 16 random bits per element with a threshold, four elements per 64-bit draw;
-    on a CPU the bits come from numpy's PCG64, seeded from torch's generator, about twice as fast as
-    torch's. Together that is about a fifth of the cost of nn.Dropout's bernoulli_. p is rounded to a
-    multiple of 1/65536 (0.1 becomes 0.100006), and kept values are scaled by 1/(1-p) for that rounded p.
+    on a CPU the bits come from numpy's PCG64, seeded from torch's generator, which draws them faster than
+    torch's mt19937. This is much cheaper than nn.Dropout's bernoulli_ (bench.py --ablation). p is rounded to
+    a multiple of 1/65536 (0.1 becomes 0.100006), and kept values are scaled by 1/(1-p) for that rounded p.
     """
 
     fast = False
@@ -244,9 +244,13 @@ class DecoderBlock(EncoderBlock):
         tgt_mask - mask of the self-attention, usually causal_mask(TgtLen)
         memory_mask - which encoder positions may be attended to, e.g. [Batch, 1, SrcLen] for padding
         """
-        attn_out, self_map = self.self_attn(x, mask=tgt_mask, return_attention=True)
+        attn_out = self.self_attn(x, mask=tgt_mask, return_attention=return_attention)
+        if return_attention:
+            attn_out, self_map = attn_out
         x = self.norm1(x + self.dropout(attn_out))
-        cross_out, cross_map = self.cross_attn(x, mask=memory_mask, memory=memory, return_attention=True)
+        cross_out = self.cross_attn(x, mask=memory_mask, memory=memory, return_attention=return_attention)
+        if return_attention:
+            cross_out, cross_map = cross_out
         x = self.norm2(x + self.dropout(cross_out))
         x = self.norm3(x + self.dropout(self.linear_net(x)))
         if return_attention:
@@ -429,9 +433,11 @@ class AnomalyPredictor(TransformerPredictor):
         preds = preds.squeeze(dim=-1)  # [Batch, SetSize]: logits of "this one is the anomaly"
         loss = F.cross_entropy(preds, labels)
         acc = (preds.argmax(dim=-1) == labels).float().mean()
-        # An explicit batch size: the epoch mean is then a mean over sets, the smaller last batch included.
+        # An explicit batch size: the epoch mean is then a mean over sets, the smaller last batch included;
+        # sync_dist: with several processes, over all of them (ModelCheckpoint chooses by val_acc).
         self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
-        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0],
+                 sync_dist=True)
         return loss, acc
 
 
@@ -449,7 +455,8 @@ class ReversePredictor(TransformerPredictor):
         loss = F.cross_entropy(preds.reshape(-1, preds.size(-1)), labels.reshape(-1))
         acc = (preds.argmax(dim=-1) == labels).float().mean()
         self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
-        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0],
+                 sync_dist=True)
         return loss, acc
 
 
@@ -522,10 +529,12 @@ class Seq2SeqPredictor(TransformerPredictor):
         real = labels != self.pad
         token_acc = (logits.argmax(dim=-1) == labels)[real].float().mean()
         self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
-        self.log(f"{mode}_token_acc", token_acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        self.log(f"{mode}_token_acc", token_acc, on_step=False, on_epoch=True, batch_size=labels.shape[0],
+                 sync_dist=True)
         if mode == "train":
             return loss, token_acc
         # Outside training the accuracy is that of whole sequences generated greedily, exactly right.
         acc = (self.generate(src, labels.size(1)) == labels).all(dim=1).float().mean()
-        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0])
+        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0],
+                 sync_dist=True)
         return loss, acc

@@ -59,17 +59,22 @@ def image_files(paths):
 
 
 def load_image(path):
-    """The image at path as an RGB PIL image: grey-scale, palette and RGBA images converted as CIFAR-100's are."""
+    """The image at path as CIFAR-100 holds its images: 32×32 RGB. Transparent parts become white, grey
+    and palette images RGB; the largest centred square is shrunk to 32×32, so the training features' image
+    transform then sees what it saw in training."""
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode == "RGBA":  # transparent parts become white rather than black
-                background = Image.new("RGB", image.size, (255, 255, 255))
-                background.paste(image, mask=image.getchannel("A"))
-                return background
-            return image.convert("RGB")
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                image = Image.new("RGB", rgba.size, (255, 255, 255))
+                image.paste(rgba, mask=rgba.getchannel("A"))
+            image = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as error:
         sys.exit(f"error: {path} is not a readable image ({type(error).__name__}). Remove it or give other files.")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((32, 32), Image.BICUBIC)
 
 
 def load_model(path, device):
@@ -85,7 +90,11 @@ def load_model(path, device):
         sys.exit(f"error: {path} is a model of another task (input_dim={hparams.get('input_dim')}, "
                  f"num_classes={hparams.get('num_classes')}), not the set-anomaly model; use the "
                  "SetAnomalyDetect.ckpt that `python train.py` writes.")
-    return AnomalyPredictor.load_from_checkpoint(path, map_location=device).eval()
+    try:
+        return AnomalyPredictor.load_from_checkpoint(path, map_location=device).eval()
+    except Exception as error:  # wrong shapes, missing keys or hyper-parameters: not a usable model
+        sys.exit(f"error: {path} does not hold a usable set-anomaly model ({type(error).__name__}); "
+                 "train one with `python train.py`.")
 
 
 @torch.no_grad()
@@ -130,11 +139,9 @@ def main(argv=None):
         if min(args.set_sizes) < 2:
             p.error("a set needs at least 2 images")
         model = load_model(ckpt, device)
-        meta = features.synthetic_meta if args.synthetic else features.cifar100_meta
-        path = os.path.join(checkpoint_dir, features.CACHE_FILES["test"])
-        cache = features.load_cache(path, [meta("test"), meta("test", fast=True)], then="`python train.py` rebuilds it")
+        cache = features.cached_test_features(checkpoint_dir, synthetic=args.synthetic)
         if cache is None:
-            sys.exit(f"error: no valid test feature cache at {path}; `python train.py` makes it.")
+            sys.exit(f"error: no valid test feature cache in {checkpoint_dir}; `python train.py` makes it.")
         try:
             accuracies = {n: set_size_accuracy(model, *cache, n, device) for n in args.set_sizes}
         except ValueError as error:
@@ -158,6 +165,13 @@ def main(argv=None):
     names = [os.path.basename(f) for f in files]
     odd = int(np.argmax(probs))
 
+    if args.figure:
+        import visualize  # matplotlib only when a figure is asked for
+
+        thumbnails = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
+        visualize.plot_set_prediction(args.figure, thumbnails, probs, maps, names=names,
+                                      title=f"Odd one out: {names[odd]} (p={probs[odd]:.2f})")
+        print(f"Figure written to {args.figure}", file=sys.stderr)
     if args.json:
         print(json.dumps({"files": files, "probabilities": [float(q) for q in probs], "predicted_index": odd,
                           "predicted_file": files[odd]}, indent=2))
@@ -165,14 +179,6 @@ def main(argv=None):
         for i in np.argsort(-probs, kind="stable"):
             print(f"{100 * probs[i]:6.2f}%  {files[i]}")
         print(f"Odd one out: {files[odd]} ({100 * probs[odd]:.2f}%)")
-    if args.figure:
-        import visualize  # matplotlib only when a figure is asked for
-
-        thumbnails = np.stack([np.asarray(im.resize((64, 64)), dtype=np.float32) / 255 for im in images])
-        visualize.plot_set_prediction(args.figure, thumbnails, probs, maps, names=names,
-                                      title=f"Odd one out: {names[odd]} (p={probs[odd]:.2f})")
-        if not args.json:
-            print(f"Figure written to {args.figure}")
     return {"files": files, "probabilities": probs, "predicted_index": odd}
 
 

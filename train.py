@@ -9,6 +9,7 @@ a 4-layer Transformer encoder that finds it (数据处理和模型训练, 模型
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -249,8 +250,11 @@ def main(argv=None):
         sys.exit(f"error: --batch-size {args.batch_size} is larger than the {len(datasets['train'])} training items.")
 
     # 模型训练和推理
+    # With several processes each one takes every N-th item (Lightning's DistributedSampler), so fewer steps.
+    steps_per_epoch = (len(train_loader) if args.devices == 1
+                       else math.ceil(len(datasets["train"]) / args.devices) // args.batch_size)
     hparams = dict(io_dims, model_dim=args.model_dim, num_heads=args.num_heads, num_layers=args.num_layers,
-                   lr=args.lr, warmup=args.warmup, max_iters=args.epochs * len(train_loader), dropout=args.dropout,
+                   lr=args.lr, warmup=args.warmup, max_iters=args.epochs * steps_per_epoch, dropout=args.dropout,
                    input_dropout=args.input_dropout)
     settings = dict(batch_size=args.batch_size, epochs=args.epochs, gradient_clip_val=args.gradient_clip_val,
                     seed=args.seed)

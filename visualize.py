@@ -20,7 +20,7 @@ import torch
 from torchvision.datasets import CIFAR100
 
 from data import ReverseDataset, SetAnomalyDataset
-from features import DATA_MEANS, DATA_STD, cifar100_meta, image_transform, load_cache, save_atomically
+from features import DATA_MEANS, DATA_STD, cached_test_features, image_transform, save_atomically
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
 
 DPI = 100  # a figure of w×h inches is a PNG of (100·w)×(100·h) pixels
@@ -183,7 +183,7 @@ def anomaly_figures(checkpoint_dir, data_dir, out_dir, num_mistakes=5):
     made = [plot_image_rows(os.path.join(out_dir, "anomaly_example_sets.png"), images[set_indices[:4]],
                             "Example test sets: the last image is the anomaly")]
 
-    cache = load_cache(os.path.join(checkpoint_dir, "test_set_features.tar"), cifar100_meta("test"))
+    cache = cached_test_features(checkpoint_dir)
     if not os.path.isfile(ckpt_path) or cache is None:
         return made + skip("set-task prediction figures",
                            f"need {ckpt_path} and the test feature cache (python train.py makes both)")

@@ -118,8 +118,11 @@ def test_fast_features_agree_with_faithful_ones():
     images = GeneratedImages(num_classes=4, per_class=2, transform=image_transform(224), seed=0, split="test")
     faithful = extract_features(backbone, images, torch.device("cpu"), batch_size=4, num_workers=0)
     fast = extract_features_fast(backbone, images.data, torch.device("cpu"), batch_size=4)
-    cosine = F.cosine_similarity(fast, faithful)
-    assert cosine.min() > 0.999
+    # An untrained ResNet gives every image nearly the same feature direction (raw cosines between different
+    # images are above 0.998 here), so compare what sets the images apart: the features minus their mean.
+    mean = faithful.mean(dim=0)
+    assert F.cosine_similarity(faithful[:4] - mean, faithful[4:] - mean).max() < 0.9  # different images differ
+    assert F.cosine_similarity(fast - mean, faithful - mean).min() > 0.999
 
 
 def train_and_test(fast, train_set, test_set, steps):

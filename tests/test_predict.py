@@ -114,13 +114,23 @@ def test_any_set_size_and_image_kind(trained, tmp_path, offline_backbone):
     assert len(result["files"]) == 4 and result["predicted_index"] == 1
 
 
-@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "I;16"])
-def test_every_image_mode_becomes_rgb(tmp_path, mode):
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "I;16"])
+def test_every_image_mode_becomes_a_cifar_sized_rgb_image(tmp_path, mode):
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
     image = image.convert(mode) if mode != "I;16" else image.convert("L").convert("I;16")
     image.save(tmp_path / "image.png")
     loaded = predict.load_image(tmp_path / "image.png")
-    assert loaded.mode == "RGB" and loaded.size == (30, 20)
+    assert loaded.mode == "RGB" and loaded.size == (32, 32)
+
+
+def test_transparent_parts_become_white_and_the_centre_square_is_kept(tmp_path):
+    clear = Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    clear.save(tmp_path / "clear.png")
+    assert np.asarray(predict.load_image(tmp_path / "clear.png")).min() == 255
+    wide = np.zeros((30, 90, 3), dtype=np.uint8)
+    wide[:, :30, 0] = wide[:, 30:60, 1] = wide[:, 60:, 2] = 255  # red | green | blue
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    assert np.asarray(predict.load_image(tmp_path / "wide.png")).mean(axis=(0, 1)).round().tolist() == [0, 255, 0]
 
 
 def test_figure(trained, tmp_path, offline_backbone):
@@ -151,15 +161,25 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path, offline_backbone):
     hparams = dict(input_dim=10, model_dim=16, num_classes=10, num_heads=1, num_layers=1, lr=1e-3, warmup=1, max_iters=2)
     torch.save({"state_dict": {}, "hyper_parameters": hparams}, reverse)
     exits_with("model of another task", "--ckpt", reverse, *files)
+    broken = tmp_path / "broken.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": dict(hparams, input_dim=512, num_classes=1)}, broken)
+    exits_with("does not hold a usable set-anomaly model", "--ckpt", broken, *files)
 
 
-def test_missing_weights_offline_give_train_pys_message(trained, tmp_path, monkeypatch):
+def test_missing_weights_offline_give_train_pys_message(trained, tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        monkeypatch.setenv(var, "http://127.0.0.1:9")  # every download fails at once
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+        env[var] = "http://127.0.0.1:9"  # every download fails at once
     names = write_set(tmp_path / "set", 0, size=3)
-    exits_with("resnet34-b627a593.pth", "--ckpt", trained / "synthetic" / "SetAnomalyDetect.ckpt",
-               *[tmp_path / "set" / n for n in names])
+    run = lambda script, *args: subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                                               capture_output=True, text=True, timeout=60, env=env)
+    predicted = run("predict.py", "--ckpt", trained / "synthetic" / "SetAnomalyDetect.ckpt",
+                    *[tmp_path / "set" / n for n in names])
+    trained_run = run("train.py", "--data-dir", tmp_path / "data", "--checkpoint-dir", tmp_path / "models")
+    assert predicted.returncode == 1 and trained_run.returncode == 1
+    weights_line = [line for line in predicted.stderr.splitlines() if "ResNet34 weights" in line]
+    assert len(weights_line) == 1 and str(tmp_path / "torch") in weights_line[0]
+    assert weights_line[0] in trained_run.stderr.splitlines()
 
 
 def test_exit_code_and_no_traceback(tmp_path):
