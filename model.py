@@ -410,6 +410,14 @@ class TransformerPredictor(pl.LightningModule):
         """(loss, accuracy) of a batch, logged as {mode}_loss and {mode}_acc; each task defines its own."""
         raise NotImplementedError
 
+    def _log_metrics(self, mode, batch_size, loss, **epoch_metrics):
+        """Logs {mode}_loss every step and each {mode}_<metric> as its mean over the epoch."""
+        self.log(f"{mode}_loss", loss, batch_size=batch_size)
+        for name, value in epoch_metrics.items():
+            # An explicit batch size: the epoch mean is then a mean over items, the smaller last batch
+            # included; sync_dist: with several processes, over all of them (ModelCheckpoint chooses by val_acc).
+            self.log(f"{mode}_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+
     def training_step(self, batch, batch_idx):
         loss, _ = self._calculate_loss(batch, mode="train")
         return loss
@@ -433,11 +441,7 @@ class AnomalyPredictor(TransformerPredictor):
         preds = preds.squeeze(dim=-1)  # [Batch, SetSize]: logits of "this one is the anomaly"
         loss = F.cross_entropy(preds, labels)
         acc = (preds.argmax(dim=-1) == labels).float().mean()
-        # An explicit batch size: the epoch mean is then a mean over sets, the smaller last batch included;
-        # sync_dist: with several processes, over all of them (ModelCheckpoint chooses by val_acc).
-        self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
-        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0],
-                 sync_dist=True)
+        self._log_metrics(mode, labels.shape[0], loss, acc=acc)
         return loss, acc
 
 
@@ -454,9 +458,7 @@ class ReversePredictor(TransformerPredictor):
         preds = self.forward(inp_data, add_positional_encoding=True)  # [Batch, SeqLen, num_classes]
         loss = F.cross_entropy(preds.reshape(-1, preds.size(-1)), labels.reshape(-1))
         acc = (preds.argmax(dim=-1) == labels).float().mean()
-        self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
-        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0],
-                 sync_dist=True)
+        self._log_metrics(mode, labels.shape[0], loss, acc=acc)
         return loss, acc
 
 
@@ -528,13 +530,10 @@ class Seq2SeqPredictor(TransformerPredictor):
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=self.pad)
         real = labels != self.pad
         token_acc = (logits.argmax(dim=-1) == labels)[real].float().mean()
-        self.log(f"{mode}_loss", loss, batch_size=labels.shape[0])
-        self.log(f"{mode}_token_acc", token_acc, on_step=False, on_epoch=True, batch_size=labels.shape[0],
-                 sync_dist=True)
         if mode == "train":
+            self._log_metrics(mode, labels.shape[0], loss, token_acc=token_acc)
             return loss, token_acc
         # Outside training the accuracy is that of whole sequences generated greedily, exactly right.
         acc = (self.generate(src, labels.size(1)) == labels).all(dim=1).float().mean()
-        self.log(f"{mode}_acc", acc, on_step=False, on_epoch=True, batch_size=labels.shape[0],
-                 sync_dist=True)
+        self._log_metrics(mode, labels.shape[0], loss, token_acc=token_acc, acc=acc)
         return loss, acc
