@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import train
 from data import SetAnomalyDataset, split_train_val
-from features import save_atomically, extract_features, extract_features_fast, image_transform, resnet34_backbone
+from features import ImageArray, save_atomically, extract_features, extract_features_fast, image_transform, resnet34_backbone
 from model import AnomalyPredictor, Dropout, MultiheadAttention
 
 # The post's data: 45 000 / 5 000 / 10 000 image features in 100 classes, 60 000 images in all.
@@ -52,20 +52,6 @@ class StepTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
-class CifarShaped(torch.utils.data.Dataset):
-    """uint8 images [N, 32, 32, 3] through a PIL transform, the way torchvision's CIFAR100 serves them."""
-
-    def __init__(self, images, transform):
-        self.data, self.transform = images, transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, idx):
-        from PIL import Image
-        return self.transform(Image.fromarray(self.data[idx])), 0
-
-
 def generated_datasets(set_size=10):
     """Set datasets over random features with the post's shapes and split."""
     g = torch.Generator().manual_seed(0)
@@ -80,13 +66,6 @@ def generated_datasets(set_size=10):
                                       train=False)}
 
 
-def make_model(args, steps_per_epoch, fast):
-    return AnomalyPredictor(input_dim=FEATURE_DIM, num_classes=1, model_dim=args.model_dim, num_heads=args.num_heads,
-                            num_layers=args.num_layers, lr=args.lr, warmup=args.warmup,
-                            max_iters=args.epochs * steps_per_epoch, dropout=args.dropout,
-                            input_dropout=args.input_dropout).use_fast_path(fast)
-
-
 def time_training(fast, device, datasets, steps, warmup, parts=None):
     """(median seconds per training step, steps per epoch, evaluation sets per second), through train.py's
     own loaders and Trainer. parts, for --ablation, picks single parts of the fast path: "dropout",
@@ -95,7 +74,8 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
     args = train.parse_args(["--accelerator", device] + (["--fast"] if "sampler" in parts else []))
     pl.seed_everything(0)
     loaders = train.make_loaders(args, datasets, torch.device(device))
-    model = make_model(args, len(loaders["train"]), fast=False)
+    io_dims = dict(input_dim=FEATURE_DIM, num_classes=1)
+    model = AnomalyPredictor(**train.model_hparams(args, io_dims, len(loaders["train"])))
     for module in model.modules():
         if isinstance(module, (Dropout, MultiheadAttention)):
             module.fast = ("dropout" if isinstance(module, Dropout) else "attention") in parts
@@ -129,8 +109,8 @@ def time_extraction(fast, device, backbone, images):
     if fast:
         extract = lambda imgs: extract_features_fast(backbone, imgs, device)
     else:  # the post's DataLoader: PIL transforms, batch 128, 4 workers
-        extract = lambda imgs: extract_features(backbone, CifarShaped(imgs, image_transform(224)), device,
-                                                batch_size=128, num_workers=4)
+        extract = lambda imgs: extract_features(backbone, ImageArray(imgs, [0] * len(imgs), image_transform(224)),
+                                                device, batch_size=128, num_workers=4)
     extract(images[:16])
     start = time.perf_counter()
     feats = extract(images)

@@ -199,11 +199,9 @@ def cached_test_features(cache_dir, synthetic=False):
     first, then --fast's), or None."""
     meta = synthetic_meta if synthetic else cifar100_meta
     for fast in (False, True):
-        if os.path.isfile(cache_path(cache_dir, "test", fast)):
-            cache = load_cache(cache_path(cache_dir, "test", fast), meta("test", fast),
-                               then="`python train.py` rebuilds it")
-            if cache is not None:
-                return cache
+        cache = load_cache(cache_path(cache_dir, "test", fast), meta("test", fast), then="`python train.py` rebuilds it")
+        if cache is not None:
+            return cache
     return None
 
 
@@ -263,7 +261,21 @@ def cifar100_features(data_dir, cache_dir, device, num_workers=4, fast=False):
     return cached_features(cache_dir, metas, open_sources, device, num_workers, fast)
 
 
-class GeneratedImages(data.Dataset):
+class ImageArray(data.Dataset):
+    """uint8 images [N, H, W, 3] served as torchvision's CIFAR100 serves its .data: each through transform
+    as a PIL image, with its target."""
+
+    def __init__(self, images, targets, transform):
+        self.data, self.targets, self.transform = images, targets, transform
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, idx):
+        return self.transform(Image.fromarray(self.data[idx])), self.targets[idx]
+
+
+class GeneratedImages(ImageArray):
     """Offline stand-in for torchvision's CIFAR100: 32×32 RGB uint8 images in classes of equal size,
     with the same interface (data [N, 32, 32, 3], targets, transform applied to a PIL image).
 
@@ -276,15 +288,7 @@ class GeneratedImages(data.Dataset):
         rng = np.random.RandomState(seed + (1 if split == "train" else 2))
         targets = rng.permutation(np.repeat(np.arange(num_classes), per_class))
         noise = rng.normal(0, 48, size=(len(targets), 32, 32, 3))
-        self.data = np.clip(patterns[targets] + noise, 0, 255).astype(np.uint8)
-        self.targets = targets.tolist()
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.data)
-
-    def __getitem__(self, idx):
-        return self.transform(Image.fromarray(self.data[idx])), self.targets[idx]
+        super().__init__(np.clip(patterns[targets] + noise, 0, 255).astype(np.uint8), targets.tolist(), transform)
 
 
 def synthetic_backbone():

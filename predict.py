@@ -28,19 +28,6 @@ from model import AnomalyPredictor
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
-class ImageSet(data.Dataset):
-    """PIL images through a transform, as extract_features expects of a data set."""
-
-    def __init__(self, images, transform):
-        self.images, self.transform = images, transform
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, idx):
-        return self.transform(self.images[idx]), 0
-
-
 def image_files(paths):
     """The files to look at: the given files in their order, or every image file of one folder by name."""
     if len(paths) == 1 and os.path.isdir(paths[0]):
@@ -99,8 +86,10 @@ def load_model(path, device):
 
 @torch.no_grad()
 def predict(model, backbone, images, device, image_size=224):
-    """(probabilities [N] that each image is the odd one out, attention maps: layers × [Head, N, N])."""
-    feats = features.extract_features(backbone, ImageSet(images, features.image_transform(image_size)), device,
+    """(probabilities [N] that each of images [N, 32, 32, 3] uint8 is the odd one out, attention maps:
+    layers × [Head, N, N])."""
+    dataset = features.ImageArray(images, [0] * len(images), features.image_transform(image_size))
+    feats = features.extract_features(backbone, dataset, device,
                                       batch_size=32, num_workers=0, desc="images")
     x = feats[None].to(device)  # one set: [1, N, 512]
     probs = model(x, add_positional_encoding=False)[0, :, 0].softmax(dim=0)
@@ -154,7 +143,7 @@ def main(argv=None):
     files = image_files(args.images)
     if len(files) < 2:
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
-    images = [load_image(f) for f in files]
+    images = np.stack([np.asarray(load_image(f)) for f in files])  # [N, 32, 32, 3] uint8, as CIFAR-100's .data
     model = load_model(ckpt, device)
     try:
         backbone = features.synthetic_backbone() if args.synthetic else features.imagenet_resnet34()
@@ -168,8 +157,7 @@ def main(argv=None):
     if args.figure:
         import visualize  # matplotlib only when a figure is asked for
 
-        thumbnails = np.stack([np.asarray(im, dtype=np.float32) / 255 for im in images])
-        visualize.plot_set_prediction(args.figure, thumbnails, probs, maps, names=names,
+        visualize.plot_set_prediction(args.figure, images / 255, probs, maps, names=names,
                                       title=f"Odd one out: {names[odd]} (p={probs[odd]:.2f})")
         print(f"Figure written to {args.figure}", file=sys.stderr)
     if args.json:

@@ -193,6 +193,13 @@ def sequence_setup(args):
     return Seq2SeqPredictor, dict(input_dim=vocabulary, num_classes=vocabulary), datasets
 
 
+def model_hparams(args, io_dims, steps_per_epoch):
+    """The model's constructor arguments for this run: io_dims (input_dim, num_classes) and the flags."""
+    return dict(io_dims, model_dim=args.model_dim, num_heads=args.num_heads, num_layers=args.num_layers,
+                lr=args.lr, warmup=args.warmup, max_iters=args.epochs * steps_per_epoch, dropout=args.dropout,
+                input_dropout=args.input_dropout)
+
+
 def make_loaders(args, datasets, device):
     """{"train", "val", "test"} batches of the datasets: the post's DataLoaders, or with --fast (set task,
     one device) SetBatches, which samples whole batches with tensor operations on the device."""
@@ -253,9 +260,7 @@ def main(argv=None):
     # With several processes each one takes every N-th item (Lightning's DistributedSampler), so fewer steps.
     steps_per_epoch = (len(train_loader) if args.devices == 1
                        else math.ceil(len(datasets["train"]) / args.devices) // args.batch_size)
-    hparams = dict(io_dims, model_dim=args.model_dim, num_heads=args.num_heads, num_layers=args.num_layers,
-                   lr=args.lr, warmup=args.warmup, max_iters=args.epochs * steps_per_epoch, dropout=args.dropout,
-                   input_dropout=args.input_dropout)
+    hparams = model_hparams(args, io_dims, steps_per_epoch)
     settings = dict(batch_size=args.batch_size, epochs=args.epochs, gradient_clip_val=args.gradient_clip_val,
                     seed=args.seed)
     if args.task == "anomaly":
@@ -307,7 +312,7 @@ def main(argv=None):
 
     results = dict(result,
                    trained=trained,
-                   checkpoint=pretrained_filename,
+                   checkpoint=None if args.fast_dev_run else pretrained_filename,
                    settings=vars(args),
                    device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                    versions={"python": platform.python_version(), "torch": torch.__version__,
