@@ -8,7 +8,10 @@ Measured per path, in this one process with the paths taking turns (the best of 
 training step through train.py's own Trainer and loaders (median after warm-up), the projected epoch and
 100-epoch times, feature extraction in images per second (resize and normalisation included), evaluation
 in sets per second; and, each in a process of its own, the peak resident memory of a path. The FLOP rate of
-the training step (6 · parameters · tokens per step) says how close it runs to the hardware's matmul speed.
+the training step (6 · parameters · tokens per step), set against the measured peak rate of a large matrix
+product, says how close each path runs to the floor that the step's matrix products alone set.
+
+    python bench.py --ablation           # only the training step: each part of the fast path on its own
 """
 
 import argparse
@@ -69,7 +72,8 @@ def generated_datasets(set_size=10):
 def time_training(fast, device, datasets, steps, warmup, parts=None):
     """(median seconds per training step, steps per epoch, evaluation sets per second), through train.py's
     own loaders and Trainer. parts, for --ablation, picks single parts of the fast path: "dropout",
-    "attention", "adam" (fused), "sampler" (SetBatches)."""
+    "attention", "adam" (fused), "sampler" (SetBatches); "no dropout" sets every dropout probability to 0,
+    a reference for what the remaining dropout costs, not a run anyone should train."""
     parts = set(PARTS if fast else ()) if parts is None else set(parts)
     args = train.parse_args(["--accelerator", device] + (["--fast"] if "sampler" in parts else []))
     pl.seed_everything(0)
@@ -79,6 +83,8 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
     for module in model.modules():
         if isinstance(module, (Dropout, MultiheadAttention)):
             module.fast = ("dropout" if isinstance(module, Dropout) else "attention") in parts
+        if isinstance(module, Dropout) and "no dropout" in parts:
+            module.p = 0.0
     model.fast = "adam" in parts
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as root_dir:
@@ -94,13 +100,32 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
 def ablation(device, steps, warmup):
     """The training step with no part of the fast path, each part alone, and all of them."""
     datasets = generated_datasets()
-    rows = [("faithful", ())] + [(f"only {part}", (part,)) for part in PARTS] + [("all (--fast)", PARTS)]
+    rows = [("faithful", ())] + [(f"only {part}", (part,)) for part in PARTS] + [("all (--fast)", PARTS),
+                                                                            ("all, no dropout", PARTS + ("no dropout",))]
     print(f"\n{'training step':24s}{'ms':>8s}{'of faithful':>14s}")
     times = {}
     for name, parts in rows:
         times[name] = 1000 * time_training(False, device, datasets, steps, warmup, parts)[0]
         print(f"{name:24s}{times[name]:8.1f}{times[name] / times['faithful']:14.2f}")
+    floor = 6 * PARAMS * TOKENS / matmul_rate(device) * 1000
+    print(f"{'matrix products alone':24s}{floor:8.1f}{floor / times['faithful']:14.2f}  (at the measured peak rate)")
     return times
+
+
+def matmul_rate(device):
+    """FLOP/s of a large float32 matrix product on device: the most any training step can get out of it."""
+    a = torch.randn(2048, 2048, device=device)
+    a @ a
+    rates = []
+    for _ in range(3):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ a
+        if device == "cuda":
+            torch.cuda.synchronize()
+        rates.append(2 * 2048 ** 3 / (time.perf_counter() - start))
+    return max(rates)
 
 
 def time_extraction(fast, device, backbone, images):
@@ -196,7 +221,10 @@ def main(argv=None):
         "date": time.strftime("%Y-%m-%d"),
         "feature_cosine_mean": cosine.mean().item(),
         "feature_cosine_worst": cosine.min().item(),
+        "matmul_peak_gflops": matmul_rate(args.device) / 1e9,
     }
+    # The step's matrix products alone, at that peak rate: no path can take less.
+    report["train_step_floor_ms"] = 6 * PARAMS * TOKENS / report["matmul_peak_gflops"] / 1e6
     for key in results["faithful"]:
         faithful, fast = results["faithful"][key], results["fast"][key]
         report[key] = {"faithful": faithful, "fast": fast, "fast/faithful": fast / faithful}
@@ -208,6 +236,9 @@ def main(argv=None):
         print(f"{key:24s}{row['faithful']:12.1f}{row['fast']:12.1f}{row['fast/faithful']:15.2f}")
     print(f"centred feature cosine similarity fast vs faithful: mean {report['feature_cosine_mean']:.6f}, "
           f"worst image {report['feature_cosine_worst']:.6f}")
+    print(f"the step's matrix products alone at the peak rate of {report['matmul_peak_gflops']:.0f} GFLOP/s: "
+          f"{report['train_step_floor_ms']:.1f} ms, {report['train_step_floor_ms'] / results['faithful']['train_step_ms']:.2f} "
+          "of the faithful step")
     save_atomically(args.out, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2)))
     print(f"written to {args.out}")
     return report
