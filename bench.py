@@ -17,7 +17,6 @@ product, says how close each path runs to the floor that the step's matrix produ
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from data import SetAnomalyDataset, split_train_val
+from data import anomaly_datasets
 from features import ImageArray, save_atomically, extract_features, extract_features_fast, image_transform, resnet34_backbone
 from model import AnomalyPredictor, Dropout, MultiheadAttention
 
@@ -40,6 +39,7 @@ NUM_CLASSES, FEATURE_DIM, ALL_IMAGES = 100, 512, 60000
 # The post's model has 2.3 M parameters; a step of 64 sets of 10 feeds 640 tokens through them.
 PARAMS = sum(p.numel() for p in AnomalyPredictor(FEATURE_DIM, 256, 1, 4, 4, 5e-4, 100, 1).parameters())
 TOKENS = 64 * 10
+STEP_FLOP = 6 * PARAMS * TOKENS  # forward and backward matrix products of one training step
 PARTS = ("dropout", "attention", "adam", "sampler")  # the fast path's parts in the training step
 
 
@@ -60,13 +60,9 @@ def generated_datasets(set_size=10):
     g = torch.Generator().manual_seed(0)
     per_class = (SIZES["train"] + SIZES["val"]) // NUM_CLASSES
     labels = torch.arange(NUM_CLASSES).repeat(per_class)
-    feats = torch.randn(len(labels), FEATURE_DIM, generator=g)
-    train_idx, val_idx = split_train_val(labels)
     test_labels = torch.arange(NUM_CLASSES).repeat(SIZES["test"] // NUM_CLASSES)
-    return {"train": SetAnomalyDataset(feats[train_idx], labels[train_idx], set_size, train=True),
-            "val": SetAnomalyDataset(feats[val_idx], labels[val_idx], set_size, train=False),
-            "test": SetAnomalyDataset(torch.randn(len(test_labels), FEATURE_DIM, generator=g), test_labels, set_size,
-                                      train=False)}
+    return anomaly_datasets(torch.randn(len(labels), FEATURE_DIM, generator=g), labels,
+                            torch.randn(len(test_labels), FEATURE_DIM, generator=g), test_labels, set_size)
 
 
 def time_training(fast, device, datasets, steps, warmup, parts=None):
@@ -81,10 +77,12 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
     io_dims = dict(input_dim=FEATURE_DIM, num_classes=1)
     model = AnomalyPredictor(**train.model_hparams(args, io_dims, len(loaders["train"])))
     for module in model.modules():
-        if isinstance(module, (Dropout, MultiheadAttention)):
-            module.fast = ("dropout" if isinstance(module, Dropout) else "attention") in parts
-        if isinstance(module, Dropout) and "no dropout" in parts:
-            module.p = 0.0
+        if isinstance(module, Dropout):
+            module.fast = "dropout" in parts
+            if "no dropout" in parts:
+                module.p = 0.0
+        elif isinstance(module, MultiheadAttention):
+            module.fast = "attention" in parts
     model.fast = "adam" in parts
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as root_dir:
@@ -107,7 +105,7 @@ def ablation(device, steps, warmup):
     for name, parts in rows:
         times[name] = 1000 * time_training(False, device, datasets, steps, warmup, parts)[0]
         print(f"{name:24s}{times[name]:8.1f}{times[name] / times['faithful']:14.2f}")
-    floor = 6 * PARAMS * TOKENS / matmul_rate(device) * 1000
+    floor = 1000 * STEP_FLOP / matmul_rate(device)
     print(f"{'matrix products alone':24s}{floor:8.1f}{floor / times['faithful']:14.2f}  (at the measured peak rate)")
     return times
 
@@ -202,7 +200,7 @@ def main(argv=None):
             "train_step_ms": 1000 * step_s,
             "epoch_s": step_s * steps_per_epoch,
             "train_100_epochs_s": step_s * steps_per_epoch * 100,
-            "train_gflops": 6 * PARAMS * TOKENS / step_s / 1e9,
+            "train_gflops": STEP_FLOP / step_s / 1e9,
             "extract_images_per_s": extract_rate,
             "eval_sets_per_s": eval_rate,
             # Features of all 60 000 images, 100 epochs, then train, val and test accuracy (60 000 sets).
@@ -214,7 +212,7 @@ def main(argv=None):
     mean = faithful_feats.mean(dim=0)
     cosine = F.cosine_similarity(faithful_feats - mean, runs["fast"][0]["feats"] - mean)
     report = {
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or "cpu",
+        "device": train.device_name(args.device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": " ".join(["python", "bench.py"] + (argv if argv is not None else sys.argv[1:])),
@@ -224,7 +222,7 @@ def main(argv=None):
         "matmul_peak_gflops": matmul_rate(args.device) / 1e9,
     }
     # The step's matrix products alone, at that peak rate: no path can take less.
-    report["train_step_floor_ms"] = 6 * PARAMS * TOKENS / report["matmul_peak_gflops"] / 1e6
+    report["train_step_floor_ms"] = STEP_FLOP / report["matmul_peak_gflops"] / 1e6
     for key in results["faithful"]:
         faithful, fast = results["faithful"][key], results["fast"][key]
         report[key] = {"faithful": faithful, "fast": fast, "fast/faithful": fast / faithful}

@@ -108,6 +108,15 @@ class SetAnomalyDataset(data.Dataset):
         return img_set, indices, label
 
 
+def anomaly_datasets(train_feats, train_labels, test_feats, test_labels, set_size):
+    """The post's three set datasets: its per-class split of the training images into "train" (sets drawn
+    afresh) and "val" (fixed sets), and "test" (fixed sets) over the test images."""
+    train_indices, val_indices = split_train_val(train_labels)
+    return {"train": SetAnomalyDataset(train_feats[train_indices], train_labels[train_indices], set_size, train=True),
+            "val": SetAnomalyDataset(train_feats[val_indices], train_labels[val_indices], set_size, train=False),
+            "test": SetAnomalyDataset(test_feats, test_labels, set_size, train=False)}
+
+
 class ReverseDataset(data.Dataset):
     """The tutorial's sequence task: size random sequences of seq_len integers in [0, num_categories);
     the label of each is the same sequence reversed. An item is (sequence [seq_len], label [seq_len])."""

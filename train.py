@@ -25,7 +25,7 @@ import torchvision
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from data import ReverseDataset, SetAnomalyDataset, SetBatches, SortDataset, split_train_val
+from data import ReverseDataset, SetBatches, SortDataset, anomaly_datasets
 from features import MissingResources, cifar100_features, save_atomically, synthetic_features
 from model import AnomalyPredictor, ReversePredictor, Seq2SeqPredictor
 
@@ -170,14 +170,7 @@ def anomaly_setup(args, checkpoint_dir, device):
 
     # 自定义数据类,并构建dataloader: the post's per-class split, then sets.
     try:
-        train_indices, val_indices = split_train_val(train_set_labels)
-        datasets = {
-            "train": SetAnomalyDataset(train_set_feats[train_indices], train_set_labels[train_indices],
-                                       set_size=args.set_size, train=True),
-            "val": SetAnomalyDataset(train_set_feats[val_indices], train_set_labels[val_indices],
-                                     set_size=args.set_size, train=False),
-            "test": SetAnomalyDataset(test_feats, test_labels, set_size=args.set_size, train=False),
-        }
+        datasets = anomaly_datasets(train_set_feats, train_set_labels, test_feats, test_labels, args.set_size)
     except ValueError as error:
         sys.exit(f"error: {error}")
     return AnomalyPredictor, dict(input_dim=train_set_feats.shape[-1], num_classes=1), datasets
@@ -224,6 +217,12 @@ def make_trainer(args, root_dir, callbacks, **overrides):
                     gradient_clip_val=args.gradient_clip_val,
                     fast_dev_run=args.fast_dev_run)
     return pl.Trainer(**dict(settings, **overrides))
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's as the platform reports it: what results and benchmarks are measured on."""
+    device = torch.device(device)
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
 
 
 def evaluate(trainer, model, loaders):
@@ -314,7 +313,7 @@ def main(argv=None):
                    trained=trained,
                    checkpoint=None if args.fast_dev_run else pretrained_filename,
                    settings=vars(args),
-                   device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                   device=device_name(device),
                    versions={"python": platform.python_version(), "torch": torch.__version__,
                              "torchvision": torchvision.__version__, "pytorch_lightning": pl.__version__,
                              "numpy": np.__version__},
