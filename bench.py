@@ -30,17 +30,25 @@ import torch.nn.functional as F
 
 import train
 from data import anomaly_datasets
-from features import ImageArray, save_atomically, extract_features, extract_features_fast, image_transform, resnet34_backbone
-from model import AnomalyPredictor, Dropout, MultiheadAttention
+from features import (
+    CIFAR100_SIZES,
+    FEATURE_DIM,
+    ImageArray,
+    extract_features,
+    extract_features_fast,
+    image_transform,
+    resnet34_backbone,
+)
+from model import FAST_PARTS, AnomalyPredictor
 
-# The post's data: 45 000 / 5 000 / 10 000 image features in 100 classes, 60 000 images in all.
-SIZES = {"train": 45000, "val": 5000, "test": 10000}
-NUM_CLASSES, FEATURE_DIM, ALL_IMAGES = 100, 512, 60000
+# The post's run (train.py's defaults) on CIFAR-100's shapes: 100 classes, 60 000 images in all.
+POST = train.parse_args([])
+NUM_CLASSES, ALL_IMAGES = 100, sum(CIFAR100_SIZES.values())
+IO_DIMS = dict(input_dim=FEATURE_DIM, num_classes=1)
 # The post's model has 2.3 M parameters; a step of 64 sets of 10 feeds 640 tokens through them.
-PARAMS = sum(p.numel() for p in AnomalyPredictor(FEATURE_DIM, 256, 1, 4, 4, 5e-4, 100, 1).parameters())
-TOKENS = 64 * 10
-STEP_FLOP = 6 * PARAMS * TOKENS  # forward and backward matrix products of one training step
-PARTS = ("dropout", "attention", "adam", "sampler")  # the fast path's parts in the training step
+PARAMS = sum(p.numel() for p in AnomalyPredictor(**train.model_hparams(POST, IO_DIMS, 1)).parameters())
+STEP_FLOP = 6 * PARAMS * POST.batch_size * POST.set_size  # a step's forward and backward products
+PARTS = FAST_PARTS + ("sampler",)  # the fast path's parts in the training step
 
 
 class StepTimer(pl.Callback):
@@ -55,14 +63,14 @@ class StepTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
-def generated_datasets(set_size=10):
-    """Set datasets over random features with the post's shapes and split."""
+def generated_datasets():
+    """Set datasets over random features with the post's shapes, split and set size."""
     g = torch.Generator().manual_seed(0)
-    per_class = (SIZES["train"] + SIZES["val"]) // NUM_CLASSES
-    labels = torch.arange(NUM_CLASSES).repeat(per_class)
-    test_labels = torch.arange(NUM_CLASSES).repeat(SIZES["test"] // NUM_CLASSES)
-    return anomaly_datasets(torch.randn(len(labels), FEATURE_DIM, generator=g), labels,
-                            torch.randn(len(test_labels), FEATURE_DIM, generator=g), test_labels, set_size)
+    labels = torch.arange(NUM_CLASSES).repeat(CIFAR100_SIZES["train"] // NUM_CLASSES)
+    test_labels = torch.arange(NUM_CLASSES).repeat(CIFAR100_SIZES["test"] // NUM_CLASSES)
+    train_feats = torch.randn(len(labels), FEATURE_DIM, generator=g)
+    test_feats = torch.randn(len(test_labels), FEATURE_DIM, generator=g)
+    return anomaly_datasets(train_feats, labels, test_feats, test_labels, POST.set_size)
 
 
 def time_training(fast, device, datasets, steps, warmup, parts=None):
@@ -72,18 +80,12 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
     a reference for what the remaining dropout costs, not a run anyone should train."""
     parts = set(PARTS if fast else ()) if parts is None else set(parts)
     args = train.parse_args(["--accelerator", device] + (["--fast"] if "sampler" in parts else []))
+    if "no dropout" in parts:
+        args.dropout = args.input_dropout = 0.0
     pl.seed_everything(0)
     loaders = train.make_loaders(args, datasets, torch.device(device))
-    io_dims = dict(input_dim=FEATURE_DIM, num_classes=1)
-    model = AnomalyPredictor(**train.model_hparams(args, io_dims, len(loaders["train"])))
-    for module in model.modules():
-        if isinstance(module, Dropout):
-            module.fast = "dropout" in parts
-            if "no dropout" in parts:
-                module.p = 0.0
-        elif isinstance(module, MultiheadAttention):
-            module.fast = "attention" in parts
-    model.fast = "adam" in parts
+    hparams = train.model_hparams(args, IO_DIMS, len(loaders["train"]))
+    model = AnomalyPredictor(**hparams, fast=parts & set(FAST_PARTS))
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as root_dir:
         trainer = train.make_trainer(args, root_dir, callbacks=[timer], max_steps=warmup + steps,
@@ -237,7 +239,7 @@ def main(argv=None):
     print(f"the step's matrix products alone at the peak rate of {report['matmul_peak_gflops']:.0f} GFLOP/s: "
           f"{report['train_step_floor_ms']:.1f} ms, {report['train_step_floor_ms'] / results['faithful']['train_step_ms']:.2f} "
           "of the faithful step")
-    save_atomically(args.out, lambda tmp: open(tmp, "w").write(json.dumps(report, indent=2)))
+    train.save_json(args.out, report)
     print(f"written to {args.out}")
     return report
 

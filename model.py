@@ -1,9 +1,14 @@
-"""The Transformer of the post, piece by piece, and the set-anomaly model built on it.
+"""The Transformer of the post, in the post's order, and the set-anomaly model built on it.
 
-Read it beside the post's sections: 嵌入表示层 (positional encoding), 注意力层
-(scaled dot-product and multi-head attention), 前馈层 and 残差连接和层归一化
-(inside EncoderBlock), 编码器和解码器结构 (EncoderBlock, TransformerEncoder),
-模型训练和推理 (TransformerPredictor, AnomalyPredictor).
+1. 嵌入表示层 (embedding layer): PositionalEncoding
+2. 注意力层 (attention layer): scaled_dot_product, expand_mask, MultiheadAttention
+3. 前馈层, 残差连接和层归一化, 编码器结构 (feed-forward, residual + LayerNorm, encoder): EncoderBlock,
+   TransformerEncoder
+4. 模型训练和推理 (training and inference): CosineWarmupScheduler, TransformerPredictor, AnomalyPredictor
+
+After the post's code come what the post describes without coding it (the decoder with its masked
+self-attention and cross-attention, Seq2SeqPredictor) and the tutorial's ReversePredictor; last, the
+pieces of the fast path (train.py --fast), which change how the same model is computed, never what it is.
 """
 
 import math
@@ -18,9 +23,38 @@ import torch.optim as optim
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
-# ---------------------------------------------------------------------------
-# 注意力层 / attention
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 1. 嵌入表示层 / embedding layer: positional encoding
+# --------------------------------------------------------------------------------------------------
+
+
+class PositionalEncoding(nn.Module):
+    """Adds the sine/cosine position table of 嵌入表示层 to its input.
+
+    PE[pos, 2i] = sin(pos / 10000^(2i/d_model)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d_model)).
+    d_model - features of the input;  max_len - longest sequence the table covers.
+    """
+
+    def __init__(self, d_model, max_len=5000):
+        super().__init__()
+        position = torch.arange(max_len, dtype=torch.float).unsqueeze(1)  # [SeqLen, 1]
+        div_term = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
+        pe = torch.zeros(max_len, d_model)
+        pe[:, 0::2] = torch.sin(position * div_term)
+        # An odd d_model has one cosine column fewer (the post's line fails there).
+        pe[:, 1::2] = torch.cos(position * div_term[: d_model // 2])
+        # Not persistent: the table is recomputed, so it stays out of the state_dict and checkpoints.
+        self.register_buffer("pe", pe.unsqueeze(0), persistent=False)  # [1, SeqLen, d_model]
+
+    def forward(self, x):
+        """x [Batch, SeqLen, d_model] -> x plus the table's first SeqLen rows."""
+        return x + self.pe[:, : x.size(1)]
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. 注意力层 / attention layer: scaled dot-product and multi-head attention
+# --------------------------------------------------------------------------------------------------
+
 
 def scaled_dot_product(q, k, v, mask=None):
     """Scaled dot-product attention, softmax(q·kᵀ/√d_k)·v (注意力层).
@@ -32,7 +66,7 @@ def scaled_dot_product(q, k, v, mask=None):
     d_k = q.size(-1)
     attn_logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d_k)
     if mask is not None:
-        # The post fills with -9e15, which overflows to -inf in float16; the dtype's own minimum never does.
+        # The post fills with -9e15, -inf in float16; the dtype's own minimum never overflows.
         attn_logits = attn_logits.masked_fill(mask == 0, torch.finfo(attn_logits.dtype).min)
     attention = F.softmax(attn_logits, dim=-1)
     values = torch.matmul(attention, v)
@@ -40,49 +74,21 @@ def scaled_dot_product(q, k, v, mask=None):
 
 
 def expand_mask(mask):
-    """Bring a mask to the 4-D shape [Batch, Head, SeqLen, SeqLen] that attention broadcasts against.
+    """Brings a mask to the 4-D shape [Batch, Head, SeqLen, SeqLen] that attention broadcasts against.
 
     The post calls this helper without showing it. A 2-D mask [SeqLen, SeqLen] is shared by every
     batch element and head, a 3-D mask [Batch, SeqLen, SeqLen] by every head; a 4-D one is used as is.
     """
     if mask.ndim < 2:
-        raise ValueError(f"mask must have 2, 3 or 4 dimensions ([N, N], [B, N, N] or [B, H, N, N]), got shape {tuple(mask.shape)}")
+        raise ValueError(
+            "mask must have 2, 3 or 4 dimensions ([N, N], [B, N, N] or [B, H, N, N]), "
+            f"got shape {tuple(mask.shape)}"
+        )
     if mask.ndim == 3:
         mask = mask.unsqueeze(1)
     while mask.ndim < 4:
         mask = mask.unsqueeze(0)
     return mask
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout with a cheaper random mask once `fast` is set (see TransformerPredictor.use_fast_path).
-
-    The fast mask compares 16 random bits per element with a threshold, four elements per 64-bit draw;
-    on a CPU the bits come from numpy's PCG64, seeded from torch's generator, which draws them faster than
-    torch's mt19937. This is much cheaper than nn.Dropout's bernoulli_ (bench.py --ablation). p is rounded to
-    a multiple of 1/65536 (0.1 becomes 0.100006), and kept values are scaled by 1/(1-p) for that rounded p.
-    """
-
-    fast = False
-    bit_generator = None  # numpy's PCG64, made on first use
-
-    def random_bits(self, count, device):
-        """count 64-bit words of random bits, as int64."""
-        if device.type != "cpu":
-            return torch.empty(count, dtype=torch.int64, device=device).random_(-2**63, 2**63 - 1)
-        if self.bit_generator is None:  # seeded from torch, so that seed_everything makes runs repeatable
-            self.bit_generator = np.random.PCG64(torch.randint(2**62, ()).item())
-        return torch.from_numpy(self.bit_generator.random_raw(count).view(np.int64))
-
-    def forward(self, x):
-        if not (self.fast and self.training and self.p > 0):
-            return super().forward(x)
-        drop_below = min(round(self.p * 65536), 65535) - 32768  # an int16 below this is dropped
-        fields = self.random_bits(-(-x.numel() // 4), x.device).view(torch.int16)
-        noise = torch.ge(fields, drop_below, out=torch.empty(fields.shape, dtype=x.dtype, device=x.device))
-        noise = noise[: x.numel()].view(x.shape).mul_(65536 / (32768 - drop_below))
-        # One float noise tensor, as nn.Dropout makes on a CPU, so the backward is a single multiplication.
-        return x * noise
 
 
 class MultiheadAttention(nn.Module):
@@ -95,12 +101,16 @@ class MultiheadAttention(nn.Module):
 
     def __init__(self, input_dim, embed_dim, num_heads):
         super().__init__()
-        if embed_dim % num_heads != 0:  # a ValueError, not the post's assert, which `python -O` would skip
-            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        if embed_dim % num_heads != 0:  # a ValueError, not the post's assert, which -O would skip
+            raise ValueError(
+                f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})"
+            )
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        self.fast = False  # use PyTorch's fused attention when no attention maps are asked for
+        # The fast path (use_fast_path below) turns this on: PyTorch's fused kernel computes the same
+        # softmax(q·kᵀ/√d)·v wherever no attention maps are asked for.
+        self.fused = False
 
         # One matrix for q, k and v of all heads: one matmul instead of three.
         self.qkv_proj = nn.Linear(input_dim, 3 * embed_dim)
@@ -113,39 +123,34 @@ class MultiheadAttention(nn.Module):
         nn.init.xavier_uniform_(self.o_proj.weight)
         nn.init.zeros_(self.o_proj.bias)
 
-    def forward(self, x, mask=None, return_attention=False, memory=None):
+    def forward(self, x, mask=None, return_attention=False):
         """Self-attention over x [Batch, SeqLen, input_dim] -> [Batch, SeqLen, embed_dim]
-        (and attention [Batch, Head, SeqLen, SeqLen]).
-
-        With memory [Batch, MemLen, input_dim] it is cross-attention (交叉注意力, the decoder's second
-        sub-layer): queries come from x, keys and values from memory, through the same weights; the
-        attention is then [Batch, Head, SeqLen, MemLen].
-        """
+        (and, with return_attention, the attention [Batch, Head, SeqLen, SeqLen])."""
         batch_size, seq_length, _ = x.size()
+        qkv = self.qkv_proj(x)
+        # Each head owns a contiguous block of 3·head_dim outputs: its q, k and v in that order.
+        qkv = qkv.reshape(batch_size, seq_length, self.num_heads, 3 * self.head_dim)
+        qkv = qkv.permute(0, 2, 1, 3)  # [Batch, Head, SeqLen, 3·head_dim]
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.attend(q, k, v, mask, return_attention)
+
+    def attend(self, q, k, v, mask=None, return_attention=False):
+        """The heads' attention, concatenated and projected by o_proj.
+
+        q [Batch, Head, SeqLen, head_dim], k and v [Batch, Head, KeyLen, head_dim]
+        -> [Batch, SeqLen, embed_dim] (and the attention [Batch, Head, SeqLen, KeyLen]).
+        """
         if mask is not None:
             mask = expand_mask(mask)
-        if memory is None:
-            qkv = self.qkv_proj(x)
-            # Each head owns a contiguous block of 3·head_dim outputs, holding its q, k and v in that order.
-            qkv = qkv.reshape(batch_size, seq_length, self.num_heads, 3 * self.head_dim)
-            qkv = qkv.permute(0, 2, 1, 3)  # [Batch, Head, SeqLen, 3·head_dim]
-            q, k, v = qkv.chunk(3, dim=-1)
-        else:
-            # The rows of qkv_proj that make q, and those that make k and v, in the same per-head layout.
-            weight = self.qkv_proj.weight.view(self.num_heads, 3, self.head_dim, -1)
-            bias = self.qkv_proj.bias.view(self.num_heads, 3, self.head_dim)
-            q = F.linear(x, weight[:, 0].flatten(0, 1), bias[:, 0].flatten())
-            q = q.reshape(batch_size, seq_length, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
-            kv = F.linear(memory, weight[:, 1:].flatten(0, 2), bias[:, 1:].flatten())
-            kv = kv.reshape(batch_size, memory.size(1), self.num_heads, 2 * self.head_dim).permute(0, 2, 1, 3)
-            k, v = kv.chunk(2, dim=-1)
-
-        if self.fast and not return_attention:
-            # The same softmax(q·kᵀ/√d)·v in one fused kernel. Its mask must be boolean (True = may attend):
-            # a float 0/1 mask would be added to the logits and mask nothing.
-            values = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask.bool())
+        if self.fused and not return_attention:
+            # Its mask must be boolean (True = may attend): a float 0/1 mask would be added to the
+            # logits and mask nothing.
+            values = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if mask is None else mask.bool()
+            )
         else:
             values, attention = scaled_dot_product(q, k, v, mask=mask)
+        batch_size, _, seq_length, _ = values.shape
         values = values.permute(0, 2, 1, 3)  # [Batch, SeqLen, Head, head_dim]
         values = values.reshape(batch_size, seq_length, self.embed_dim)
         o = self.o_proj(values)
@@ -155,9 +160,10 @@ class MultiheadAttention(nn.Module):
         return o
 
 
-# ---------------------------------------------------------------------------
-# 编码器 / encoder: attention and feed-forward, each with residual + LayerNorm
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 3. 前馈层, 残差连接和层归一化, 编码器结构 / feed-forward, residual + LayerNorm, the encoder
+# --------------------------------------------------------------------------------------------------
+
 
 class EncoderBlock(nn.Module):
     """One encoder layer (编码器结构): self-attention, then the two-layer MLP of 前馈层.
@@ -174,15 +180,16 @@ class EncoderBlock(nn.Module):
     def __init__(self, input_dim, num_heads, dim_feedforward, dropout=0.0):
         super().__init__()
         self.self_attn = MultiheadAttention(input_dim, input_dim, num_heads)
+        # 前馈层: Linear, Dropout, ReLU, Linear, in the post's order.
         self.linear_net = nn.Sequential(
             nn.Linear(input_dim, dim_feedforward),
-            Dropout(dropout),
+            nn.Dropout(dropout),
             nn.ReLU(inplace=True),
             nn.Linear(dim_feedforward, input_dim),
         )
         self.norm1 = nn.LayerNorm(input_dim)
         self.norm2 = nn.LayerNorm(input_dim)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x, mask=None):
         """x [Batch, SeqLen, input_dim] -> same shape."""
@@ -211,106 +218,16 @@ class TransformerEncoder(nn.Module):
         for layer in self.layers:
             _, attn_map = layer.self_attn(x, mask=mask, return_attention=True)
             attention_maps.append(attn_map)
-            x = layer(x, mask=mask)  # the post drops the mask here, so later layers would attend everywhere
+            x = layer(
+                x, mask=mask
+            )  # the post drops the mask here: later layers would see everything
         return attention_maps
 
 
-# ---------------------------------------------------------------------------
-# 解码器 / decoder: described by the post's 编码器和解码器结构, not shown in its code
-# ---------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# 4. 模型训练和推理 / training and inference: the schedule and the Lightning models
+# --------------------------------------------------------------------------------------------------
 
-def causal_mask(seq_len, device=None):
-    """[SeqLen, SeqLen] mask of the decoder's masked self-attention (掩码多头注意力): position i may
-    attend to positions 0..i only, so no output depends on tokens after it."""
-    return torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device))
-
-
-class DecoderBlock(EncoderBlock):
-    """One decoder layer: masked self-attention, cross-attention over the encoder output, feed-forward.
-
-    Each sub-layer has dropout, a residual connection and LayerNorm, as in EncoderBlock; the arguments
-    are EncoderBlock's.
-    """
-
-    def __init__(self, input_dim, num_heads, dim_feedforward, dropout=0.0):
-        super().__init__(input_dim, num_heads, dim_feedforward, dropout)
-        self.cross_attn = MultiheadAttention(input_dim, input_dim, num_heads)
-        self.norm3 = nn.LayerNorm(input_dim)
-
-    def forward(self, x, memory, tgt_mask=None, memory_mask=None, return_attention=False):
-        """x [Batch, TgtLen, input_dim], memory (encoder output) [Batch, SrcLen, input_dim] -> like x
-        (and, with return_attention, the self- and cross-attention maps).
-
-        tgt_mask - mask of the self-attention, usually causal_mask(TgtLen)
-        memory_mask - which encoder positions may be attended to, e.g. [Batch, 1, SrcLen] for padding
-        """
-        attn_out = self.self_attn(x, mask=tgt_mask, return_attention=return_attention)
-        if return_attention:
-            attn_out, self_map = attn_out
-        x = self.norm1(x + self.dropout(attn_out))
-        cross_out = self.cross_attn(x, mask=memory_mask, memory=memory, return_attention=return_attention)
-        if return_attention:
-            cross_out, cross_map = cross_out
-        x = self.norm2(x + self.dropout(cross_out))
-        x = self.norm3(x + self.dropout(self.linear_net(x)))
-        if return_attention:
-            return x, self_map, cross_map
-        return x
-
-
-class TransformerDecoder(nn.Module):
-    """num_layers DecoderBlocks stacked; block_args go to each block."""
-
-    def __init__(self, num_layers, **block_args):
-        super().__init__()
-        self.layers = nn.ModuleList([DecoderBlock(**block_args) for _ in range(num_layers)])
-
-    def forward(self, x, memory, tgt_mask=None, memory_mask=None):
-        for layer in self.layers:
-            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)
-        return x
-
-    def get_attention_maps(self, x, memory, tgt_mask=None, memory_mask=None):
-        """(self-attention maps [Batch, Head, TgtLen, TgtLen], cross-attention maps
-        [Batch, Head, TgtLen, SrcLen]), one of each per layer."""
-        self_maps, cross_maps = [], []
-        for layer in self.layers:
-            x, self_map, cross_map = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
-                                           return_attention=True)
-            self_maps.append(self_map)
-            cross_maps.append(cross_map)
-        return self_maps, cross_maps
-
-
-# ---------------------------------------------------------------------------
-# 嵌入表示层 / positional encoding
-# ---------------------------------------------------------------------------
-
-class PositionalEncoding(nn.Module):
-    """Adds the sine/cosine position table of 嵌入表示层 to its input.
-
-    PE[pos, 2i] = sin(pos / 10000^(2i/d_model)),  PE[pos, 2i+1] = cos(pos / 10000^(2i/d_model)).
-    d_model - features of the input;  max_len - longest sequence the table covers.
-    """
-
-    def __init__(self, d_model, max_len=5000):
-        super().__init__()
-        position = torch.arange(max_len, dtype=torch.float).unsqueeze(1)  # [SeqLen, 1]
-        div_term = torch.exp(torch.arange(0, d_model, 2).float() * (-math.log(10000.0) / d_model))
-        pe = torch.zeros(max_len, d_model)
-        pe[:, 0::2] = torch.sin(position * div_term)
-        pe[:, 1::2] = torch.cos(position * div_term[: d_model // 2])  # an odd d_model has one cosine column fewer
-        # Not persistent: the table is recomputed, so it stays out of the state_dict and checkpoints.
-        self.register_buffer("pe", pe.unsqueeze(0), persistent=False)  # [1, SeqLen, d_model]
-
-    def forward(self, x):
-        """x [Batch, SeqLen, d_model] -> x plus the table's first SeqLen rows."""
-        return x + self.pe[:, : x.size(1)]
-
-
-# ---------------------------------------------------------------------------
-# 模型训练和推理 / training: learning-rate schedule and the Lightning models
-# ---------------------------------------------------------------------------
 
 class CosineWarmupScheduler(optim.lr_scheduler.LRScheduler):
     """Learning-rate factor: linear warm-up over `warmup` steps, then half a cosine to 0 at `max_iters`.
@@ -347,26 +264,49 @@ class TransformerPredictor(pl.LightningModule):
     max_iters     - total optimizer steps (the cosine reaches 0 there)
     dropout       - dropout inside the Transformer and the output MLP
     input_dropout - dropout on the input features
+    fast          - True: compute the same model by the fast path (use_fast_path, train.py --fast);
+                    or some of FAST_PARTS by name (bench.py --ablation). Not a hyper-parameter:
+                    weights and checkpoints are the same either way, so it is not saved with them.
     """
 
-    def __init__(self, input_dim, model_dim, num_classes, num_heads, num_layers, lr, warmup, max_iters,
-                 dropout=0.0, input_dropout=0.0):
+    def __init__(
+        self,
+        input_dim,
+        model_dim,
+        num_classes,
+        num_heads,
+        num_layers,
+        lr,
+        warmup,
+        max_iters,
+        dropout=0.0,
+        input_dropout=0.0,
+        fast=False,
+    ):
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["fast"])
         self._create_model()
+        self.fast_parts = set(FAST_PARTS if fast is True else fast or ())
+        use_fast_path(self, self.fast_parts)
 
     def _create_model(self):
         hp = self.hparams
-        self.input_net = nn.Sequential(Dropout(hp.input_dropout), nn.Linear(hp.input_dim, hp.model_dim))
+        self.input_net = nn.Sequential(
+            nn.Dropout(hp.input_dropout), nn.Linear(hp.input_dim, hp.model_dim)
+        )
         self.positional_encoding = PositionalEncoding(d_model=hp.model_dim)
-        self.transformer = TransformerEncoder(num_layers=hp.num_layers, input_dim=hp.model_dim,
-                                              dim_feedforward=2 * hp.model_dim, num_heads=hp.num_heads,
-                                              dropout=hp.dropout)
+        self.transformer = TransformerEncoder(
+            num_layers=hp.num_layers,
+            input_dim=hp.model_dim,
+            dim_feedforward=2 * hp.model_dim,
+            num_heads=hp.num_heads,
+            dropout=hp.dropout,
+        )
         self.output_net = nn.Sequential(
             nn.Linear(hp.model_dim, hp.model_dim),
             nn.LayerNorm(hp.model_dim),
             nn.ReLU(inplace=True),
-            Dropout(hp.dropout),
+            nn.Dropout(hp.dropout),
             nn.Linear(hp.model_dim, hp.num_classes),
         )
 
@@ -388,35 +328,36 @@ class TransformerPredictor(pl.LightningModule):
         x = self._embed(x, add_positional_encoding)
         return self.transformer.get_attention_maps(x, mask=mask)
 
-    def use_fast_path(self, enabled=True):
-        """Switches the fast path on (or off): fused attention where no maps are asked for, cheaper dropout
-        masks, and a fused Adam step where this PyTorch has one. Weights, state_dict and checkpoints stay
-        the same; the forward pass in eval mode gives the same values up to float rounding."""
-        for module in self.modules():
-            if isinstance(module, (Dropout, MultiheadAttention)):
-                module.fast = enabled
-        self.fast = enabled
-        return self
-
     def configure_optimizers(self):
-        # The fast path's Adam updates all parameters in one fused kernel (on a CPU from PyTorch 2.4 on).
-        fused = getattr(self, "fast", False) and (self.device.type == "cuda" or TORCH_VERSION >= (2, 4))
+        # The fast path's Adam updates all parameters in one kernel (on a CPU from PyTorch 2.4 on).
+        fused = "adam" in self.fast_parts and (
+            self.device.type == "cuda" or TORCH_VERSION >= (2, 4)
+        )
         optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused or None)
-        self.lr_scheduler = CosineWarmupScheduler(optimizer, warmup=self.hparams.warmup,
-                                                  max_iters=self.hparams.max_iters)
+        self.lr_scheduler = CosineWarmupScheduler(
+            optimizer, warmup=self.hparams.warmup, max_iters=self.hparams.max_iters
+        )
         return [optimizer], [{"scheduler": self.lr_scheduler, "interval": "step"}]
 
     def _calculate_loss(self, batch, mode="train"):
-        """(loss, accuracy) of a batch, logged as {mode}_loss and {mode}_acc; each task defines its own."""
+        """(loss, accuracy) of a batch, logged as {mode}_loss and {mode}_acc; each task has its own."""
         raise NotImplementedError
 
     def _log_metrics(self, mode, batch_size, loss, **epoch_metrics):
         """Logs {mode}_loss every step and each {mode}_<metric> as its mean over the epoch."""
         self.log(f"{mode}_loss", loss, batch_size=batch_size)
         for name, value in epoch_metrics.items():
-            # An explicit batch size: the epoch mean is then a mean over items, the smaller last batch
-            # included; sync_dist: with several processes, over all of them (ModelCheckpoint chooses by val_acc).
-            self.log(f"{mode}_{name}", value, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+            # An explicit batch size: the epoch mean is then over items, the smaller last batch
+            # included; sync_dist: with several processes, over all of them (ModelCheckpoint
+            # chooses by val_acc).
+            self.log(
+                f"{mode}_{name}",
+                value,
+                on_step=False,
+                on_epoch=True,
+                batch_size=batch_size,
+                sync_dist=True,
+            )
 
     def training_step(self, batch, batch_idx):
         loss, _ = self._calculate_loss(batch, mode="train")
@@ -430,67 +371,159 @@ class TransformerPredictor(pl.LightningModule):
 
 
 class AnomalyPredictor(TransformerPredictor):
-    """Set anomaly detection: one logit per image of the set, softmax over the set picks the odd one out.
+    """Set anomaly detection: one logit per image of the set, softmax over the set picks the odd one.
 
     No positional encoding: a set has no order, so the model must be permutation-equivariant.
     """
 
+    def anomaly_logits(self, img_sets):
+        """img_sets [Batch, SetSize, input_dim] -> [Batch, SetSize] logits of "this one is the anomaly";
+        their softmax over the set gives each image's probability, their argmax the predicted one."""
+        return self.forward(img_sets, add_positional_encoding=False).squeeze(dim=-1)
+
     def _calculate_loss(self, batch, mode="train"):
         img_sets, _, labels = batch
-        preds = self.forward(img_sets, add_positional_encoding=False)  # [Batch, SetSize, 1]
-        preds = preds.squeeze(dim=-1)  # [Batch, SetSize]: logits of "this one is the anomaly"
+        preds = self.anomaly_logits(img_sets)
         loss = F.cross_entropy(preds, labels)
         acc = (preds.argmax(dim=-1) == labels).float().mean()
         self._log_metrics(mode, labels.shape[0], loss, acc=acc)
         return loss, acc
 
 
-class ReversePredictor(TransformerPredictor):
-    """The tutorial's sequence task: output the input sequence reversed, one class per position.
+# --------------------------------------------------------------------------------------------------
+# Beyond the post's code. 编码器和解码器结构 describes a decoder, which the post does not code: masked
+# self-attention (掩码多头注意力), cross-attention (交叉注意力) over the encoder's output, and
+# autoregressive generation. Then the tutorial's sequence task, ReversePredictor.
+# --------------------------------------------------------------------------------------------------
 
-    Inputs are one-hot vectors [Batch, SeqLen, num_classes]; positional encoding is on, since here the
-    order is the whole point.
+
+def causal_mask(seq_len, device=None):
+    """[SeqLen, SeqLen] mask of the decoder's masked self-attention (掩码多头注意力): position i may
+    attend to positions 0..i only, so no output depends on tokens after it."""
+    return torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool, device=device))
+
+
+class CrossAttention(MultiheadAttention):
+    """Cross-attention (交叉注意力), the decoder's second sub-layer: queries are projected from the
+    decoder's x, keys and values from the encoder's output (memory).
+
+    The same weights and state_dict layout as MultiheadAttention: the q rows of its stacked projection
+    are applied to x, the k and v rows to memory.
     """
 
-    def _calculate_loss(self, batch, mode="train"):
-        inp_data, labels = batch  # [Batch, SeqLen] integers each
-        inp_data = F.one_hot(inp_data, num_classes=self.hparams.num_classes).float()
-        preds = self.forward(inp_data, add_positional_encoding=True)  # [Batch, SeqLen, num_classes]
-        loss = F.cross_entropy(preds.reshape(-1, preds.size(-1)), labels.reshape(-1))
-        acc = (preds.argmax(dim=-1) == labels).float().mean()
-        self._log_metrics(mode, labels.shape[0], loss, acc=acc)
-        return loss, acc
+    def forward(self, x, memory, mask=None, return_attention=False):
+        """x [Batch, SeqLen, input_dim], memory [Batch, MemLen, input_dim] -> [Batch, SeqLen, embed_dim]
+        (and the attention [Batch, Head, SeqLen, MemLen]). mask: which memory positions may be attended
+        to, e.g. [Batch, 1, MemLen] for padding."""
+        batch_size, seq_length, _ = x.size()
+        # qkv_proj's rows, per head: head_dim rows for q, then head_dim for k, then head_dim for v.
+        weight = self.qkv_proj.weight.view(
+            self.num_heads, 3, self.head_dim, -1
+        )  # [Head, 3, hd, In]
+        bias = self.qkv_proj.bias.view(self.num_heads, 3, self.head_dim)  # [Head, 3, hd]
+        q = F.linear(
+            x, weight[:, 0].flatten(0, 1), bias[:, 0].flatten()
+        )  # [Batch, SeqLen, Head·hd]
+        q = q.reshape(batch_size, seq_length, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
+        # k and v rows together: [Head·2·hd, In], so each head's k and v sit side by side.
+        kv = F.linear(memory, weight[:, 1:].flatten(0, 2), bias[:, 1:].flatten())
+        kv = kv.reshape(batch_size, memory.size(1), self.num_heads, 2 * self.head_dim)
+        k, v = kv.permute(0, 2, 1, 3).chunk(2, dim=-1)  # each [Batch, Head, MemLen, hd]
+        return self.attend(q, k, v, mask, return_attention)
+
+
+class DecoderBlock(EncoderBlock):
+    """One decoder layer: masked self-attention, cross-attention over the encoder output, feed-forward.
+
+    Each sub-layer has dropout, a residual connection and LayerNorm, as in EncoderBlock; the arguments
+    are EncoderBlock's.
+    """
+
+    def __init__(self, input_dim, num_heads, dim_feedforward, dropout=0.0):
+        super().__init__(input_dim, num_heads, dim_feedforward, dropout)
+        self.cross_attn = CrossAttention(input_dim, input_dim, num_heads)
+        self.norm3 = nn.LayerNorm(input_dim)
+
+    def forward(self, x, memory, tgt_mask=None, memory_mask=None, return_attention=False):
+        """x [Batch, TgtLen, input_dim], memory (encoder output) [Batch, SrcLen, input_dim] -> like x
+        (and, with return_attention, the self- and cross-attention maps).
+
+        tgt_mask - mask of the self-attention, usually causal_mask(TgtLen)
+        memory_mask - which encoder positions may be attended to, e.g. [Batch, 1, SrcLen] for padding
+        """
+        attn_out = self.self_attn(x, mask=tgt_mask, return_attention=return_attention)
+        if return_attention:
+            attn_out, self_map = attn_out
+        x = self.norm1(x + self.dropout(attn_out))
+        cross_out = self.cross_attn(x, memory, mask=memory_mask, return_attention=return_attention)
+        if return_attention:
+            cross_out, cross_map = cross_out
+        x = self.norm2(x + self.dropout(cross_out))
+        x = self.norm3(x + self.dropout(self.linear_net(x)))
+        if return_attention:
+            return x, self_map, cross_map
+        return x
+
+
+class TransformerDecoder(nn.Module):
+    """num_layers DecoderBlocks stacked; block_args go to each block."""
+
+    def __init__(self, num_layers, **block_args):
+        super().__init__()
+        self.layers = nn.ModuleList([DecoderBlock(**block_args) for _ in range(num_layers)])
+
+    def forward(self, x, memory, tgt_mask=None, memory_mask=None):
+        for layer in self.layers:
+            x = layer(x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask)
+        return x
+
+    def get_attention_maps(self, x, memory, tgt_mask=None, memory_mask=None):
+        """(self-attention maps [Batch, Head, TgtLen, TgtLen], cross-attention maps
+        [Batch, Head, TgtLen, SrcLen]), one of each per layer."""
+        self_maps, cross_maps = [], []
+        for layer in self.layers:
+            x, self_map, cross_map = layer(
+                x, memory, tgt_mask=tgt_mask, memory_mask=memory_mask, return_attention=True
+            )
+            self_maps.append(self_map)
+            cross_maps.append(cross_map)
+        return self_maps, cross_maps
 
 
 class Seq2SeqPredictor(TransformerPredictor):
     """Encoder-decoder Transformer (编码器和解码器结构) that generates its output token by token.
 
-    Same arguments as TransformerPredictor, with input_dim = num_classes = the vocabulary size, whose last
-    three tokens are BOS, EOS and PAD (see data.SortDataset). The encoder is TransformerPredictor's; the
-    decoder shares its input_net (one-hot -> model_dim) and output_net (model_dim -> token logits).
-    Training is teacher-forced; generate() is greedy and autoregressive.
+    Same arguments as TransformerPredictor, with input_dim = num_classes = the vocabulary size, whose
+    last three tokens are BOS, EOS and PAD (see data.SortDataset). The encoder is
+    TransformerPredictor's; the decoder shares its input_net (one-hot -> model_dim) and output_net
+    (model_dim -> token logits). Training is teacher-forced; generate() is greedy and autoregressive.
     """
 
     def _create_model(self):
         super()._create_model()
         hp = self.hparams
-        self.decoder = TransformerDecoder(num_layers=hp.num_layers, input_dim=hp.model_dim,
-                                          dim_feedforward=2 * hp.model_dim, num_heads=hp.num_heads,
-                                          dropout=hp.dropout)
+        self.decoder = TransformerDecoder(
+            num_layers=hp.num_layers,
+            input_dim=hp.model_dim,
+            dim_feedforward=2 * hp.model_dim,
+            num_heads=hp.num_heads,
+            dropout=hp.dropout,
+        )
         self.bos, self.eos, self.pad = hp.num_classes - 3, hp.num_classes - 2, hp.num_classes - 1
 
     def _embed_tokens(self, tokens):
         return self._embed(F.one_hot(tokens, num_classes=self.hparams.num_classes).float(), True)
 
     def encode(self, src):
-        """src tokens [Batch, SrcLen] -> (memory [Batch, SrcLen, model_dim], memory_mask [Batch, 1, SrcLen])."""
+        """src tokens [Batch, SrcLen] -> (memory [Batch, SrcLen, model_dim],
+        memory_mask [Batch, 1, SrcLen])."""
         memory_mask = (src != self.pad).unsqueeze(1)  # padding is never attended to
         return self.transformer(self._embed_tokens(src), mask=memory_mask), memory_mask
 
     def decode(self, tgt_in, memory, memory_mask):
         """Logits [Batch, TgtLen, num_classes] of the token after each of tgt_in [Batch, TgtLen]."""
-        x = self.decoder(self._embed_tokens(tgt_in), memory, tgt_mask=causal_mask(tgt_in.size(1), tgt_in.device),
-                         memory_mask=memory_mask)
+        tgt_mask = causal_mask(tgt_in.size(1), tgt_in.device)
+        x = self.decoder(self._embed_tokens(tgt_in), memory, tgt_mask, memory_mask)
         return self.output_net(x)
 
     def forward(self, src, tgt_in):
@@ -499,8 +532,8 @@ class Seq2SeqPredictor(TransformerPredictor):
 
     @torch.no_grad()
     def generate(self, src, max_len):
-        """Greedy decoding: start from BOS, append the most likely next token until EOS or max_len tokens.
-        Returns [Batch, max_len] tokens (EOS included, PAD after it)."""
+        """Greedy decoding: start from BOS, append the most likely next token until EOS or max_len
+        tokens. Returns [Batch, max_len] tokens (EOS included, PAD after it)."""
         memory, memory_mask = self.encode(src)
         tokens = torch.full((src.size(0), 1), self.bos, dtype=torch.long, device=src.device)
         finished = torch.zeros(src.size(0), dtype=torch.bool, device=src.device)
@@ -514,20 +547,27 @@ class Seq2SeqPredictor(TransformerPredictor):
         out = tokens[:, 1:]
         return F.pad(out, (0, max_len - out.size(1)), value=self.pad)
 
+    @torch.no_grad()
     def get_attention_maps(self, src, tgt_in):
-        """(encoder self-attention, decoder self-attention, decoder cross-attention) maps, a list per layer each."""
-        with torch.no_grad():
-            memory, memory_mask = self.encode(src)
-            encoder_maps = self.transformer.get_attention_maps(self._embed_tokens(src), mask=memory_mask)
-            decoder_maps = self.decoder.get_attention_maps(self._embed_tokens(tgt_in), memory,
-                                                           causal_mask(tgt_in.size(1), src.device), memory_mask)
+        """(encoder self-attention, decoder self-attention, decoder cross-attention) maps, a list
+        per layer each."""
+        memory, memory_mask = self.encode(src)
+        encoder_maps = self.transformer.get_attention_maps(
+            self._embed_tokens(src), mask=memory_mask
+        )
+        tgt_mask = causal_mask(tgt_in.size(1), src.device)
+        decoder_maps = self.decoder.get_attention_maps(
+            self._embed_tokens(tgt_in), memory, tgt_mask, memory_mask
+        )
         return (encoder_maps, *decoder_maps)
 
     def _calculate_loss(self, batch, mode="train"):
         src, tgt = batch  # tgt: BOS, the answer, EOS, then PAD
         tgt_in, labels = tgt[:, :-1], tgt[:, 1:]
         logits = self.forward(src, tgt_in)
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=self.pad)
+        loss = F.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=self.pad
+        )
         real = labels != self.pad
         token_acc = (logits.argmax(dim=-1) == labels)[real].float().mean()
         if mode == "train":
@@ -537,3 +577,82 @@ class Seq2SeqPredictor(TransformerPredictor):
         acc = (self.generate(src, labels.size(1)) == labels).all(dim=1).float().mean()
         self._log_metrics(mode, labels.shape[0], loss, token_acc=token_acc, acc=acc)
         return loss, acc
+
+
+class ReversePredictor(TransformerPredictor):
+    """The tutorial's sequence task: output the input sequence reversed, one class per position.
+
+    Inputs are one-hot vectors [Batch, SeqLen, num_classes]; positional encoding is on, since here
+    the order is the whole point.
+    """
+
+    def _calculate_loss(self, batch, mode="train"):
+        inp_data, labels = batch  # [Batch, SeqLen] integers each
+        inp_data = F.one_hot(inp_data, num_classes=self.hparams.num_classes).float()
+        preds = self.forward(inp_data, add_positional_encoding=True)  # [Batch, SeqLen, num_classes]
+        loss = F.cross_entropy(preds.reshape(-1, preds.size(-1)), labels.reshape(-1))
+        acc = (preds.argmax(dim=-1) == labels).float().mean()
+        self._log_metrics(mode, labels.shape[0], loss, acc=acc)
+        return loss, acc
+
+
+# --------------------------------------------------------------------------------------------------
+# The fast path (train.py --fast): the same model, weights and checkpoints, computed faster. Its
+# parts are chosen once, when a model is made (TransformerPredictor's `fast`); what each is worth is
+# measured by bench.py --ablation (BENCHMARKS.md). Sets sampled on the device (data.SetBatches) and
+# batched feature extraction (features.extract_features_fast) belong to it as well.
+# --------------------------------------------------------------------------------------------------
+
+FAST_PARTS = ("dropout", "attention", "adam")  # the parts inside the model
+
+
+class BitMaskDropout(nn.Dropout):
+    """nn.Dropout whose random mask is cheaper to draw on a CPU than bernoulli_.
+
+    Each element compares 16 random bits with a threshold, four elements per 64-bit draw; on a CPU the
+    bits come from numpy's PCG64, seeded from torch's generator, which draws them faster than torch's
+    mt19937. p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006), and kept values are scaled
+    by 1/(1-p) for that rounded p.
+    """
+
+    bit_generator = None  # numpy's PCG64, made on first use
+
+    def random_bits(self, count, device):
+        """count 64-bit words of random bits, as int64."""
+        if device.type != "cpu":
+            return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+        if (
+            self.bit_generator is None
+        ):  # seeded from torch, so seed_everything makes runs repeatable
+            self.bit_generator = np.random.PCG64(torch.randint(2**62, ()).item())
+        return torch.from_numpy(self.bit_generator.random_raw(count).view(np.int64))
+
+    def forward(self, x):
+        if not (self.training and self.p > 0):
+            return super().forward(x)
+        drop_below = min(round(self.p * 65536), 65535) - 32768  # an int16 below this is dropped
+        fields = self.random_bits(-(-x.numel() // 4), x.device).view(torch.int16)
+        noise = torch.ge(
+            fields, drop_below, out=torch.empty(fields.shape, dtype=x.dtype, device=x.device)
+        )
+        noise = noise[: x.numel()].view(x.shape).mul_(65536 / (32768 - drop_below))
+        # One float noise tensor, as nn.Dropout makes on a CPU: the backward is one multiplication.
+        return x * noise
+
+
+def use_fast_path(model, parts=FAST_PARTS):
+    """Puts the fast path's parts into model, in place; TransformerPredictor calls it when it is made.
+
+    "dropout" replaces every nn.Dropout by a BitMaskDropout of the same p, "attention" lets every
+    MultiheadAttention use the fused kernel; "adam" is read by TransformerPredictor's
+    configure_optimizers, which then chooses fused Adam.
+    """
+    unknown = set(parts) - set(FAST_PARTS)
+    if unknown:
+        raise ValueError(f"unknown parts of the fast path: {sorted(unknown)}; known: {FAST_PARTS}")
+    for module in list(model.modules()):
+        if isinstance(module, MultiheadAttention):
+            module.fused = "attention" in parts
+        for name, child in module.named_children():
+            if "dropout" in parts and type(child) is nn.Dropout:
+                setattr(module, name, BitMaskDropout(child.p))

@@ -22,8 +22,10 @@ import torch.utils.data as data
 from PIL import Image, UnidentifiedImageError
 
 import features
+import synthetic
 from data import SetAnomalyDataset
 from model import AnomalyPredictor
+from train import model_file, read_checkpoint, run_dir
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -70,9 +72,9 @@ def load_model(path, device):
         sys.exit(f"error: no trained model at {path}. `python train.py` trains one and saves it there "
                  "(`--checkpoint-dir` for another folder), or point --ckpt at a SetAnomalyDetect.ckpt.")
     try:
-        hparams = torch.load(path, map_location="cpu", weights_only=False)["hyper_parameters"]
-    except Exception as error:
-        sys.exit(f"error: {path} is not a readable Lightning checkpoint ({type(error).__name__}).")
+        hparams = read_checkpoint(path)["hyper_parameters"]
+    except ValueError as error:
+        sys.exit(f"error: {error}; use the SetAnomalyDetect.ckpt that `python train.py` writes.")
     if hparams.get("num_classes") != 1 or hparams.get("input_dim") != features.FEATURE_DIM:
         sys.exit(f"error: {path} is a model of another task (input_dim={hparams.get('input_dim')}, "
                  f"num_classes={hparams.get('num_classes')}), not the set-anomaly model; use the "
@@ -92,7 +94,7 @@ def predict(model, backbone, images, device, image_size=224):
     feats = features.extract_features(backbone, dataset, device,
                                       batch_size=32, num_workers=0, desc="images")
     x = feats[None].to(device)  # one set: [1, N, 512]
-    probs = model(x, add_positional_encoding=False)[0, :, 0].softmax(dim=0)
+    probs = model.anomaly_logits(x)[0].softmax(dim=0)
     maps = model.get_attention_maps(x, add_positional_encoding=False)
     return probs.cpu().numpy(), [m[0].cpu().numpy() for m in maps]
 
@@ -101,8 +103,9 @@ def predict(model, backbone, images, device, image_size=224):
 def set_size_accuracy(model, feats, labels, set_size, device):
     """Accuracy of model on the post's fixed evaluation sets of set_size built from feats and labels."""
     loader = data.DataLoader(SetAnomalyDataset(feats, labels, set_size=set_size, train=False), batch_size=256)
-    right = sum((model(img_sets.to(device), add_positional_encoding=False)[..., 0].argmax(dim=-1).cpu() == label)
-                .sum().item() for img_sets, _, label in loader)
+    right = 0
+    for img_sets, _, label in loader:
+        right += (model.anomaly_logits(img_sets.to(device)).argmax(dim=-1).cpu() == label).sum().item()
     return right / len(labels)
 
 
@@ -118,8 +121,8 @@ def main(argv=None):
     p.add_argument("--synthetic", action="store_true",
                    help="the model and backbone of `python train.py --synthetic` (untrained ResNet34, 64×64 images)")
     args = p.parse_args(argv)
-    checkpoint_dir = os.path.join(args.checkpoint_dir, "synthetic") if args.synthetic else args.checkpoint_dir
-    ckpt = args.ckpt or os.path.join(checkpoint_dir, "SetAnomalyDetect.ckpt")
+    run_folder = run_dir(args.checkpoint_dir, args.synthetic)
+    ckpt = args.ckpt or model_file(run_folder)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     if args.set_sizes:
@@ -128,9 +131,11 @@ def main(argv=None):
         if min(args.set_sizes) < 2:
             p.error("a set needs at least 2 images")
         model = load_model(ckpt, device)
-        cache = features.cached_test_features(checkpoint_dir, synthetic=args.synthetic)
+        meta = synthetic.synthetic_meta if args.synthetic else features.cifar100_meta
+        then = "`python train.py` rebuilds it"
+        cache = features.cached_test_features(run_folder, meta("test"), then)
         if cache is None:
-            sys.exit(f"error: no valid test feature cache in {checkpoint_dir}; `python train.py` makes it.")
+            sys.exit(f"error: no valid test feature cache in {run_folder}; `python train.py` makes it.")
         try:
             accuracies = {n: set_size_accuracy(model, *cache, n, device) for n in args.set_sizes}
         except ValueError as error:
@@ -146,10 +151,10 @@ def main(argv=None):
     images = np.stack([np.asarray(load_image(f)) for f in files])  # [N, 32, 32, 3] uint8, as CIFAR-100's .data
     model = load_model(ckpt, device)
     try:
-        backbone = features.synthetic_backbone() if args.synthetic else features.imagenet_resnet34()
+        backbone = synthetic.synthetic_backbone() if args.synthetic else features.imagenet_resnet34()
     except features.MissingResources as error:
         sys.exit(f"error: {error}")
-    image_size = features.SYNTHETIC["image_size"] if args.synthetic else 224
+    image_size = synthetic.SYNTHETIC["image_size"] if args.synthetic else 224
     probs, maps = predict(model, backbone, images, device, image_size)
     names = [os.path.basename(f) for f in files]
     odd = int(np.argmax(probs))

@@ -20,8 +20,16 @@ import torch
 from torchvision.datasets import CIFAR100
 
 from data import ReverseDataset, SetAnomalyDataset
-from features import DATA_MEANS, DATA_STD, cached_test_features, image_transform, save_atomically
+from features import (
+    DATA_MEANS,
+    DATA_STD,
+    cached_test_features,
+    cifar100_meta,
+    image_transform,
+    save_atomically,
+)
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
+from train import model_file, read_checkpoint
 
 DPI = 100  # a figure of w×h inches is a PNG of (100·w)×(100·h) pixels
 
@@ -153,7 +161,7 @@ def skip(what, why):
 
 def reverse_figure(checkpoint_dir, out_dir):
     """[path] of the reverse model's attention map, or [] with a note if there is no trained model."""
-    ckpt = os.path.join(checkpoint_dir, "ReverseTask.ckpt")
+    ckpt = model_file(checkpoint_dir, "reverse")
     if not os.path.isfile(ckpt):
         return skip("reverse attention map", f"no {ckpt} (python train.py --task reverse makes it)")
     model = ReversePredictor.load_from_checkpoint(ckpt, map_location="cpu").eval()
@@ -173,25 +181,25 @@ def anomaly_figures(checkpoint_dir, data_dir, out_dir, num_mistakes=5):
         return skip("set-task figures", f"no CIFAR-100 in {os.path.abspath(data_dir)} (python train.py downloads it)")
     labels = torch.tensor(cifar.targets)
     images = denormalise(torch.stack([cifar[i][0] for i in range(len(cifar))]))
-    ckpt_path = os.path.join(checkpoint_dir, "SetAnomalyDetect.ckpt")
+    ckpt_path = model_file(checkpoint_dir)
     set_size = 10
     if os.path.isfile(ckpt_path):
-        set_size = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("train_settings", {}).get("set_size", 10)
+        set_size = read_checkpoint(ckpt_path).get("train_settings", {}).get("set_size", set_size)
     # The sets depend on the labels only; the features are not needed to draw them.
     test_sets = SetAnomalyDataset(torch.zeros(len(labels), 1), labels, set_size=set_size, train=False).test_sets
     set_indices = torch.cat([test_sets, torch.arange(len(labels))[:, None]], dim=1)  # anomaly last
     made = [plot_image_rows(os.path.join(out_dir, "anomaly_example_sets.png"), images[set_indices[:4]],
                             "Example test sets: the last image is the anomaly")]
 
-    cache = cached_test_features(checkpoint_dir)
+    cache = cached_test_features(checkpoint_dir, cifar100_meta("test"), "`python train.py` rebuilds it")
     if not os.path.isfile(ckpt_path) or cache is None:
         return made + skip("set-task prediction figures",
                            f"need {ckpt_path} and the test feature cache (python train.py makes both)")
     model = AnomalyPredictor.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
     feats = cache[0][set_indices]  # [Sets, SetSize, 512]
     with torch.no_grad():
-        probs = torch.cat([model(batch, add_positional_encoding=False)[..., 0].softmax(dim=-1)
-                           for batch in feats.split(500)]).numpy()
+        probs = torch.cat([model.anomaly_logits(batch).softmax(dim=-1) for batch in feats.split(500)])
+        probs = probs.numpy()
         maps = [m[0].numpy() for m in model.get_attention_maps(feats[:1], add_positional_encoding=False)]
     made.append(plot_set_prediction(os.path.join(out_dir, "anomaly_prediction.png"), images[set_indices[0]],
                                     probs[0], maps))

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 import torch.utils.data as data
 
 from data import SetAnomalyDataset, SetBatches
-from features import GeneratedImages, extract_features, extract_features_fast, image_transform, resnet34_backbone
-from model import AnomalyPredictor, Dropout, MultiheadAttention, Seq2SeqPredictor, causal_mask
+from features import extract_features, extract_features_fast, image_transform, resnet34_backbone
+from model import AnomalyPredictor, BitMaskDropout, MultiheadAttention, Seq2SeqPredictor, causal_mask
+from synthetic import GeneratedImages
 from test_model import clustered_features, randomise
 
 POST = dict(input_dim=512, model_dim=256, num_classes=1, num_heads=4, num_layers=4, lr=5e-4, warmup=100,
@@ -21,9 +22,13 @@ def test_fast_forward_equals_faithful_forward():
     model = randomise(AnomalyPredictor(**POST)).eval()
     x = torch.randn(8, 10, 512)
     faithful = model(x, add_positional_encoding=False)
-    fast = model.use_fast_path()(x, add_positional_encoding=False)
+    fast_model = AnomalyPredictor(**POST, fast=True).eval()
+    fast_model.load_state_dict(model.state_dict())  # same checkpoint layout: the keys must match
+    assert any(isinstance(m, BitMaskDropout) for m in fast_model.modules())
+    assert all(m.fused for m in fast_model.modules() if isinstance(m, MultiheadAttention))
+    fast = fast_model(x, add_positional_encoding=False)
     torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
-    assert list(model.state_dict()) == list(AnomalyPredictor(**POST).state_dict())  # same checkpoint layout
+    assert "fast" not in fast_model.hparams  # not saved with the checkpoint
 
 
 @pytest.mark.parametrize("mask", ["causal", "padding"])
@@ -35,25 +40,26 @@ def test_fused_attention_masks_like_the_manual_one(mask):
     for as_float in (False, True):  # a float 0/1 mask must mask as well, not be added to the logits
         m_in = m.float() if as_float else m
         faithful = attn(x, mask=m_in)
-        attn.fast = True
+        attn.fused = True
         fast = attn(x, mask=m_in)
-        attn.fast = False
+        attn.fused = False
         torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
 
 
 def test_fast_seq2seq_generation_is_unchanged():
     torch.manual_seed(0)
-    model = randomise(Seq2SeqPredictor(input_dim=8, model_dim=16, num_classes=8, num_heads=2, num_layers=2,
-                                       lr=1e-3, warmup=1, max_iters=10)).eval()
+    hparams = dict(input_dim=8, model_dim=16, num_classes=8, num_heads=2, num_layers=2, lr=1e-3,
+                   warmup=1, max_iters=10)
+    model = randomise(Seq2SeqPredictor(**hparams)).eval()
+    fast_model = Seq2SeqPredictor(**hparams, fast=True).eval()
+    fast_model.load_state_dict(model.state_dict())
     src = torch.tensor([[3, 1, 4, 1, 7, 7], [2, 0, 4, 4, 3, 1]])
-    faithful = model.generate(src, 8)
-    assert torch.equal(model.use_fast_path().generate(src, 8), faithful)
+    assert torch.equal(fast_model.generate(src, 8), model.generate(src, 8))
 
 
 def test_fast_dropout_drops_with_probability_p_and_rescales():
     torch.manual_seed(0)
-    drop = Dropout(0.1)
-    drop.fast = True
+    drop = BitMaskDropout(0.1)
     x = torch.ones(1000, 1000)
     y = drop(x)
     kept = y[y != 0]
@@ -128,7 +134,7 @@ def test_fast_features_agree_with_faithful_ones():
 def train_and_test(fast, train_set, test_set, steps):
     pl.seed_everything(0)
     model = AnomalyPredictor(input_dim=32, model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3,
-                             warmup=10, max_iters=steps, dropout=0.1, input_dropout=0.1).use_fast_path(fast)
+                             warmup=10, max_iters=steps, dropout=0.1, input_dropout=0.1, fast=fast)
     if fast:
         train_loader, test_loader = SetBatches(train_set, 32), SetBatches(test_set, 64)
     else:

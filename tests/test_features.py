@@ -9,8 +9,9 @@ import torch.nn as nn
 from PIL import Image
 
 import features
-from features import (DATA_MEANS, DATA_STD, MissingResources, GeneratedImages, cache_meta, cached_features,
+from features import (DATA_MEANS, DATA_STD, MissingResources, cache_meta, cached_features,
                       cifar100_features, extract_features, image_transform, resnet34_backbone, save_atomically)
+from synthetic import GeneratedImages
 
 
 def test_transform_resizes_and_normalises():
@@ -60,13 +61,13 @@ class CountingSources:
     def __init__(self, n=6):
         self.calls, self.n = 0, n
 
-    def __call__(self, splits):
+    def __call__(self):
         self.calls += 1
         torch.manual_seed(0)
         backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, features.FEATURE_DIM)).eval()
         g = torch.Generator().manual_seed(1)
         data = {s: ImagesAndLabels(torch.randn(self.n, 3, 4, 4, generator=g), [i % 3 for i in range(self.n)])
-                for s in splits}
+                for s in ("train", "test")}
         return data, backbone
 
 

@@ -15,12 +15,14 @@ from PIL import Image
 
 import features
 import predict
+import synthetic
 from data import SetAnomalyDataset
-from features import GeneratedImages, extract_features, image_transform
+from features import extract_features, image_transform
 from model import AnomalyPredictor
+from synthetic import GeneratedImages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGE_SIZE = features.SYNTHETIC["image_size"]
+IMAGE_SIZE = synthetic.SYNTHETIC["image_size"]
 
 
 def toy_backbone():
@@ -65,7 +67,7 @@ def write_set(folder, odd_position, size=10, seed=0):
 
 @pytest.fixture
 def offline_backbone(monkeypatch):
-    monkeypatch.setattr(features, "synthetic_backbone", toy_backbone)
+    monkeypatch.setattr(synthetic, "synthetic_backbone", toy_backbone)
 
 
 def run(trained, *args):
@@ -193,7 +195,7 @@ def test_set_size_accuracy_on_cached_test_features(trained, tmp_path, capsys):
     images = GeneratedImages(10, 20, image_transform(IMAGE_SIZE), seed=0, split="test")
     feats = extract_features(toy_backbone(), images, torch.device("cpu"), batch_size=100, num_workers=0)
     features.save_cache(str(trained / "synthetic" / "test_set_features.tar"), feats, torch.tensor(images.targets),
-                        features.synthetic_meta("test"))
+                        synthetic.synthetic_meta("test"))
     accuracies = run(trained, "--set-sizes", 2, 10)
     assert set(accuracies) == {2, 10} and accuracies[10] > 0.9
     assert "set size  10: accuracy" in capsys.readouterr().out

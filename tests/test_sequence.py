@@ -8,8 +8,7 @@ import torch.nn.functional as F
 import torch.utils.data as data
 
 from data import ReverseDataset, SortDataset
-from model import (DecoderBlock, MultiheadAttention, ReversePredictor, Seq2SeqPredictor, TransformerDecoder,
-                   causal_mask)
+from model import CrossAttention, DecoderBlock, ReversePredictor, Seq2SeqPredictor, causal_mask
 from test_model import TUTORIAL_KEYS, layer_norm, randomise, reference_attention, reference_multihead
 
 
@@ -56,10 +55,10 @@ def reference_cross_attention(x, memory, attn, mask=None):
 
 def test_cross_attention_matches_formula_and_rows_sum_to_one():
     torch.manual_seed(0)
-    attn = randomise(MultiheadAttention(input_dim=8, embed_dim=8, num_heads=2))
+    attn = randomise(CrossAttention(input_dim=8, embed_dim=8, num_heads=2))
     x, memory = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
     memory_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()[:, None, :]  # [Batch, 1, SrcLen]
-    out, attention = attn(x, mask=memory_mask, memory=memory, return_attention=True)
+    out, attention = attn(x, memory, mask=memory_mask, return_attention=True)
     assert out.shape == (2, 3, 8) and attention.shape == (2, 2, 3, 5)
     torch.testing.assert_close(attention.sum(-1), torch.ones(2, 2, 3))
     assert torch.all(attention[1, :, :, 3:] == 0)

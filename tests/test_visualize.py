@@ -76,11 +76,12 @@ def test_set_task_figures_from_generated_cifar(tmp_path, monkeypatch, capsys):
     # CIFAR-100 replaced by 100 generated images in 10 classes, with a feature cache and a model to match.
     import features
     from model import AnomalyPredictor
+    from synthetic import GeneratedImages
 
-    monkeypatch.setattr(visualize, "CIFAR100", lambda root, train, download, transform: features.GeneratedImages(
+    monkeypatch.setattr(visualize, "CIFAR100", lambda root, train, download, transform: GeneratedImages(
         num_classes=10, per_class=10, transform=transform, seed=0, split="test"))
     monkeypatch.setitem(features.CIFAR100_SIZES, "test", 100)
-    images = features.GeneratedImages(num_classes=10, per_class=10, transform=None, seed=0, split="test")
+    images = GeneratedImages(num_classes=10, per_class=10, transform=None, seed=0, split="test")
     features.save_cache(str(tmp_path / "test_set_features.tar"), torch.randn(100, 512),
                         torch.tensor(images.targets), features.cifar100_meta("test"))
     hparams = dict(input_dim=512, model_dim=16, num_classes=1, num_heads=2, num_layers=3, lr=5e-4, warmup=5,
