@@ -1,21 +1,21 @@
-"""Times the post's (faithful) path against the fast path (train.py --fast) on generated data of the real
-shapes, and writes bench.json.
+"""Times the post's (faithful) path against the fast path (train.py --fast) on generated data of the
+real shapes, and writes bench.json.
 
     python bench.py                      # on the CPU
     python bench.py --device cuda        # on a GPU
 
 Measured per path, in this one process with the paths taking turns (the best of --rounds counts): a
-training step through train.py's own Trainer and loaders (median after warm-up), the projected epoch and
-100-epoch times, feature extraction in images per second (resize and normalisation included), evaluation
-in sets per second; and, each in a process of its own, the peak resident memory of a path. The FLOP rate of
-the training step (6 · parameters · tokens per step), set against the measured peak rate of a large matrix
-product, says how close each path runs to the floor that the step's matrix products alone set.
+training step through train.py's own Trainer and loaders (median after warm-up), the projected epoch
+and 100-epoch times, feature extraction in images per second (resize and normalisation included),
+evaluation in sets per second; and, each in a process of its own, the peak resident memory of a
+path. The FLOP rate of the training step (6 · parameters · tokens per step), set against the
+measured peak rate of a large matrix product, says how close each path runs to the floor that the
+step's matrix products alone set.
 
-    python bench.py --ablation           # only the training step: each part of the fast path on its own
+    python bench.py --ablation           # the training step only, each part of the fast path alone
 """
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -46,13 +46,14 @@ POST = train.parse_args([])
 NUM_CLASSES, ALL_IMAGES = 100, sum(CIFAR100_SIZES.values())
 IO_DIMS = dict(input_dim=FEATURE_DIM, num_classes=1)
 # The post's model has 2.3 M parameters; a step of 64 sets of 10 feeds 640 tokens through them.
-PARAMS = sum(p.numel() for p in AnomalyPredictor(**train.model_hparams(POST, IO_DIMS, 1)).parameters())
+POST_MODEL = AnomalyPredictor(**train.model_hparams(POST, IO_DIMS, steps_per_epoch=1))
+PARAMS = sum(p.numel() for p in POST_MODEL.parameters())
 STEP_FLOP = 6 * PARAMS * POST.batch_size * POST.set_size  # a step's forward and backward products
 PARTS = FAST_PARTS + ("sampler",)  # the fast path's parts in the training step
 
 
 class StepTimer(pl.Callback):
-    """Wall-clock time between the ends of consecutive training batches: data, step and loop overhead."""
+    """Wall-clock time between the ends of consecutive training batches: data, step and loop."""
 
     def __init__(self):
         self.ends = []
@@ -74,10 +75,11 @@ def generated_datasets():
 
 
 def time_training(fast, device, datasets, steps, warmup, parts=None):
-    """(median seconds per training step, steps per epoch, evaluation sets per second), through train.py's
-    own loaders and Trainer. parts, for --ablation, picks single parts of the fast path: "dropout",
-    "attention", "adam" (fused), "sampler" (SetBatches); "no dropout" sets every dropout probability to 0,
-    a reference for what the remaining dropout costs, not a run anyone should train."""
+    """(median seconds per training step, steps per epoch, evaluation sets per second), through
+    train.py's own loaders and Trainer. parts, for --ablation, picks single parts of the fast path:
+    "dropout", "attention", "adam" (fused), "sampler" (SetBatches); "no dropout" sets every dropout
+    probability to 0, a reference for what the remaining dropout costs, not a run anyone should
+    train."""
     parts = set(PARTS if fast else ()) if parts is None else set(parts)
     args = train.parse_args(["--accelerator", device] + (["--fast"] if "sampler" in parts else []))
     if "no dropout" in parts:
@@ -88,32 +90,45 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
     model = AnomalyPredictor(**hparams, fast=parts & set(FAST_PARTS))
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as root_dir:
-        trainer = train.make_trainer(args, root_dir, callbacks=[timer], max_steps=warmup + steps,
-                                     limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False)
+        trainer = train.make_trainer(
+            args,
+            root_dir,
+            callbacks=[timer],
+            max_steps=warmup + steps,
+            limit_val_batches=0,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+        )
         trainer.fit(model, loaders["train"])
         start = time.perf_counter()
         trainer.test(model, loaders["val"], verbose=False)
         eval_sets_per_s = len(datasets["val"]) / (time.perf_counter() - start)
-    return float(statistics.median(np.diff(timer.ends[warmup:]))), len(loaders["train"]), eval_sets_per_s
+    step_s = float(statistics.median(np.diff(timer.ends[warmup:])))
+    return step_s, len(loaders["train"]), eval_sets_per_s
 
 
 def ablation(device, steps, warmup):
     """The training step with no part of the fast path, each part alone, and all of them."""
     datasets = generated_datasets()
-    rows = [("faithful", ())] + [(f"only {part}", (part,)) for part in PARTS] + [("all (--fast)", PARTS),
-                                                                            ("all, no dropout", PARTS + ("no dropout",))]
+    rows = (
+        [("faithful", ())]
+        + [(f"only {part}", (part,)) for part in PARTS]
+        + [("all (--fast)", PARTS), ("all, no dropout", PARTS + ("no dropout",))]
+    )
     print(f"\n{'training step':24s}{'ms':>8s}{'of faithful':>14s}")
     times = {}
     for name, parts in rows:
         times[name] = 1000 * time_training(False, device, datasets, steps, warmup, parts)[0]
         print(f"{name:24s}{times[name]:8.1f}{times[name] / times['faithful']:14.2f}")
     floor = 1000 * STEP_FLOP / matmul_rate(device)
-    print(f"{'matrix products alone':24s}{floor:8.1f}{floor / times['faithful']:14.2f}  (at the measured peak rate)")
+    share = floor / times["faithful"]
+    print(f"{'matrix products alone':24s}{floor:8.1f}{share:14.2f}  (at the measured peak rate)")
     return times
 
 
 def matmul_rate(device):
-    """FLOP/s of a large float32 matrix product on device: the most any training step can get out of it."""
+    """FLOP/s of a large float32 matrix product on device: the most any training step can get out of
+    it."""
     a = torch.randn(2048, 2048, device=device)
     a @ a
     rates = []
@@ -124,7 +139,7 @@ def matmul_rate(device):
         a @ a
         if device == "cuda":
             torch.cuda.synchronize()
-        rates.append(2 * 2048 ** 3 / (time.perf_counter() - start))
+        rates.append(2 * 2048**3 / (time.perf_counter() - start))
     return max(rates)
 
 
@@ -134,8 +149,13 @@ def time_extraction(fast, device, backbone, images):
     if fast:
         extract = lambda imgs: extract_features_fast(backbone, imgs, device)
     else:  # the post's DataLoader: PIL transforms, batch 128, 4 workers
-        extract = lambda imgs: extract_features(backbone, ImageArray(imgs, [0] * len(imgs), image_transform(224)),
-                                                device, batch_size=128, num_workers=4)
+        extract = lambda imgs: extract_features(
+            backbone,
+            ImageArray(imgs, [0] * len(imgs), image_transform(224)),
+            device,
+            batch_size=128,
+            num_workers=4,
+        )
     extract(images[:16])
     start = time.perf_counter()
     feats = extract(images)
@@ -143,16 +163,23 @@ def time_extraction(fast, device, backbone, images):
 
 
 def peak_memory(path, device, images):
-    """Peak resident memory in MB of a fresh process that trains, evaluates and extracts along one path."""
-    code = f"import bench; bench.memory_workload({path == 'fast'}, {device!r}, {images}); print(bench.peak_rss_mb())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    """Peak resident memory in MB of a fresh process that trains, evaluates and extracts along one
+    path."""
+    workload = f"bench.memory_workload({path == 'fast'}, {device!r}, {images})"
+    code = f"import bench; {workload}; print(bench.peak_rss_mb())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_mb():
-    """This process's peak resident memory. VmHWM, not getrusage: a child's ru_maxrss starts from its
-    parent's at fork and survives exec, so it would report this benchmark's own size."""
+    """This process's peak resident memory. VmHWM, not getrusage: a child's ru_maxrss starts from
+    its parent's at fork and survives exec, so it would report this benchmark's own size."""
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
@@ -166,15 +193,30 @@ def memory_workload(fast, device, num_images):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--steps", type=int, default=60, help="timed training steps per path (default: 60)")
-    p.add_argument("--warmup", type=int, default=10, help="untimed training steps first (default: 10)")
-    p.add_argument("--images", type=int, default=256, help="images for the extraction timing (default: 256)")
-    p.add_argument("--rounds", type=int, default=2, help="turns each path takes; the best counts (default: 2)")
-    p.add_argument("--out", default="bench.json", help="where to write the results (default: bench.json)")
-    p.add_argument("--ablation", action="store_true",
-                   help="only the training step: faithful, each part of the fast path alone, and all of them")
+    p.add_argument(
+        "--steps", type=int, default=60, help="timed training steps per path (default: 60)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=10, help="untimed training steps first (default: 10)"
+    )
+    p.add_argument(
+        "--images", type=int, default=256, help="images for the extraction timing (default: 256)"
+    )
+    p.add_argument(
+        "--rounds", type=int, default=2, help="turns each path takes; the best counts (default: 2)"
+    )
+    p.add_argument(
+        "--out", default="bench.json", help="where to write the results (default: bench.json)"
+    )
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="only the training step: faithful, each part of the fast path alone, and all of them",
+    )
     args = p.parse_args(argv)
     if args.steps < 50 or args.warmup < 1 or args.rounds < 1:
         p.error("--steps must be at least 50, --warmup and --rounds at least 1")
@@ -185,15 +227,19 @@ def main(argv=None):
     torch.manual_seed(0)
     backbone = resnet34_backbone()
 
-    # Times in this one process, the two paths taking turns; the best round of each counts, which keeps
-    # a noisy machine from favouring either.
+    # Times in this one process, the two paths taking turns; the best round of each counts, which
+    # keeps a noisy machine from favouring either.
     runs = {path: [] for path in ("faithful", "fast")}
     for _ in range(args.rounds):
         for path in runs:
             fast = path == "fast"
-            step_s, steps_per_epoch, eval_rate = time_training(fast, args.device, datasets, args.steps, args.warmup)
+            step_s, steps_per_epoch, eval_rate = time_training(
+                fast, args.device, datasets, args.steps, args.warmup
+            )
             extract_rate, feats = time_extraction(fast, args.device, backbone, images)
-            runs[path].append(dict(step_s=step_s, eval=eval_rate, extract=extract_rate, feats=feats))
+            runs[path].append(
+                dict(step_s=step_s, eval=eval_rate, extract=extract_rate, feats=feats)
+            )
     results = {}
     for path, rounds in runs.items():
         step_s = min(r["step_s"] for r in rounds)
@@ -205,9 +251,14 @@ def main(argv=None):
             "train_gflops": STEP_FLOP / step_s / 1e9,
             "extract_images_per_s": extract_rate,
             "eval_sets_per_s": eval_rate,
-            # Features of all 60 000 images, 100 epochs, then train, val and test accuracy (60 000 sets).
-            "projected_run_s": ALL_IMAGES / extract_rate + step_s * steps_per_epoch * 100 + ALL_IMAGES / eval_rate,
-            "peak_rss_mb": peak_memory(path, args.device, args.images),  # its own process: the peak only grows
+            # Features of all 60 000 images, 100 epochs, then train, val and test accuracy (60 000
+            # sets).
+            "projected_run_s": ALL_IMAGES / extract_rate
+            + step_s * steps_per_epoch * 100
+            + ALL_IMAGES / eval_rate,
+            "peak_rss_mb": peak_memory(
+                path, args.device, args.images
+            ),  # its own process: the peak only grows
         }
     # Centred: with random weights every image's raw feature points nearly the same way.
     faithful_feats = runs["faithful"][0]["feats"]
@@ -234,11 +285,17 @@ def main(argv=None):
     for key in results["faithful"]:
         row = report[key]
         print(f"{key:24s}{row['faithful']:12.1f}{row['fast']:12.1f}{row['fast/faithful']:15.2f}")
-    print(f"centred feature cosine similarity fast vs faithful: mean {report['feature_cosine_mean']:.6f}, "
-          f"worst image {report['feature_cosine_worst']:.6f}")
-    print(f"the step's matrix products alone at the peak rate of {report['matmul_peak_gflops']:.0f} GFLOP/s: "
-          f"{report['train_step_floor_ms']:.1f} ms, {report['train_step_floor_ms'] / results['faithful']['train_step_ms']:.2f} "
-          "of the faithful step")
+    print(
+        "centred feature cosine similarity fast vs faithful: "
+        f"mean {report['feature_cosine_mean']:.6f}, "
+        f"worst image {report['feature_cosine_worst']:.6f}"
+    )
+    floor = report["train_step_floor_ms"]
+    print(
+        f"the step's matrix products alone at the peak rate of {report['matmul_peak_gflops']:.0f} "
+        f"GFLOP/s: {floor:.1f} ms, {floor / results['faithful']['train_step_ms']:.2f} of the "
+        "faithful step"
+    )
     train.save_json(args.out, report)
     print(f"written to {args.out}")
     return report

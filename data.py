@@ -16,24 +16,35 @@ def images_by_class(labels):
     Raises ValueError unless every class 0..max(labels) has the same number of images.
     """
     labels = torch.as_tensor(labels)
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1 \
-            or (len(labels) and labels.min() < 0):
-        raise ValueError(f"labels must be a 1-D sequence of class indices 0, 1, 2, ...; got dtype {labels.dtype}, "
-                         f"shape {tuple(labels.shape)}")
+    if (
+        labels.is_floating_point()
+        or labels.is_complex()
+        or labels.dtype == torch.bool
+        or labels.ndim != 1
+        or (len(labels) and labels.min() < 0)
+    ):
+        raise ValueError(
+            "labels must be a 1-D sequence of class indices 0, 1, 2, ...; "
+            f"got dtype {labels.dtype}, shape {tuple(labels.shape)}"
+        )
     counts = torch.bincount(labels)
     if len(counts) == 0 or (counts != counts[0]).any():
-        raise ValueError(f"every class must have the same number of images; images per class: {counts.tolist()}")
+        raise ValueError(
+            f"every class must have the same number of images; images per class: {counts.tolist()}"
+        )
     return torch.argsort(labels).reshape(len(counts), -1)
 
 
 def split_train_val(labels):
     """The post's split of the training images: per class, the first 10 % (in images_by_class order,
-    rounded down) go to validation and the rest to training. Returns (train_indices, val_indices)."""
+    rounded down) go to validation, the rest to training. Returns (train_indices, val_indices)."""
     sorted_indices = images_by_class(labels)
     num_val = sorted_indices.shape[1] // 10
     if num_val == 0:
-        raise ValueError(f"each class has {sorted_indices.shape[1]} images; the validation split takes 10 % of "
-                         "each class, so a class needs at least 10")
+        raise ValueError(
+            f"each class has {sorted_indices.shape[1]} images; the validation split takes 10 % of "
+            "each class, so a class needs at least 10"
+        )
     val_indices = sorted_indices[:, :num_val].reshape(-1)
     train_indices = sorted_indices[:, num_val:].reshape(-1)
     return train_indices, val_indices
@@ -55,9 +66,15 @@ class SetAnomalyDataset(data.Dataset):
         super().__init__()
         labels = torch.as_tensor(labels)
         if set_size < 2:
-            raise ValueError(f"set_size must be at least 2 (one anomaly and at least one other image), got {set_size}")
+            raise ValueError(
+                "set_size must be at least 2 (one anomaly and at least one other image), "
+                f"got {set_size}"
+            )
         if len(img_feats) != len(labels):
-            raise ValueError(f"img_feats and labels differ in length: {len(img_feats)} features, {len(labels)} labels")
+            raise ValueError(
+                f"img_feats and labels differ in length: {len(img_feats)} features, "
+                f"{len(labels)} labels"
+            )
         self.img_feats = img_feats
         self.labels = labels
         self.set_size = set_size - 1  # images drawn from the set's class; the anomaly comes on top
@@ -66,27 +83,32 @@ class SetAnomalyDataset(data.Dataset):
         self.img_idx_by_label = images_by_class(labels)
         self.num_labels = self.img_idx_by_label.shape[0]
         if self.num_labels < 2:
-            raise ValueError("at least two classes are needed: the anomaly comes from another class than the set")
+            raise ValueError(
+                "at least two classes are needed: the anomaly comes from another class than the set"
+            )
         if self.img_idx_by_label.shape[1] < self.set_size:
-            raise ValueError(f"each class has {self.img_idx_by_label.shape[1]} images, fewer than the "
-                             f"{self.set_size} a set of size {set_size} draws from one class; use a smaller set size")
+            raise ValueError(
+                f"each class has {self.img_idx_by_label.shape[1]} images, fewer than the "
+                f"{self.set_size} a set of size {set_size} draws from one class; "
+                "use a smaller set size"
+            )
 
         if not train:
             self.test_sets = self._create_test_sets()
 
     def _create_test_sets(self):
-        # The post seeds numpy's global generator with 42; a local legacy generator with the same seed
-        # draws the same numbers without resetting anybody else's random state.
+        # The post seeds numpy's global generator with 42; a local legacy generator with the same
+        # seed draws the same numbers without resetting anybody else's random state.
         rng = np.random.RandomState(42)
         test_sets = [self.sample_img_set(self.labels[idx], rng) for idx in range(len(self.labels))]
         return torch.stack(test_sets, dim=0)  # [num_imgs, set_size-1]
 
     def sample_img_set(self, anomaly_label, rng=np.random):
-        """Indices of set_size-1 distinct images of one class other than anomaly_label, the class uniform
-        over the other num_labels-1 classes."""
+        """Indices of set_size-1 distinct images of one class other than anomaly_label, the class
+        uniform over the other num_labels-1 classes."""
         set_label = rng.randint(self.num_labels - 1)
-        # Draw from num_labels-1 values and skip the anomaly's class: values at or above it move up one,
-        # so every other class is hit by exactly one value.
+        # Draw from num_labels-1 values and skip the anomaly's class: values at or above it move up
+        # one, so every other class is hit by exactly one value.
         if set_label >= anomaly_label:
             set_label += 1
         img_indices = rng.choice(self.img_idx_by_label.shape[1], size=self.set_size, replace=False)
@@ -109,17 +131,24 @@ class SetAnomalyDataset(data.Dataset):
 
 
 def anomaly_datasets(train_feats, train_labels, test_feats, test_labels, set_size):
-    """The post's three set datasets: its per-class split of the training images into "train" (sets drawn
-    afresh) and "val" (fixed sets), and "test" (fixed sets) over the test images."""
+    """The post's three set datasets: its per-class split of the training images into "train" (sets
+    drawn afresh) and "val" (fixed sets), and "test" (fixed sets) over the test images."""
     train_indices, val_indices = split_train_val(train_labels)
-    return {"train": SetAnomalyDataset(train_feats[train_indices], train_labels[train_indices], set_size, train=True),
-            "val": SetAnomalyDataset(train_feats[val_indices], train_labels[val_indices], set_size, train=False),
-            "test": SetAnomalyDataset(test_feats, test_labels, set_size, train=False)}
+    return {
+        "train": SetAnomalyDataset(
+            train_feats[train_indices], train_labels[train_indices], set_size, train=True
+        ),
+        "val": SetAnomalyDataset(
+            train_feats[val_indices], train_labels[val_indices], set_size, train=False
+        ),
+        "test": SetAnomalyDataset(test_feats, test_labels, set_size, train=False),
+    }
 
 
 class ReverseDataset(data.Dataset):
-    """The tutorial's sequence task: size random sequences of seq_len integers in [0, num_categories);
-    the label of each is the same sequence reversed. An item is (sequence [seq_len], label [seq_len])."""
+    """The tutorial's sequence task: size random sequences of seq_len integers in
+    [0, num_categories); the label of each is the same sequence reversed.
+    An item is (sequence [seq_len], label [seq_len])."""
 
     def __init__(self, num_categories, seq_len, size):
         super().__init__()
@@ -139,10 +168,11 @@ class ReverseDataset(data.Dataset):
 class SortDataset(data.Dataset):
     """A task whose answer must be generated token by token: sort a sequence of integers.
 
-    Each of the size sequences has a random length in [2, max_len] and integers in [0, num_categories).
-    Three more tokens frame them: BOS = num_categories, EOS = num_categories+1, PAD = num_categories+2,
-    so a model needs num_categories+3 token classes. An item is (source [max_len]: the sequence, then PAD;
-    target [max_len+2]: BOS, the sorted sequence, EOS, then PAD).
+    Each of the size sequences has a random length in [2, max_len] and integers in
+    [0, num_categories). Three more tokens frame them: BOS = num_categories,
+    EOS = num_categories+1, PAD = num_categories+2, so a model needs num_categories+3 token classes.
+    An item is (source [max_len]: the sequence, then PAD; target [max_len+2]: BOS, the sorted
+    sequence, EOS, then PAD).
     """
 
     def __init__(self, num_categories, max_len, size):
@@ -169,12 +199,13 @@ class SortDataset(data.Dataset):
 
 
 class SetBatches:
-    """Whole batches of sets made with tensor operations on the features' device: the fast path's stand-in
-    for DataLoader(dataset, batch_size, shuffle=dataset.train, drop_last=dataset.train).
+    """Whole batches of sets made with tensor operations on the features' device: the fast path's
+    stand-in for DataLoader(dataset, batch_size, shuffle=dataset.train, drop_last=dataset.train).
 
-    Training batches follow SetAnomalyDataset's distribution (a random order of anomalies; per set a class
-    uniform over the other classes and set_size-1 distinct images of it); evaluation batches are the
-    dataset's own pre-generated sets. Batches are (img_sets [B, set_size, D], indices [B, set_size], labels [B]).
+    Training batches follow SetAnomalyDataset's distribution (a random order of anomalies; per set a
+    class uniform over the other classes and set_size-1 distinct images of it); evaluation batches
+    are the dataset's own pre-generated sets. Batches are
+    (img_sets [B, set_size, D], indices [B, set_size], labels [B]).
     """
 
     def __init__(self, dataset, batch_size, device=None):
@@ -191,23 +222,32 @@ class SetBatches:
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def sample_img_sets(self, anomaly_labels):
-        """[B, set_size-1] image indices: for each anomaly label, distinct images of one other class."""
+        """[B, set_size-1] image indices: per anomaly label, distinct images of one other class."""
         device = anomaly_labels.device
         num_labels, per_class = self.img_idx_by_label.shape
         set_labels = torch.randint(num_labels - 1, anomaly_labels.shape, device=device)
-        set_labels += set_labels >= anomaly_labels  # the same shift as sample_img_set: uniform over the others
-        # The positions of the set_size-1 largest of per_class uniform numbers: a uniformly random subset
-        # of distinct images, in random order.
-        chosen = torch.rand(len(anomaly_labels), per_class, device=device).topk(self.num_drawn, dim=1).indices
+        # The same shift as sample_img_set: uniform over the other classes.
+        set_labels += set_labels >= anomaly_labels
+        # The positions of the set_size-1 largest of per_class uniform numbers: a uniformly random
+        # subset of distinct images, in random order.
+        chosen = (
+            torch.rand(len(anomaly_labels), per_class, device=device)
+            .topk(self.num_drawn, dim=1)
+            .indices
+        )
         return self.img_idx_by_label[set_labels[:, None], chosen]
 
     def __iter__(self):
         device, n = self.img_feats.device, len(self.labels)
         if self.train:
-            batches = torch.randperm(n, device=device)[: len(self) * self.batch_size].view(len(self), -1)
+            batches = torch.randperm(n, device=device)[: len(self) * self.batch_size].view(
+                len(self), -1
+            )
         else:
             batches = torch.arange(n, device=device).split(self.batch_size)
         for idx in batches:
-            img_indices = self.sample_img_sets(self.labels[idx]) if self.train else self.test_sets[idx]
+            img_indices = (
+                self.sample_img_sets(self.labels[idx]) if self.train else self.test_sets[idx]
+            )
             indices = torch.cat([img_indices, idx[:, None]], dim=1)
             yield self.img_feats[indices], indices, torch.full_like(idx, self.num_drawn)

@@ -40,8 +40,8 @@ DOWNLOAD_TIMEOUT_S = 20  # seconds without an answer before a download counts as
 
 
 class MissingResources(RuntimeError):
-    """CIFAR-100 or the ResNet34 weights are neither on disk nor downloadable; the message names each
-    missing item (a list of lines) and says where to put it."""
+    """CIFAR-100 or the ResNet34 weights are neither on disk nor downloadable; the message names
+    each missing item (a list of lines) and says where to put it."""
 
     def __init__(self, items):
         self.items = items
@@ -170,9 +170,9 @@ def extract_features_fast(model, images, device, image_size=224, batch_size=None
     device as they are, and are resized, normalised and run through model there in batches, with no
     PIL and no workers.
 
-    The resize is bilinear like torchvision's Resize of a PIL image (antialiased when it shrinks), but
-    in float instead of 8-bit pixels. Features agree with extract_features to a cosine similarity
-    above 0.999 (tests/test_fast.py, bench.py).
+    The resize is bilinear like torchvision's Resize of a PIL image (antialiased when it shrinks),
+    but in float instead of 8-bit pixels. Features agree with extract_features to a cosine
+    similarity above 0.999 (tests/test_fast.py, bench.py).
     """
     # Small batches keep a CPU's caches warm (faster here than 128); a GPU wants large ones.
     batch_size = batch_size or (256 if device.type == "cuda" else 16)
@@ -258,9 +258,7 @@ def load_cache(path, meta, then="rebuilding it"):
         print(f"Feature cache {path} cannot be read ({type(error).__name__}); {then}.")
         return None
     if torch.is_tensor(cache):
-        print(
-            f"Feature cache {path} is a bare tensor (the post's format) without labels or origin; {then}."
-        )
+        print(f"Feature cache {path} is a bare tensor (the post's format), no labels; {then}.")
         return None
     if not isinstance(cache, dict) or cache.get("meta") != meta:
         found = cache.get("meta") if isinstance(cache, dict) else type(cache).__name__
@@ -275,9 +273,8 @@ def load_cache(path, meta, then="rebuilding it"):
         and torch.is_tensor(labels)
         and labels.shape == (n,)
     ):
-        print(
-            f"Feature cache {path} does not hold {n} features of {FEATURE_DIM} dims with their labels; {then}."
-        )
+        what = f"{n} features of {FEATURE_DIM} dims with their labels"
+        print(f"Feature cache {path} does not hold {what}; {then}.")
         return None
     return feats, labels.long()
 
@@ -285,11 +282,11 @@ def load_cache(path, meta, then="rebuilding it"):
 def cached_features(
     cache_dir, metas, open_sources, device, fast=False, num_workers=4, image_size=224
 ):
-    """{split: (features [N, 512], labels [N])} for each split of metas: the post's extract_features.
+    """The post's extract_features: {split: (features [N, 512], labels [N])} for each of metas.
 
     Each split's cache in cache_dir is loaded if it is valid; otherwise the split is extracted and
-    cached. open_sources() -> ({split: images}, backbone) is called only then, once: that is when the
-    images and weights are needed (and downloaded). --fast extracts with extract_features_fast.
+    cached. open_sources() -> ({split: images}, backbone) is called only then, once: that is when
+    the images and weights are needed (and downloaded). --fast extracts with extract_features_fast.
     """
     result, sources = {}, None
     for split, meta in metas.items():
@@ -314,8 +311,8 @@ def cached_features(
 def cifar100_features(data_dir, cache_dir, device, num_workers=4, fast=False):
     """CIFAR-100 train and test features from the ImageNet-trained ResNet34, cached in cache_dir.
 
-    Valid caches are enough: CIFAR-100 and the weights are needed (and downloaded) only to build one.
-    Raises MissingResources naming everything that could not be had.
+    Valid caches are enough: CIFAR-100 and the weights are needed (and downloaded) only to build
+    one. Raises MissingResources naming everything that could not be had.
     """
     metas = {split: cifar100_meta(split) for split in CIFAR100_SIZES}
     return cached_features(
@@ -326,7 +323,7 @@ def cifar100_features(data_dir, cache_dir, device, num_workers=4, fast=False):
 def cached_test_features(cache_dir, meta, then):
     """(features, labels) of the test split from a cache that train.py left in cache_dir (the post's
     file first, then --fast's), or None; a cache that is there but unusable is reported, ending with
-    `then`. meta: what the cache must be made of (cifar100_meta("test") or synthetic_meta("test"))."""
+    `then`. meta: what it must be made of, cifar100_meta("test") or synthetic_meta("test")."""
     for fast in (False, True):
         cache = load_cache(*cache_file(cache_dir, "test", meta, fast), then=then)
         if cache is not None:

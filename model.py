@@ -2,13 +2,14 @@
 
 1. 嵌入表示层 (embedding layer): PositionalEncoding
 2. 注意力层 (attention layer): scaled_dot_product, expand_mask, MultiheadAttention
-3. 前馈层, 残差连接和层归一化, 编码器结构 (feed-forward, residual + LayerNorm, encoder): EncoderBlock,
-   TransformerEncoder
-4. 模型训练和推理 (training and inference): CosineWarmupScheduler, TransformerPredictor, AnomalyPredictor
+3. 前馈层, 残差连接和层归一化, 编码器结构 (feed-forward, residual + LayerNorm, encoder):
+   EncoderBlock, TransformerEncoder
+4. 模型训练和推理 (training and inference): CosineWarmupScheduler, TransformerPredictor,
+   AnomalyPredictor
 
 After the post's code come what the post describes without coding it (the decoder with its masked
 self-attention and cross-attention, Seq2SeqPredictor) and the tutorial's ReversePredictor; last, the
-pieces of the fast path (train.py --fast), which change how the same model is computed, never what it is.
+pieces of the fast path (train.py --fast), which change how the model is computed, never what it is.
 """
 
 import math
@@ -43,7 +44,7 @@ class PositionalEncoding(nn.Module):
         pe[:, 0::2] = torch.sin(position * div_term)
         # An odd d_model has one cosine column fewer (the post's line fails there).
         pe[:, 1::2] = torch.cos(position * div_term[: d_model // 2])
-        # Not persistent: the table is recomputed, so it stays out of the state_dict and checkpoints.
+        # Not persistent: the table is recomputed, so it stays out of state_dict and checkpoints.
         self.register_buffer("pe", pe.unsqueeze(0), persistent=False)  # [1, SeqLen, d_model]
 
     def forward(self, x):
@@ -74,10 +75,10 @@ def scaled_dot_product(q, k, v, mask=None):
 
 
 def expand_mask(mask):
-    """Brings a mask to the 4-D shape [Batch, Head, SeqLen, SeqLen] that attention broadcasts against.
+    """Brings a mask to the 4-D shape [Batch, Head, SeqLen, SeqLen] that attention broadcasts to.
 
     The post calls this helper without showing it. A 2-D mask [SeqLen, SeqLen] is shared by every
-    batch element and head, a 3-D mask [Batch, SeqLen, SeqLen] by every head; a 4-D one is used as is.
+    batch element and head, a 3-D mask [Batch, SeqLen, SeqLen] by every head; a 4-D one as it is.
     """
     if mask.ndim < 2:
         raise ValueError(
@@ -108,8 +109,8 @@ class MultiheadAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        # The fast path (use_fast_path below) turns this on: PyTorch's fused kernel computes the same
-        # softmax(q·kᵀ/√d)·v wherever no attention maps are asked for.
+        # The fast path (use_fast_path below) turns this on: PyTorch's fused kernel computes the
+        # same softmax(q·kᵀ/√d)·v wherever no attention maps are asked for.
         self.fused = False
 
         # One matrix for q, k and v of all heads: one matmul instead of three.
@@ -201,7 +202,7 @@ class EncoderBlock(nn.Module):
 
 
 class TransformerEncoder(nn.Module):
-    """num_layers EncoderBlocks stacked (the N× of the post's figure); block_args go to each block."""
+    """num_layers EncoderBlocks stacked (the N× of the post's figure); block_args go to each."""
 
     def __init__(self, num_layers, **block_args):
         super().__init__()
@@ -218,9 +219,8 @@ class TransformerEncoder(nn.Module):
         for layer in self.layers:
             _, attn_map = layer.self_attn(x, mask=mask, return_attention=True)
             attention_maps.append(attn_map)
-            x = layer(
-                x, mask=mask
-            )  # the post drops the mask here: later layers would see everything
+            # The post drops the mask here, so its later layers' maps would see every position.
+            x = layer(x, mask=mask)
         return attention_maps
 
 
@@ -230,7 +230,8 @@ class TransformerEncoder(nn.Module):
 
 
 class CosineWarmupScheduler(optim.lr_scheduler.LRScheduler):
-    """Learning-rate factor: linear warm-up over `warmup` steps, then half a cosine to 0 at `max_iters`.
+    """Learning-rate factor: linear warm-up over `warmup` steps, then half a cosine down to 0 at
+    `max_iters`.
 
     Stepped after every optimizer step, so `epoch` here counts steps.
     """
@@ -340,7 +341,7 @@ class TransformerPredictor(pl.LightningModule):
         return [optimizer], [{"scheduler": self.lr_scheduler, "interval": "step"}]
 
     def _calculate_loss(self, batch, mode="train"):
-        """(loss, accuracy) of a batch, logged as {mode}_loss and {mode}_acc; each task has its own."""
+        """(loss, accuracy) of a batch, logged as {mode}_loss and {mode}_acc; one for each task."""
         raise NotImplementedError
 
     def _log_metrics(self, mode, batch_size, loss, **epoch_metrics):
@@ -371,14 +372,16 @@ class TransformerPredictor(pl.LightningModule):
 
 
 class AnomalyPredictor(TransformerPredictor):
-    """Set anomaly detection: one logit per image of the set, softmax over the set picks the odd one.
+    """Set anomaly detection: one logit per image of a set; the softmax over the set picks the
+    odd one out.
 
     No positional encoding: a set has no order, so the model must be permutation-equivariant.
     """
 
     def anomaly_logits(self, img_sets):
-        """img_sets [Batch, SetSize, input_dim] -> [Batch, SetSize] logits of "this one is the anomaly";
-        their softmax over the set gives each image's probability, their argmax the predicted one."""
+        """img_sets [Batch, SetSize, input_dim] -> [Batch, SetSize] logits of "this one is the
+        anomaly"; their softmax over the set gives each image's probability, their argmax the
+        predicted one."""
         return self.forward(img_sets, add_positional_encoding=False).squeeze(dim=-1)
 
     def _calculate_loss(self, batch, mode="train"):
@@ -391,9 +394,9 @@ class AnomalyPredictor(TransformerPredictor):
 
 
 # --------------------------------------------------------------------------------------------------
-# Beyond the post's code. 编码器和解码器结构 describes a decoder, which the post does not code: masked
-# self-attention (掩码多头注意力), cross-attention (交叉注意力) over the encoder's output, and
-# autoregressive generation. Then the tutorial's sequence task, ReversePredictor.
+# Beyond the post's code. 编码器和解码器结构 describes a decoder, which the post does not code:
+# masked self-attention (掩码多头注意力), cross-attention (交叉注意力) over the encoder's output,
+# and autoregressive generation. Then the tutorial's sequence task, ReversePredictor.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -407,25 +410,24 @@ class CrossAttention(MultiheadAttention):
     """Cross-attention (交叉注意力), the decoder's second sub-layer: queries are projected from the
     decoder's x, keys and values from the encoder's output (memory).
 
-    The same weights and state_dict layout as MultiheadAttention: the q rows of its stacked projection
-    are applied to x, the k and v rows to memory.
+    The same weights and state_dict layout as MultiheadAttention: the q rows of its stacked
+    projection are applied to x, the k and v rows to memory.
     """
 
     def forward(self, x, memory, mask=None, return_attention=False):
-        """x [Batch, SeqLen, input_dim], memory [Batch, MemLen, input_dim] -> [Batch, SeqLen, embed_dim]
-        (and the attention [Batch, Head, SeqLen, MemLen]). mask: which memory positions may be attended
-        to, e.g. [Batch, 1, MemLen] for padding."""
+        """x [Batch, SeqLen, input_dim], memory [Batch, MemLen, input_dim] -> [Batch, SeqLen,
+        embed_dim] (and the attention [Batch, Head, SeqLen, MemLen]). mask: which memory positions
+        may be attended to, e.g. [Batch, 1, MemLen] for padding."""
         batch_size, seq_length, _ = x.size()
-        # qkv_proj's rows, per head: head_dim rows for q, then head_dim for k, then head_dim for v.
-        weight = self.qkv_proj.weight.view(
-            self.num_heads, 3, self.head_dim, -1
-        )  # [Head, 3, hd, In]
-        bias = self.qkv_proj.bias.view(self.num_heads, 3, self.head_dim)  # [Head, 3, hd]
-        q = F.linear(
-            x, weight[:, 0].flatten(0, 1), bias[:, 0].flatten()
-        )  # [Batch, SeqLen, Head·hd]
-        q = q.reshape(batch_size, seq_length, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
-        # k and v rows together: [Head·2·hd, In], so each head's k and v sit side by side.
+        # qkv_proj's rows, per head (hd = head_dim): hd rows for q, then hd for k, then hd for v.
+        # weight [Head, 3, hd, input_dim], bias [Head, 3, hd]
+        weight = self.qkv_proj.weight.view(self.num_heads, 3, self.head_dim, -1)
+        bias = self.qkv_proj.bias.view(self.num_heads, 3, self.head_dim)
+        # The q rows of every head, [Head·hd, input_dim], applied to x: [Batch, SeqLen, Head·hd]
+        q = F.linear(x, weight[:, 0].flatten(0, 1), bias[:, 0].flatten())
+        q = q.reshape(batch_size, seq_length, self.num_heads, self.head_dim)
+        q = q.permute(0, 2, 1, 3)  # [Batch, Head, SeqLen, hd]
+        # The k and v rows, [Head·2·hd, input_dim], each head's k next to its v, applied to memory
         kv = F.linear(memory, weight[:, 1:].flatten(0, 2), bias[:, 1:].flatten())
         kv = kv.reshape(batch_size, memory.size(1), self.num_heads, 2 * self.head_dim)
         k, v = kv.permute(0, 2, 1, 3).chunk(2, dim=-1)  # each [Batch, Head, MemLen, hd]
@@ -433,10 +435,11 @@ class CrossAttention(MultiheadAttention):
 
 
 class DecoderBlock(EncoderBlock):
-    """One decoder layer: masked self-attention, cross-attention over the encoder output, feed-forward.
+    """One decoder layer: masked self-attention, cross-attention over the encoder's output, and
+    the feed-forward MLP.
 
-    Each sub-layer has dropout, a residual connection and LayerNorm, as in EncoderBlock; the arguments
-    are EncoderBlock's.
+    Each sub-layer has dropout, a residual connection and LayerNorm, as in EncoderBlock; the
+    arguments are EncoderBlock's.
     """
 
     def __init__(self, input_dim, num_heads, dim_feedforward, dropout=0.0):
@@ -445,11 +448,11 @@ class DecoderBlock(EncoderBlock):
         self.norm3 = nn.LayerNorm(input_dim)
 
     def forward(self, x, memory, tgt_mask=None, memory_mask=None, return_attention=False):
-        """x [Batch, TgtLen, input_dim], memory (encoder output) [Batch, SrcLen, input_dim] -> like x
-        (and, with return_attention, the self- and cross-attention maps).
+        """x [Batch, TgtLen, input_dim], memory (encoder output) [Batch, SrcLen, input_dim] -> like
+        x (and, with return_attention, the self- and cross-attention maps).
 
         tgt_mask - mask of the self-attention, usually causal_mask(TgtLen)
-        memory_mask - which encoder positions may be attended to, e.g. [Batch, 1, SrcLen] for padding
+        memory_mask - which encoder positions may be attended to, e.g. [Batch, 1, SrcLen]
         """
         attn_out = self.self_attn(x, mask=tgt_mask, return_attention=return_attention)
         if return_attention:
@@ -493,10 +496,10 @@ class TransformerDecoder(nn.Module):
 class Seq2SeqPredictor(TransformerPredictor):
     """Encoder-decoder Transformer (编码器和解码器结构) that generates its output token by token.
 
-    Same arguments as TransformerPredictor, with input_dim = num_classes = the vocabulary size, whose
-    last three tokens are BOS, EOS and PAD (see data.SortDataset). The encoder is
+    Same arguments as TransformerPredictor, with input_dim = num_classes = the vocabulary size,
+    whose last three tokens are BOS, EOS and PAD (see data.SortDataset). The encoder is
     TransformerPredictor's; the decoder shares its input_net (one-hot -> model_dim) and output_net
-    (model_dim -> token logits). Training is teacher-forced; generate() is greedy and autoregressive.
+    (model_dim -> token logits). Training is teacher-forced; generate() is greedy, autoregressive.
     """
 
     def _create_model(self):
@@ -573,7 +576,7 @@ class Seq2SeqPredictor(TransformerPredictor):
         if mode == "train":
             self._log_metrics(mode, labels.shape[0], loss, token_acc=token_acc)
             return loss, token_acc
-        # Outside training the accuracy is that of whole sequences generated greedily, exactly right.
+        # Outside training, accuracy counts whole sequences generated greedily and exactly right.
         acc = (self.generate(src, labels.size(1)) == labels).all(dim=1).float().mean()
         self._log_metrics(mode, labels.shape[0], loss, token_acc=token_acc, acc=acc)
         return loss, acc
@@ -609,10 +612,10 @@ FAST_PARTS = ("dropout", "attention", "adam")  # the parts inside the model
 class BitMaskDropout(nn.Dropout):
     """nn.Dropout whose random mask is cheaper to draw on a CPU than bernoulli_.
 
-    Each element compares 16 random bits with a threshold, four elements per 64-bit draw; on a CPU the
-    bits come from numpy's PCG64, seeded from torch's generator, which draws them faster than torch's
-    mt19937. p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006), and kept values are scaled
-    by 1/(1-p) for that rounded p.
+    Each element compares 16 random bits with a threshold, four elements per 64-bit draw; on a CPU
+    the bits come from numpy's PCG64, seeded from torch's generator, which draws them faster than
+    torch's mt19937. p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006), and kept values
+    are scaled by 1/(1-p) for that rounded p.
     """
 
     bit_generator = None  # numpy's PCG64, made on first use
@@ -641,7 +644,7 @@ class BitMaskDropout(nn.Dropout):
 
 
 def use_fast_path(model, parts=FAST_PARTS):
-    """Puts the fast path's parts into model, in place; TransformerPredictor calls it when it is made.
+    """Puts the fast path's parts into model, in place (TransformerPredictor does when made).
 
     "dropout" replaces every nn.Dropout by a BitMaskDropout of the same p, "attention" lets every
     MultiheadAttention use the fused kernel; "adam" is read by TransformerPredictor's

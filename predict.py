@@ -3,12 +3,12 @@
     python predict.py photos/                   # every image file in the folder, sorted by name
     python predict.py a.jpg b.jpg c.png         # or the files themselves; two or more
     python predict.py photos/ --json            # the same, as JSON for scripts
-    python predict.py photos/ --figure odd.png  # the images, their probabilities and every attention map
-    python predict.py --set-sizes 2 5 10 20     # the model's accuracy on the test features, per set size
+    python predict.py photos/ --figure odd.png  # the images, probabilities and attention maps
+    python predict.py --set-sizes 2 5 10 20     # accuracy on the test features, per set size
 
-Each image goes through the transform and the ImageNet ResNet34 of the training features (features.py),
-the set through the AnomalyPredictor that `python train.py` saved. The model was trained on sets of 10,
-but its attention fixes no set size: any set of two or more images works.
+Each image goes through the transform and the ImageNet ResNet34 of the training features
+(features.py), the set through the AnomalyPredictor that `python train.py` saved. The model was
+trained on sets of 10, but its attention fixes no set size: any set of two or more images works.
 """
 
 import argparse
@@ -31,12 +31,16 @@ IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".t
 
 
 def image_files(paths):
-    """The files to look at: the given files in their order, or every image file of one folder by name."""
+    """The files to look at: those given, in their order, or every image file of one folder."""
     if len(paths) == 1 and os.path.isdir(paths[0]):
-        files = sorted(os.path.join(paths[0], f) for f in os.listdir(paths[0])
-                       if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(paths[0], f)))
+        files = sorted(
+            os.path.join(paths[0], f)
+            for f in os.listdir(paths[0])
+            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(paths[0], f))
+        )
         if not files:
-            sys.exit(f"error: the folder {paths[0]} holds no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+            kinds = ", ".join(IMAGE_EXTENSIONS)
+            sys.exit(f"error: the folder {paths[0]} holds no image files ({kinds}).")
         return files
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
@@ -48,51 +52,63 @@ def image_files(paths):
 
 
 def load_image(path):
-    """The image at path as CIFAR-100 holds its images: 32×32 RGB. Transparent parts become white, grey
-    and palette images RGB; the largest centred square is shrunk to 32×32, so the training features' image
-    transform then sees what it saw in training."""
+    """The image at path as CIFAR-100 holds its images: 32×32 RGB. Transparent parts become white,
+    grey and palette images RGB; the largest centred square is shrunk to 32×32, so the training
+    features' image transform then sees what it saw in training."""
     try:
         with Image.open(path) as image:
             image.load()
-            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+            if image.mode in ("RGBA", "LA", "PA") or (
+                image.mode == "P" and "transparency" in image.info
+            ):
                 rgba = image.convert("RGBA")
                 image = Image.new("RGB", rgba.size, (255, 255, 255))
                 image.paste(rgba, mask=rgba.getchannel("A"))
             image = image.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        sys.exit(f"error: {path} is not a readable image ({type(error).__name__}). Remove it or give other files.")
+        sys.exit(
+            f"error: {path} is not a readable image ({type(error).__name__}). "
+            "Remove it or give other files."
+        )
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side)).resize((32, 32), Image.BICUBIC)
 
 
 def load_model(path, device):
-    """The AnomalyPredictor saved at path; exits with a message if it is missing or of another task."""
+    """The AnomalyPredictor saved at path; exits with a message if it is missing or unusable."""
     if not os.path.isfile(path):
-        sys.exit(f"error: no trained model at {path}. `python train.py` trains one and saves it there "
-                 "(`--checkpoint-dir` for another folder), or point --ckpt at a SetAnomalyDetect.ckpt.")
+        sys.exit(
+            f"error: no trained model at {path}. `python train.py` trains one and saves it there "
+            "(`--checkpoint-dir` for another folder), or point --ckpt at a SetAnomalyDetect.ckpt."
+        )
     try:
         hparams = read_checkpoint(path)["hyper_parameters"]
     except ValueError as error:
         sys.exit(f"error: {error}; use the SetAnomalyDetect.ckpt that `python train.py` writes.")
     if hparams.get("num_classes") != 1 or hparams.get("input_dim") != features.FEATURE_DIM:
-        sys.exit(f"error: {path} is a model of another task (input_dim={hparams.get('input_dim')}, "
-                 f"num_classes={hparams.get('num_classes')}), not the set-anomaly model; use the "
-                 "SetAnomalyDetect.ckpt that `python train.py` writes.")
+        sys.exit(
+            f"error: {path} is a model of another task (input_dim={hparams.get('input_dim')}, "
+            f"num_classes={hparams.get('num_classes')}), not the set-anomaly model; use the "
+            "SetAnomalyDetect.ckpt that `python train.py` writes."
+        )
     try:
         return AnomalyPredictor.load_from_checkpoint(path, map_location=device).eval()
     except Exception as error:  # wrong shapes, missing keys or hyper-parameters: not a usable model
-        sys.exit(f"error: {path} does not hold a usable set-anomaly model ({type(error).__name__}); "
-                 "train one with `python train.py`.")
+        sys.exit(
+            f"error: {path} does not hold a usable set-anomaly model ({type(error).__name__}); "
+            "train one with `python train.py`."
+        )
 
 
 @torch.no_grad()
 def predict(model, backbone, images, device, image_size=224):
-    """(probabilities [N] that each of images [N, 32, 32, 3] uint8 is the odd one out, attention maps:
-    layers × [Head, N, N])."""
+    """(probabilities [N] that each of images [N, 32, 32, 3] uint8 is the odd one out, attention
+    maps: layers × [Head, N, N])."""
     dataset = features.ImageArray(images, [0] * len(images), features.image_transform(image_size))
-    feats = features.extract_features(backbone, dataset, device,
-                                      batch_size=32, num_workers=0, desc="images")
+    feats = features.extract_features(
+        backbone, dataset, device, batch_size=32, num_workers=0, desc="images"
+    )
     x = feats[None].to(device)  # one set: [1, N, 512]
     probs = model.anomaly_logits(x)[0].softmax(dim=0)
     maps = model.get_attention_maps(x, add_positional_encoding=False)
@@ -101,25 +117,46 @@ def predict(model, backbone, images, device, image_size=224):
 
 @torch.no_grad()
 def set_size_accuracy(model, feats, labels, set_size, device):
-    """Accuracy of model on the post's fixed evaluation sets of set_size built from feats and labels."""
-    loader = data.DataLoader(SetAnomalyDataset(feats, labels, set_size=set_size, train=False), batch_size=256)
+    """Accuracy of model on the post's fixed evaluation sets of set_size from feats and labels."""
+    sets = SetAnomalyDataset(feats, labels, set_size=set_size, train=False)
     right = 0
-    for img_sets, _, label in loader:
-        right += (model.anomaly_logits(img_sets.to(device)).argmax(dim=-1).cpu() == label).sum().item()
+    for img_sets, _, label in data.DataLoader(sets, batch_size=256):
+        predicted = model.anomaly_logits(img_sets.to(device)).argmax(dim=-1).cpu()
+        right += (predicted == label).sum().item()
     return right / len(labels)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("images", nargs="*", help="two or more image files, or one folder of them")
-    p.add_argument("--checkpoint-dir", default="saved_models", help="where train.py saved its model (default: saved_models)")
-    p.add_argument("--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)")
+    p.add_argument(
+        "--checkpoint-dir",
+        default="saved_models",
+        help="where train.py saved its model (default: saved_models)",
+    )
+    p.add_argument(
+        "--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)"
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--figure", help="save the images, their probabilities and the attention maps to this PNG")
-    p.add_argument("--set-sizes", type=int, nargs="+", metavar="N",
-                   help="instead of images: the model's accuracy on the cached test features for these set sizes")
-    p.add_argument("--synthetic", action="store_true",
-                   help="the model and backbone of `python train.py --synthetic` (untrained ResNet34, 64×64 images)")
+    p.add_argument(
+        "--figure", help="save the images, their probabilities and the attention maps to this PNG"
+    )
+    p.add_argument(
+        "--set-sizes",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="instead of images: the model's accuracy on the cached test features at these set "
+        "sizes",
+    )
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="the model and backbone of `python train.py --synthetic` (untrained ResNet34, "
+        "64×64 images)",
+    )
     args = p.parse_args(argv)
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     ckpt = args.ckpt or model_file(run_folder)
@@ -135,23 +172,29 @@ def main(argv=None):
         then = "`python train.py` rebuilds it"
         cache = features.cached_test_features(run_folder, meta("test"), then)
         if cache is None:
-            sys.exit(f"error: no valid test feature cache in {run_folder}; `python train.py` makes it.")
+            sys.exit(
+                f"error: no valid test feature cache in {run_folder}; `python train.py` makes it."
+            )
         try:
             accuracies = {n: set_size_accuracy(model, *cache, n, device) for n in args.set_sizes}
         except ValueError as error:
             sys.exit(f"error: {error}")
-        print(json.dumps(accuracies) if args.json else
-              "\n".join(f"set size {n:3d}: accuracy {100 * acc:6.2f}% (chance {100 / n:6.2f}%)"
-                        for n, acc in accuracies.items()))
+        if args.json:
+            print(json.dumps(accuracies))
+        else:
+            for n, acc in accuracies.items():
+                print(f"set size {n:3d}: accuracy {100 * acc:6.2f}% (chance {100 / n:6.2f}%)")
         return accuracies
 
     files = image_files(args.images)
     if len(files) < 2:
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
-    images = np.stack([np.asarray(load_image(f)) for f in files])  # [N, 32, 32, 3] uint8, as CIFAR-100's .data
+    # [N, 32, 32, 3] uint8, as CIFAR-100's .data
+    images = np.stack([np.asarray(load_image(f)) for f in files])
     model = load_model(ckpt, device)
+    get_backbone = synthetic.synthetic_backbone if args.synthetic else features.imagenet_resnet34
     try:
-        backbone = synthetic.synthetic_backbone() if args.synthetic else features.imagenet_resnet34()
+        backbone = get_backbone()
     except features.MissingResources as error:
         sys.exit(f"error: {error}")
     image_size = synthetic.SYNTHETIC["image_size"] if args.synthetic else 224
@@ -162,12 +205,19 @@ def main(argv=None):
     if args.figure:
         import visualize  # matplotlib only when a figure is asked for
 
-        visualize.plot_set_prediction(args.figure, images / 255, probs, maps, names=names,
-                                      title=f"Odd one out: {names[odd]} (p={probs[odd]:.2f})")
+        visualize.plot_set_prediction(
+            args.figure,
+            images / 255,
+            probs,
+            maps,
+            names=names,
+            title=f"Odd one out: {names[odd]} (p={probs[odd]:.2f})",
+        )
         print(f"Figure written to {args.figure}", file=sys.stderr)
     if args.json:
-        print(json.dumps({"files": files, "probabilities": [float(q) for q in probs], "predicted_index": odd,
-                          "predicted_file": files[odd]}, indent=2))
+        probabilities = [float(q) for q in probs]
+        result = dict(files=files, probabilities=probabilities, predicted_index=odd)
+        print(json.dumps(dict(result, predicted_file=files[odd]), indent=2))
     else:
         for i in np.argsort(-probs, kind="stable"):
             print(f"{100 * probs[i]:6.2f}%  {files[i]}")

@@ -1,8 +1,9 @@
 """The offline stand-in for CIFAR-100 and the ImageNet ResNet34, used by `train.py --synthetic`.
 
-Generated 32×32 images in 10 classes and a randomly initialised ResNet34 run every stage of the post's
-pipeline (transform, feature extraction and cache, sets, training, evaluation) with no download, in
-seconds. The numbers it gives only show that the pipeline works; they are not the post's experiment.
+Generated 32×32 images in 10 classes and a randomly initialised ResNet34 run every stage of the
+post's pipeline (transform, feature extraction and cache, sets, training, evaluation) with no
+download, in seconds. The numbers it gives only show that the pipeline works; they are not the
+post's experiment.
 """
 
 import numpy as np

@@ -1,11 +1,12 @@
 """The post's experiment end to end (数据处理和模型训练, 模型训练和推理): CIFAR-100 features from a
-ResNet34, sets of 10 with one odd image, a 4-layer Transformer encoder that finds it; and two sequence
-tasks from the tutorial.
+ResNet34, sets of 10 with one odd image, a 4-layer Transformer encoder that finds it; and two
+sequence tasks from the tutorial.
 
     python train.py                  # the post's run; a second run loads the saved model, evaluates
     python train.py --synthetic      # every stage offline on generated images, in seconds on a CPU
-    python train.py --task reverse   # the tutorial's sequence task: reverse a sequence (encoder only)
-    python train.py --task seq2seq   # the decoder the post describes: sort a sequence, token by token
+    python train.py --task reverse   # the tutorial's sequence task: reverse a sequence (encoder
+    only) python train.py --task seq2seq   # the decoder the post describes: sort a sequence, token
+    by token
 """
 
 import argparse
@@ -280,7 +281,8 @@ def sequence_setup(args):
 
 def make_loaders(args, datasets, device):
     """{"train", "val", "test"} batches of the datasets: the post's DataLoaders, or with --fast (set
-    task, one device) SetBatches, which samples whole batches with tensor operations on the device."""
+    task, one device) SetBatches, which samples whole batches with tensor operations on the
+    device."""
     if args.fast and args.task == "anomaly" and args.devices == 1:
         return {split: SetBatches(ds, args.batch_size, device) for split, ds in datasets.items()}
     train = data.DataLoader(
@@ -298,7 +300,8 @@ def make_loaders(args, datasets, device):
 
 
 def model_hparams(args, io_dims, steps_per_epoch):
-    """The model's constructor arguments for this run: io_dims (input_dim, num_classes), the flags."""
+    """The model's constructor arguments for this run: io_dims (input_dim, num_classes), the
+    flags."""
     return dict(
         io_dims,
         model_dim=args.model_dim,
@@ -318,7 +321,8 @@ def model_hparams(args, io_dims, steps_per_epoch):
 
 
 def make_trainer(args, root_dir, callbacks, **overrides):
-    """The Lightning Trainer of a run: devices, epochs, clipping, TensorBoard logs under root_dir."""
+    """The Lightning Trainer of a run: devices, epochs, clipping, TensorBoard logs under
+    root_dir."""
     settings = dict(
         default_root_dir=root_dir,
         callbacks=callbacks,
@@ -366,9 +370,9 @@ def check_saved_model(path, hparams, args, hint):
 
 
 def resume_from(args, hparams, checkpoints):
-    """With --resume, the last checkpoint in the folder checkpoints, once its schedule and weights are
-    shown to fit what is asked; otherwise None, after clearing the folder (its checkpoints would be
-    mistaken for this run's)."""
+    """With --resume, the last checkpoint in the folder checkpoints, once its schedule and weights
+    are shown to fit what is asked; otherwise None, after clearing the folder (its checkpoints would
+    be mistaken for this run's)."""
     if args.resume:
         last = os.path.join(checkpoints, "last.ckpt")
         hint = "Resume with the settings of the interrupted run, or train anew without --resume."
@@ -388,8 +392,8 @@ def save_model(best_checkpoint, path, args):
 
 
 def train_model(args, model_class, hparams, loaders, run_folder, seconds):
-    """The post's train_anomaly, for every task: load the saved model if there is one, otherwise fit,
-    reload the best epoch and save it; then test it on each split. Returns ({"val_acc": ...},
+    """The post's train_anomaly, for every task: load the saved model if there is one, otherwise
+    fit, reload the best epoch and save it; then test it on each split. Returns ({"val_acc": ...},
     trained), or None on every process but the first when several train. Fills seconds."""
     start = time.time()
     root_dir, saved = task_dir(run_folder, args.task), model_file(run_folder, args.task)
@@ -419,7 +423,8 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
     start = time.time()
     if trainer.world_size > 1:  # test on this one process, over the full sets (no padded copies)
         trainer = make_trainer(args, root_dir, [], devices=1, strategy="auto", logger=False)
-    # Train accuracy is on freshly drawn training sets, as in the post; sequence tasks: val and test.
+    # Train accuracy is on freshly drawn training sets, as in the post; sequence tasks: val and
+    # test.
     splits = ("train", "val", "test") if args.task == "anomaly" else ("val", "test")
     result = {
         f"{split}_acc": trainer.test(model, loaders[split], verbose=False)[0]["test_acc"]
@@ -469,7 +474,8 @@ def main(argv=None):
             f"error: --batch-size {args.batch_size} is larger than the "
             f"{len(datasets['train'])} training items."
         )
-    # With several processes each takes every N-th item (Lightning's DistributedSampler): fewer steps.
+    # With several processes each takes every N-th item (Lightning's DistributedSampler): fewer
+    # steps.
     per_process = math.ceil(len(datasets["train"]) / args.devices)
     steps_per_epoch = len(loaders["train"]) if args.devices == 1 else per_process // args.batch_size
     hparams = model_hparams(args, io_dims, steps_per_epoch)

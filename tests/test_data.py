@@ -9,7 +9,9 @@ from data import SetAnomalyDataset, images_by_class, split_train_val
 
 def make_data(num_classes=6, per_class=15, dim=4, seed=0):
     g = torch.Generator().manual_seed(seed)
-    labels = torch.arange(num_classes).repeat(per_class)[torch.randperm(num_classes * per_class, generator=g)]
+    labels = torch.arange(num_classes).repeat(per_class)[
+        torch.randperm(num_classes * per_class, generator=g)
+    ]
     return torch.randn(len(labels), dim, generator=g), labels
 
 
@@ -48,7 +50,10 @@ def test_set_class_is_uniform_over_the_other_classes():
     dataset = SetAnomalyDataset(feats, labels, set_size=3)
     for anomaly_label in range(6):
         rng = EveryValue()
-        drawn = [labels[dataset.sample_img_set(torch.tensor(anomaly_label), rng)[0]].item() for _ in range(5)]
+        drawn = [
+            labels[dataset.sample_img_set(torch.tensor(anomaly_label), rng)[0]].item()
+            for _ in range(5)
+        ]
         # Each of the 5 equally likely draws gives another class, and every other class comes up once.
         assert sorted(drawn) == [c for c in range(6) if c != anomaly_label]
         # The tempting `==` instead of `>=` skips the anomaly's class only when hit exactly: the class
@@ -108,7 +113,9 @@ def test_split_puts_the_first_tenth_of_each_class_in_validation():
     feats, labels = make_data(num_classes=5, per_class=29)
     train_idx, val_idx = split_train_val(labels)
     grouped = torch.argsort(labels).reshape(5, 29)  # the post's grouping
-    assert len(val_idx) == 5 * 2 and len(train_idx) == 5 * 27  # 10 % of 29, rounded down: 2 per class
+    assert (
+        len(val_idx) == 5 * 2 and len(train_idx) == 5 * 27
+    )  # 10 % of 29, rounded down: 2 per class
     assert torch.bincount(labels[val_idx]).tolist() == [2] * 5
     for c in range(5):
         class_val = [i for i in val_idx.tolist() if labels[i] == c]
@@ -116,15 +123,23 @@ def test_split_puts_the_first_tenth_of_each_class_in_validation():
     assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(len(labels)))
 
 
-@pytest.mark.parametrize("feats, labels, set_size, message", [
-    (torch.zeros(7, 2), torch.tensor([0, 0, 0, 0, 1, 1, 1]), 2, "same number of images"),
-    (torch.zeros(6, 2), torch.tensor([0, 0, 0, 1, 1, 1]), 5, "fewer than"),
-    (torch.zeros(6, 2), torch.tensor([0, 0, 0, 1, 1, 1]), 1, "at least 2"),
-    (torch.zeros(5, 2), torch.tensor([0, 0, 0, 1, 1, 1]), 2, "differ in length"),
-    (torch.zeros(4, 2), torch.tensor([0, 0, 2, 2]), 2, "same number of images"),  # class 1 is empty
-    (torch.zeros(4, 2), torch.tensor([0.0, 0.0, 1.0, 1.0]), 2, "class indices"),
-    (torch.zeros(4, 2), torch.tensor([-1, -1, 1, 1]), 2, "class indices"),
-])
+@pytest.mark.parametrize(
+    "feats, labels, set_size, message",
+    [
+        (torch.zeros(7, 2), torch.tensor([0, 0, 0, 0, 1, 1, 1]), 2, "same number of images"),
+        (torch.zeros(6, 2), torch.tensor([0, 0, 0, 1, 1, 1]), 5, "fewer than"),
+        (torch.zeros(6, 2), torch.tensor([0, 0, 0, 1, 1, 1]), 1, "at least 2"),
+        (torch.zeros(5, 2), torch.tensor([0, 0, 0, 1, 1, 1]), 2, "differ in length"),
+        (
+            torch.zeros(4, 2),
+            torch.tensor([0, 0, 2, 2]),
+            2,
+            "same number of images",
+        ),  # class 1 is empty
+        (torch.zeros(4, 2), torch.tensor([0.0, 0.0, 1.0, 1.0]), 2, "class indices"),
+        (torch.zeros(4, 2), torch.tensor([-1, -1, 1, 1]), 2, "class indices"),
+    ],
+)
 def test_bad_input_says_what_is_wrong(feats, labels, set_size, message):
     with pytest.raises(ValueError, match=message):
         SetAnomalyDataset(feats, labels, set_size=set_size)

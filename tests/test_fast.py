@@ -1,20 +1,35 @@
 """The fast path (train.py --fast) computes what the faithful path computes."""
 
-import numpy as np
-import pytorch_lightning as pl
 import pytest
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torch.utils.data as data
+from test_model import clustered_features, randomise
 
 from data import SetAnomalyDataset, SetBatches
 from features import extract_features, extract_features_fast, image_transform, resnet34_backbone
-from model import AnomalyPredictor, BitMaskDropout, MultiheadAttention, Seq2SeqPredictor, causal_mask
+from model import (
+    AnomalyPredictor,
+    BitMaskDropout,
+    MultiheadAttention,
+    Seq2SeqPredictor,
+    causal_mask,
+)
 from synthetic import GeneratedImages
-from test_model import clustered_features, randomise
 
-POST = dict(input_dim=512, model_dim=256, num_classes=1, num_heads=4, num_layers=4, lr=5e-4, warmup=100,
-            max_iters=70300, dropout=0.1, input_dropout=0.1)
+POST = dict(
+    input_dim=512,
+    model_dim=256,
+    num_classes=1,
+    num_heads=4,
+    num_layers=4,
+    lr=5e-4,
+    warmup=100,
+    max_iters=70300,
+    dropout=0.1,
+    input_dropout=0.1,
+)
 
 
 def test_fast_forward_equals_faithful_forward():
@@ -36,7 +51,11 @@ def test_fused_attention_masks_like_the_manual_one(mask):
     torch.manual_seed(0)
     attn = randomise(MultiheadAttention(16, 16, 4))
     x = torch.randn(3, 6, 16)
-    m = causal_mask(6) if mask == "causal" else torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])[:, None, :]
+    m = (
+        causal_mask(6)
+        if mask == "causal"
+        else torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])[:, None, :]
+    )
     for as_float in (False, True):  # a float 0/1 mask must mask as well, not be added to the logits
         m_in = m.float() if as_float else m
         faithful = attn(x, mask=m_in)
@@ -48,8 +67,16 @@ def test_fused_attention_masks_like_the_manual_one(mask):
 
 def test_fast_seq2seq_generation_is_unchanged():
     torch.manual_seed(0)
-    hparams = dict(input_dim=8, model_dim=16, num_classes=8, num_heads=2, num_layers=2, lr=1e-3,
-                   warmup=1, max_iters=10)
+    hparams = dict(
+        input_dim=8,
+        model_dim=16,
+        num_classes=8,
+        num_heads=2,
+        num_layers=2,
+        lr=1e-3,
+        warmup=1,
+        max_iters=10,
+    )
     model = randomise(Seq2SeqPredictor(**hparams)).eval()
     fast_model = Seq2SeqPredictor(**hparams, fast=True).eval()
     fast_model.load_state_dict(model.state_dict())
@@ -89,7 +116,9 @@ def test_set_batches_evaluation_sets_are_the_datasets():
     faithful = sets_of(data.DataLoader(dataset, batch_size=64))
     assert len(fast) == len(faithful) == len(SetBatches(dataset, batch_size=64))
     for (a_sets, a_idx, a_lab), (b_sets, b_idx, b_lab) in zip(fast, faithful):
-        assert torch.equal(a_sets, b_sets) and torch.equal(a_idx, b_idx) and torch.equal(a_lab, b_lab)
+        assert (
+            torch.equal(a_sets, b_sets) and torch.equal(a_idx, b_idx) and torch.equal(a_lab, b_lab)
+        )
 
 
 def test_set_batches_training_sets_follow_the_datasets_distribution():
@@ -110,38 +139,64 @@ def test_set_batches_training_sets_follow_the_datasets_distribution():
                 assert len(set(row[:-1].tolist())) == 4 and torch.all(set_labels == set_labels[0])
                 assert set_labels[0] != labels[row[-1]]
                 counts[labels[row[-1]], set_labels[0]] += 1
-        assert len(set(seen)) == len(seen) == len(batches) * 16  # every anomaly at most once an epoch
+        assert (
+            len(set(seen)) == len(seen) == len(batches) * 16
+        )  # every anomaly at most once an epoch
     # The set's class is uniform over the other classes: each cell of the table near its expected count.
     expected = counts.sum(dim=1, keepdim=True) / (num_classes - 1)
     off_diagonal = ~torch.eye(num_classes, dtype=torch.bool)
     assert torch.all(counts.diagonal() == 0)
-    assert torch.all((counts - expected)[off_diagonal].abs() < 5 * expected.expand_as(counts)[off_diagonal].sqrt())
+    assert torch.all(
+        (counts - expected)[off_diagonal].abs()
+        < 5 * expected.expand_as(counts)[off_diagonal].sqrt()
+    )
 
 
 def test_fast_features_agree_with_faithful_ones():
     torch.manual_seed(0)
     backbone = resnet34_backbone()
-    images = GeneratedImages(num_classes=4, per_class=2, transform=image_transform(224), seed=0, split="test")
+    images = GeneratedImages(
+        num_classes=4, per_class=2, transform=image_transform(224), seed=0, split="test"
+    )
     faithful = extract_features(backbone, images, torch.device("cpu"), batch_size=4, num_workers=0)
     fast = extract_features_fast(backbone, images.data, torch.device("cpu"), batch_size=4)
     # An untrained ResNet gives every image nearly the same feature direction (raw cosines between different
     # images are above 0.998 here), so compare what sets the images apart: the features minus their mean.
     mean = faithful.mean(dim=0)
-    assert F.cosine_similarity(faithful[:4] - mean, faithful[4:] - mean).max() < 0.9  # different images differ
+    assert (
+        F.cosine_similarity(faithful[:4] - mean, faithful[4:] - mean).max() < 0.9
+    )  # different images differ
     assert F.cosine_similarity(fast - mean, faithful - mean).min() > 0.999
 
 
 def train_and_test(fast, train_set, test_set, steps):
     pl.seed_everything(0)
-    model = AnomalyPredictor(input_dim=32, model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3,
-                             warmup=10, max_iters=steps, dropout=0.1, input_dropout=0.1, fast=fast)
+    model = AnomalyPredictor(
+        input_dim=32,
+        model_dim=32,
+        num_classes=1,
+        num_heads=2,
+        num_layers=2,
+        lr=1e-3,
+        warmup=10,
+        max_iters=steps,
+        dropout=0.1,
+        input_dropout=0.1,
+        fast=fast,
+    )
     if fast:
         train_loader, test_loader = SetBatches(train_set, 32), SetBatches(test_set, 64)
     else:
         train_loader = data.DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True)
         test_loader = data.DataLoader(test_set, batch_size=64)
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(model, train_loader)
     return trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
 
@@ -149,7 +204,9 @@ def train_and_test(fast, train_set, test_set, steps):
 def test_fast_and_faithful_training_reach_the_same_accuracy():
     train_feats, train_labels = clustered_features(20, 40, 32, seed=0)
     test_feats, test_labels = clustered_features(20, 20, 32, seed=0)
-    test_feats = test_feats + 0.3 * torch.randn(test_feats.shape, generator=torch.Generator().manual_seed(1))
+    test_feats = test_feats + 0.3 * torch.randn(
+        test_feats.shape, generator=torch.Generator().manual_seed(1)
+    )
     train_set = SetAnomalyDataset(train_feats, train_labels, set_size=10, train=True)
     test_set = SetAnomalyDataset(test_feats, test_labels, set_size=10, train=False)
     faithful = train_and_test(False, train_set, test_set, steps=300)

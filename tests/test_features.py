@@ -9,8 +9,18 @@ import torch.nn as nn
 from PIL import Image
 
 import features
-from features import (DATA_MEANS, DATA_STD, MissingResources, cache_meta, cached_features,
-                      cifar100_features, extract_features, image_transform, resnet34_backbone, save_atomically)
+from features import (
+    DATA_MEANS,
+    DATA_STD,
+    MissingResources,
+    cache_meta,
+    cached_features,
+    cifar100_features,
+    extract_features,
+    image_transform,
+    resnet34_backbone,
+    save_atomically,
+)
 from synthetic import GeneratedImages
 
 
@@ -48,8 +58,13 @@ def test_extraction_in_batches_equals_one_image_at_a_time():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
     images = torch.randn(11, 3, 8, 8)
-    feats = extract_features(model, ImagesAndLabels(images, list(range(11))), torch.device("cpu"),
-                             batch_size=4, num_workers=0)
+    feats = extract_features(
+        model,
+        ImagesAndLabels(images, list(range(11))),
+        torch.device("cpu"),
+        batch_size=4,
+        num_workers=0,
+    )
     with torch.no_grad():
         expected = torch.cat([model(img[None]) for img in images])
     torch.testing.assert_close(feats, expected)
@@ -66,8 +81,12 @@ class CountingSources:
         torch.manual_seed(0)
         backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, features.FEATURE_DIM)).eval()
         g = torch.Generator().manual_seed(1)
-        data = {s: ImagesAndLabels(torch.randn(self.n, 3, 4, 4, generator=g), [i % 3 for i in range(self.n)])
-                for s in ("train", "test")}
+        data = {
+            s: ImagesAndLabels(
+                torch.randn(self.n, 3, 4, 4, generator=g), [i % 3 for i in range(self.n)]
+            )
+            for s in ("train", "test")
+        }
         return data, backbone
 
 
@@ -76,7 +95,9 @@ def metas(n=6, weights="w"):
 
 
 def extract(tmp_path, sources, meta=None):
-    return cached_features(str(tmp_path), meta or metas(), sources, torch.device("cpu"), num_workers=0)
+    return cached_features(
+        str(tmp_path), meta or metas(), sources, torch.device("cpu"), num_workers=0
+    )
 
 
 def test_cache_is_computed_once_then_reused(tmp_path):
@@ -107,11 +128,14 @@ def spoil_shape(path):
     torch.save(cache, path)
 
 
-@pytest.mark.parametrize("spoil, message", [
-    (spoil_truncate, "cannot be read"),
-    (spoil_bare_tensor, "bare tensor"),
-    (spoil_shape, "does not hold 6 features"),
-])
+@pytest.mark.parametrize(
+    "spoil, message",
+    [
+        (spoil_truncate, "cannot be read"),
+        (spoil_bare_tensor, "bare tensor"),
+        (spoil_shape, "does not hold 6 features"),
+    ],
+)
 def test_a_bad_cache_is_reported_and_rebuilt(tmp_path, capsys, spoil, message):
     sources = CountingSources()
     good = extract(tmp_path, sources)
@@ -149,7 +173,9 @@ def test_interrupted_write_leaves_nothing_behind(tmp_path):
 
 
 def test_generated_images_have_balanced_classes():
-    images = GeneratedImages(num_classes=4, per_class=7, transform=image_transform(32), seed=0, split="train")
+    images = GeneratedImages(
+        num_classes=4, per_class=7, transform=image_transform(32), seed=0, split="train"
+    )
     assert images.data.shape == (28, 32, 32, 3) and images.data.dtype == np.uint8
     assert np.bincount(images.targets).tolist() == [7] * 4
     img, label = images[0]
@@ -162,7 +188,9 @@ def test_offline_names_everything_missing(tmp_path, monkeypatch):
         monkeypatch.setenv(var, "http://127.0.0.1:9")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(MissingResources) as error:
-        cifar100_features(str(tmp_path / "data"), str(tmp_path / "cache"), torch.device("cpu"), num_workers=0)
+        cifar100_features(
+            str(tmp_path / "data"), str(tmp_path / "cache"), torch.device("cpu"), num_workers=0
+        )
     message = str(error.value)
     assert "CIFAR-100" in message and str(tmp_path / "data" / "cifar-100-python") in message
     assert "ResNet34 weights" in message

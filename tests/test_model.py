@@ -4,13 +4,22 @@ import math
 
 import numpy as np
 import pytest
-import torch
 import pytorch_lightning as pl
+import torch
 import torch.utils.data as data
 
 from data import SetAnomalyDataset
-from model import (AnomalyPredictor, CosineWarmupScheduler, EncoderBlock, MultiheadAttention, PositionalEncoding,
-                   TransformerEncoder, TransformerPredictor, expand_mask, scaled_dot_product)
+from model import (
+    AnomalyPredictor,
+    CosineWarmupScheduler,
+    EncoderBlock,
+    MultiheadAttention,
+    PositionalEncoding,
+    TransformerEncoder,
+    TransformerPredictor,
+    expand_mask,
+    scaled_dot_product,
+)
 
 
 def reference_attention(q, k, v, mask=None):
@@ -83,7 +92,7 @@ def reference_multihead(x, w_qkv, b_qkv, w_o, b_o, num_heads, mask=None):
     for h in range(num_heads):
         block = slice(3 * d * h, 3 * d * (h + 1))
         qkv = x @ w_qkv[block].T + b_qkv[block]
-        q, k, v = qkv[:, :d], qkv[:, d:2 * d], qkv[:, 2 * d:]
+        q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
         o, w = reference_attention(q, k, v, mask)
         outs.append(o)
         maps.append(w)
@@ -100,10 +109,14 @@ def test_multihead_attention_matches_per_head_formula():
     mask = torch.tril(torch.ones(5, 5))
     out, attention = attn(x, mask=mask, return_attention=True)
     assert out.shape == (3, 5, 8) and attention.shape == (3, 2, 5, 5)
-    params = [p.detach().numpy().astype(np.float64) for p in
-              (attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias)]
+    params = [
+        p.detach().numpy().astype(np.float64)
+        for p in (attn.qkv_proj.weight, attn.qkv_proj.bias, attn.o_proj.weight, attn.o_proj.bias)
+    ]
     for b in range(3):
-        ref_out, ref_maps = reference_multihead(x[b].numpy(), *params, num_heads=2, mask=mask.tolist())
+        ref_out, ref_maps = reference_multihead(
+            x[b].numpy(), *params, num_heads=2, mask=mask.tolist()
+        )
         np.testing.assert_allclose(out[b].detach().numpy(), ref_out, atol=1e-5)
         np.testing.assert_allclose(attention[b].detach().numpy(), ref_maps, atol=1e-6)
 
@@ -127,15 +140,24 @@ def test_multihead_attention_rejects_indivisible_heads():
 def layer_norm(x, norm):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + norm.eps) * norm.weight.detach().numpy() + norm.bias.detach().numpy()
+    return (x - mean) / np.sqrt(
+        var + norm.eps
+    ) * norm.weight.detach().numpy() + norm.bias.detach().numpy()
 
 
 def reference_encoder_block(x, block, mask=None):
     """Post-LN encoder block in eval mode: LN(x + MHA(x)), then LN(x + W2·relu(W1·x + b1) + b2)."""
     p = lambda t: t.detach().numpy().astype(np.float64)
     a = block.self_attn
-    attn_out, attn_map = reference_multihead(x, p(a.qkv_proj.weight), p(a.qkv_proj.bias), p(a.o_proj.weight),
-                                             p(a.o_proj.bias), a.num_heads, mask)
+    attn_out, attn_map = reference_multihead(
+        x,
+        p(a.qkv_proj.weight),
+        p(a.qkv_proj.bias),
+        p(a.o_proj.weight),
+        p(a.o_proj.bias),
+        a.num_heads,
+        mask,
+    )
     x = layer_norm(x + attn_out, block.norm1)
     l1, l2 = block.linear_net[0], block.linear_net[3]
     hidden = np.maximum(x @ p(l1.weight).T + p(l1.bias), 0)
@@ -152,7 +174,9 @@ def randomise(module):
 
 def test_encoder_block_matches_formula():
     torch.manual_seed(0)
-    block = randomise(EncoderBlock(input_dim=8, num_heads=2, dim_feedforward=16, dropout=0.3)).eval()
+    block = randomise(
+        EncoderBlock(input_dim=8, num_heads=2, dim_feedforward=16, dropout=0.3)
+    ).eval()
     x = torch.randn(2, 4, 8)
     out = block(x)
     for b in range(2):
@@ -162,7 +186,9 @@ def test_encoder_block_matches_formula():
 
 def test_attention_maps_use_the_mask_in_every_layer():
     torch.manual_seed(0)
-    encoder = randomise(TransformerEncoder(num_layers=3, input_dim=8, num_heads=2, dim_feedforward=16)).eval()
+    encoder = randomise(
+        TransformerEncoder(num_layers=3, input_dim=8, num_heads=2, dim_feedforward=16)
+    ).eval()
     x = torch.randn(1, 5, 8)
     mask = torch.tril(torch.ones(5, 5))
     maps = encoder.get_attention_maps(x, mask=mask)
@@ -207,17 +233,49 @@ def test_cosine_warmup_scheduler_follows_formula():
     assert scheduler.get_lr_factor(100) == pytest.approx(0.0, abs=1e-12)
 
 
-HPARAMS = dict(input_dim=12, model_dim=8, num_classes=3, num_heads=2, num_layers=2, lr=1e-3, warmup=5,
-               max_iters=50, dropout=0.1, input_dropout=0.1)
+HPARAMS = dict(
+    input_dim=12,
+    model_dim=8,
+    num_classes=3,
+    num_heads=2,
+    num_layers=2,
+    lr=1e-3,
+    warmup=5,
+    max_iters=50,
+    dropout=0.1,
+    input_dropout=0.1,
+)
 
 # The tutorial's state_dict layout, written out: a checkpoint of the original code has exactly these keys.
-TUTORIAL_KEYS = ["input_net.1.weight", "input_net.1.bias"] + [
-    f"transformer.layers.{i}.{name}" for i in range(2) for name in (
-        "self_attn.qkv_proj.weight", "self_attn.qkv_proj.bias", "self_attn.o_proj.weight", "self_attn.o_proj.bias",
-        "linear_net.0.weight", "linear_net.0.bias", "linear_net.3.weight", "linear_net.3.bias",
-        "norm1.weight", "norm1.bias", "norm2.weight", "norm2.bias")
-] + ["output_net.0.weight", "output_net.0.bias", "output_net.1.weight", "output_net.1.bias",
-     "output_net.4.weight", "output_net.4.bias"]
+TUTORIAL_KEYS = (
+    ["input_net.1.weight", "input_net.1.bias"]
+    + [
+        f"transformer.layers.{i}.{name}"
+        for i in range(2)
+        for name in (
+            "self_attn.qkv_proj.weight",
+            "self_attn.qkv_proj.bias",
+            "self_attn.o_proj.weight",
+            "self_attn.o_proj.bias",
+            "linear_net.0.weight",
+            "linear_net.0.bias",
+            "linear_net.3.weight",
+            "linear_net.3.bias",
+            "norm1.weight",
+            "norm1.bias",
+            "norm2.weight",
+            "norm2.bias",
+        )
+    ]
+    + [
+        "output_net.0.weight",
+        "output_net.0.bias",
+        "output_net.1.weight",
+        "output_net.1.bias",
+        "output_net.4.weight",
+        "output_net.4.bias",
+    ]
+)
 
 
 def reference_predictor(x, state, hp, add_positional_encoding):
@@ -238,9 +296,14 @@ def reference_predictor(x, state, hp, add_positional_encoding):
         h = h + np.where(np.arange(d) % 2 == 0, np.sin(angle), np.cos(angle))
     for i in range(hp["num_layers"]):
         p = f"transformer.layers.{i}."
-        attn_out, _ = reference_multihead(h, s[p + "self_attn.qkv_proj.weight"], s[p + "self_attn.qkv_proj.bias"],
-                                          s[p + "self_attn.o_proj.weight"], s[p + "self_attn.o_proj.bias"],
-                                          hp["num_heads"])
+        attn_out, _ = reference_multihead(
+            h,
+            s[p + "self_attn.qkv_proj.weight"],
+            s[p + "self_attn.qkv_proj.bias"],
+            s[p + "self_attn.o_proj.weight"],
+            s[p + "self_attn.o_proj.bias"],
+            hp["num_heads"],
+        )
         h = ln(h + attn_out, p + "norm1")
         h = ln(h + lin(np.maximum(lin(h, p + "linear_net.0"), 0), p + "linear_net.3"), p + "norm2")
     h = np.maximum(ln(lin(h, "output_net.0"), "output_net.1"), 0)
@@ -260,7 +323,9 @@ def test_full_forward_matches_formula(add_positional_encoding):
     out = model(x, add_positional_encoding=add_positional_encoding)
     assert out.shape == (2, 6, 3)
     for b in range(2):
-        ref = reference_predictor(x[b].numpy(), model.state_dict(), HPARAMS, add_positional_encoding)
+        ref = reference_predictor(
+            x[b].numpy(), model.state_dict(), HPARAMS, add_positional_encoding
+        )
         np.testing.assert_allclose(out[b].detach().numpy(), ref, atol=1e-4)
 
 
@@ -270,12 +335,22 @@ def test_tutorial_checkpoint_loads_strictly(tmp_path):
     shapes = {k: v.shape for k, v in TransformerPredictor(**HPARAMS).state_dict().items()}
     state = {k: torch.randn(shapes[k], generator=g) * 0.3 for k in TUTORIAL_KEYS}
     path = tmp_path / "tutorial.ckpt"
-    torch.save({"state_dict": state, "hyper_parameters": dict(HPARAMS), "pytorch-lightning_version": "2.0.0",
-                "epoch": 0, "global_step": 0}, path)
+    torch.save(
+        {
+            "state_dict": state,
+            "hyper_parameters": dict(HPARAMS),
+            "pytorch-lightning_version": "2.0.0",
+            "epoch": 0,
+            "global_step": 0,
+        },
+        path,
+    )
     model = AnomalyPredictor.load_from_checkpoint(path, strict=True).eval()
     x = torch.randn(1, 7, 12)
     ref = reference_predictor(x[0].numpy(), state, HPARAMS, add_positional_encoding=False)
-    np.testing.assert_allclose(model(x, add_positional_encoding=False)[0].detach().numpy(), ref, atol=1e-4)
+    np.testing.assert_allclose(
+        model(x, add_positional_encoding=False)[0].detach().numpy(), ref, atol=1e-4
+    )
 
 
 def test_anomaly_predictor_is_permutation_equivariant():
@@ -299,7 +374,9 @@ def test_anomaly_loss_and_accuracy():
         loss, acc = model._calculate_loss((x, None, labels), mode="test")
     log_probs = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     assert loss.item() == pytest.approx(-log_probs[torch.arange(4), labels].mean().item(), rel=1e-5)
-    assert acc.item() == pytest.approx(sum(int(l.argmax() == y) for l, y in zip(logits, labels)) / 4)
+    assert acc.item() == pytest.approx(
+        sum(int(l.argmax() == y) for l, y in zip(logits, labels)) / 4
+    )
 
 
 def clustered_features(num_classes, per_class, dim, seed):
@@ -313,16 +390,40 @@ def clustered_features(num_classes, per_class, dim, seed):
 def test_anomaly_predictor_learns_clustered_features():
     pl.seed_everything(0)
     train_feats, train_labels = clustered_features(20, 40, 32, seed=0)
-    test_feats, test_labels = clustered_features(20, 20, 32, seed=0)  # same centres, fresh noise below
+    test_feats, test_labels = clustered_features(
+        20, 20, 32, seed=0
+    )  # same centres, fresh noise below
     test_feats = test_feats + 0.3 * torch.randn_like(test_feats)
-    train_loader = data.DataLoader(SetAnomalyDataset(train_feats, train_labels, set_size=10, train=True),
-                                   batch_size=32, shuffle=True, drop_last=True)
-    test_loader = data.DataLoader(SetAnomalyDataset(test_feats, test_labels, set_size=10, train=False),
-                                  batch_size=64)
-    model = AnomalyPredictor(input_dim=32, model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3,
-                             warmup=10, max_iters=150, dropout=0.0, input_dropout=0.0)
-    trainer = pl.Trainer(max_steps=150, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    train_loader = data.DataLoader(
+        SetAnomalyDataset(train_feats, train_labels, set_size=10, train=True),
+        batch_size=32,
+        shuffle=True,
+        drop_last=True,
+    )
+    test_loader = data.DataLoader(
+        SetAnomalyDataset(test_feats, test_labels, set_size=10, train=False), batch_size=64
+    )
+    model = AnomalyPredictor(
+        input_dim=32,
+        model_dim=32,
+        num_classes=1,
+        num_heads=2,
+        num_layers=2,
+        lr=1e-3,
+        warmup=10,
+        max_iters=150,
+        dropout=0.0,
+        input_dropout=0.0,
+    )
+    trainer = pl.Trainer(
+        max_steps=150,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     untrained = trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
     trainer.fit(model, train_loader)
     trained = trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
@@ -335,10 +436,14 @@ def test_anomaly_predictor_learns_clustered_features():
 def test_checkpoint_round_trip_gives_the_same_model(tmp_path):
     torch.manual_seed(0)
     model = randomise(AnomalyPredictor(**dict(HPARAMS, num_classes=1)))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
+    )
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     loaded = AnomalyPredictor.load_from_checkpoint(tmp_path / "model.ckpt").eval()
     assert dict(loaded.hparams) == dict(model.hparams)
     x = torch.randn(2, 10, 12)
-    torch.testing.assert_close(loaded(x, add_positional_encoding=False), model.eval()(x, add_positional_encoding=False))
+    torch.testing.assert_close(
+        loaded(x, add_positional_encoding=False), model.eval()(x, add_positional_encoding=False)
+    )

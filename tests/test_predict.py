@@ -37,14 +37,34 @@ def trained(tmp_path_factory):
     """A checkpoint folder as `train.py --synthetic` leaves it, its model trained on toy-backbone features."""
     root = tmp_path_factory.mktemp("predict")
     images = GeneratedImages(10, 40, image_transform(IMAGE_SIZE), seed=0, split="train")
-    feats = extract_features(toy_backbone(), images, torch.device("cpu"), batch_size=100, num_workers=0)
+    feats = extract_features(
+        toy_backbone(), images, torch.device("cpu"), batch_size=100, num_workers=0
+    )
     pl.seed_everything(0)
-    model = AnomalyPredictor(input_dim=512, model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3,
-                             warmup=10, max_iters=200)
-    trainer = pl.Trainer(max_steps=200, accelerator="cpu", logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    loader = data.DataLoader(SetAnomalyDataset(feats, torch.tensor(images.targets), set_size=10, train=True),
-                             batch_size=32, shuffle=True, drop_last=True)
+    model = AnomalyPredictor(
+        input_dim=512,
+        model_dim=32,
+        num_classes=1,
+        num_heads=2,
+        num_layers=2,
+        lr=1e-3,
+        warmup=10,
+        max_iters=200,
+    )
+    trainer = pl.Trainer(
+        max_steps=200,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    loader = data.DataLoader(
+        SetAnomalyDataset(feats, torch.tensor(images.targets), set_size=10, train=True),
+        batch_size=32,
+        shuffle=True,
+        drop_last=True,
+    )
     trainer.fit(model, loader)
     os.makedirs(root / "synthetic")
     trainer.save_checkpoint(root / "synthetic" / "SetAnomalyDetect.ckpt")
@@ -104,14 +124,19 @@ def test_json_matches_the_text(trained, tmp_path, offline_backbone, capsys):
     assert result["predicted_index"] == 3 and result["predicted_file"] == result["files"][3]
     for line in text[:-1]:
         percent, name = line.split()
-        assert float(percent.rstrip("%")) == pytest.approx(100 * result["probabilities"][result["files"].index(name)],
-                                                           abs=0.006)
+        assert float(percent.rstrip("%")) == pytest.approx(
+            100 * result["probabilities"][result["files"].index(name)], abs=0.006
+        )
 
 
 def test_any_set_size_and_image_kind(trained, tmp_path, offline_backbone):
     names = write_set(tmp_path / "set", 1, size=4)
-    Image.open(tmp_path / "set" / names[0]).convert("RGBA").save(tmp_path / "set" / names[0])  # opaque alpha
-    Image.open(tmp_path / "set" / names[2]).resize((96, 96), Image.NEAREST).save(tmp_path / "set" / names[2])
+    Image.open(tmp_path / "set" / names[0]).convert("RGBA").save(
+        tmp_path / "set" / names[0]
+    )  # opaque alpha
+    Image.open(tmp_path / "set" / names[2]).resize((96, 96), Image.NEAREST).save(
+        tmp_path / "set" / names[2]
+    )
     result = run(trained, tmp_path / "set")
     assert len(result["files"]) == 4 and result["predicted_index"] == 1
 
@@ -132,14 +157,19 @@ def test_transparent_parts_become_white_and_the_centre_square_is_kept(tmp_path):
     wide = np.zeros((30, 90, 3), dtype=np.uint8)
     wide[:, :30, 0] = wide[:, 30:60, 1] = wide[:, 60:, 2] = 255  # red | green | blue
     Image.fromarray(wide).save(tmp_path / "wide.png")
-    assert np.asarray(predict.load_image(tmp_path / "wide.png")).mean(axis=(0, 1)).round().tolist() == [0, 255, 0]
+    assert np.asarray(predict.load_image(tmp_path / "wide.png")).mean(
+        axis=(0, 1)
+    ).round().tolist() == [0, 255, 0]
 
 
 def test_figure(trained, tmp_path, offline_backbone):
     write_set(tmp_path / "set", 5)
     run(trained, tmp_path / "set", "--figure", tmp_path / "odd.png")
     with Image.open(tmp_path / "odd.png") as image:
-        assert image.size == (1200, 720)  # 10 images over 2 layers of 2 heads: 2 in + 2.6 in per layer
+        assert image.size == (
+            1200,
+            720,
+        )  # 10 images over 2 layers of 2 heads: 2 in + 2.6 in per layer
 
 
 def exits_with(message, *argv):
@@ -160,11 +190,22 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path, offline_backbone):
     files = [tmp_path / "set" / n for n in names]
     exits_with("`python train.py` trains one", "--checkpoint-dir", tmp_path / "none", *files)
     reverse = tmp_path / "ReverseTask.ckpt"
-    hparams = dict(input_dim=10, model_dim=16, num_classes=10, num_heads=1, num_layers=1, lr=1e-3, warmup=1, max_iters=2)
+    hparams = dict(
+        input_dim=10,
+        model_dim=16,
+        num_classes=10,
+        num_heads=1,
+        num_layers=1,
+        lr=1e-3,
+        warmup=1,
+        max_iters=2,
+    )
     torch.save({"state_dict": {}, "hyper_parameters": hparams}, reverse)
     exits_with("model of another task", "--ckpt", reverse, *files)
     broken = tmp_path / "broken.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": dict(hparams, input_dim=512, num_classes=1)}, broken)
+    torch.save(
+        {"state_dict": {}, "hyper_parameters": dict(hparams, input_dim=512, num_classes=1)}, broken
+    )
     exits_with("does not hold a usable set-anomaly model", "--ckpt", broken, *files)
 
 
@@ -173,11 +214,22 @@ def test_missing_weights_offline_give_train_pys_message(trained, tmp_path):
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[var] = "http://127.0.0.1:9"  # every download fails at once
     names = write_set(tmp_path / "set", 0, size=3)
-    run = lambda script, *args: subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                                               capture_output=True, text=True, timeout=60, env=env)
-    predicted = run("predict.py", "--ckpt", trained / "synthetic" / "SetAnomalyDetect.ckpt",
-                    *[tmp_path / "set" / n for n in names])
-    trained_run = run("train.py", "--data-dir", tmp_path / "data", "--checkpoint-dir", tmp_path / "models")
+    run = lambda script, *args: subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    predicted = run(
+        "predict.py",
+        "--ckpt",
+        trained / "synthetic" / "SetAnomalyDetect.ckpt",
+        *[tmp_path / "set" / n for n in names],
+    )
+    trained_run = run(
+        "train.py", "--data-dir", tmp_path / "data", "--checkpoint-dir", tmp_path / "models"
+    )
     assert predicted.returncode == 1 and trained_run.returncode == 1
     weights_line = [line for line in predicted.stderr.splitlines() if "ResNet34 weights" in line]
     assert len(weights_line) == 1 and str(tmp_path / "torch") in weights_line[0]
@@ -185,17 +237,33 @@ def test_missing_weights_offline_give_train_pys_message(trained, tmp_path):
 
 
 def test_exit_code_and_no_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--checkpoint-dir", str(tmp_path),
-                           str(tmp_path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--checkpoint-dir",
+            str(tmp_path),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
 
 
 def test_set_size_accuracy_on_cached_test_features(trained, tmp_path, capsys):
     images = GeneratedImages(10, 20, image_transform(IMAGE_SIZE), seed=0, split="test")
-    feats = extract_features(toy_backbone(), images, torch.device("cpu"), batch_size=100, num_workers=0)
-    features.save_cache(str(trained / "synthetic" / "test_set_features.tar"), feats, torch.tensor(images.targets),
-                        synthetic.synthetic_meta("test"))
+    feats = extract_features(
+        toy_backbone(), images, torch.device("cpu"), batch_size=100, num_workers=0
+    )
+    features.save_cache(
+        str(trained / "synthetic" / "test_set_features.tar"),
+        feats,
+        torch.tensor(images.targets),
+        synthetic.synthetic_meta("test"),
+    )
     accuracies = run(trained, "--set-sizes", 2, 10)
     assert set(accuracies) == {2, 10} and accuracies[10] > 0.9
     assert "set size  10: accuracy" in capsys.readouterr().out

@@ -18,8 +18,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_train(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
+    )
 
 
 def read_results(checkpoint_dir):
@@ -38,18 +44,40 @@ def synthetic_run(tmp_path_factory):
 
 def test_defaults_are_the_posts_run():
     args = parse_args([])
-    assert (args.task, args.set_size, args.batch_size, args.model_dim, args.num_heads, args.num_layers) == \
-        ("anomaly", 10, 64, 256, 4, 4)
-    assert (args.dropout, args.input_dropout, args.lr, args.warmup, args.epochs, args.gradient_clip_val) == \
-        (0.1, 0.1, 5e-4, 100, 100, 2.0)
+    assert (
+        args.task,
+        args.set_size,
+        args.batch_size,
+        args.model_dim,
+        args.num_heads,
+        args.num_layers,
+    ) == ("anomaly", 10, 64, 256, 4, 4)
+    assert (
+        args.dropout,
+        args.input_dropout,
+        args.lr,
+        args.warmup,
+        args.epochs,
+        args.gradient_clip_val,
+    ) == (0.1, 0.1, 5e-4, 100, 100, 2.0)
     assert (args.seed, args.data_dir, args.checkpoint_dir) == (42, "datasets", "saved_models")
 
 
-@pytest.mark.parametrize("argv", [
-    ["--epochs", "0"], ["--set-size", "1"], ["--model-dim", "10", "--num-heads", "4"], ["--dropout", "1"],
-    ["--dropout", "-0.1"], ["--input-dropout", "1.5"], ["--lr", "0"], ["--batch-size", "0"], ["--task", "other"],
-    ["--num-workers", "-1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--epochs", "0"],
+        ["--set-size", "1"],
+        ["--model-dim", "10", "--num-heads", "4"],
+        ["--dropout", "1"],
+        ["--dropout", "-0.1"],
+        ["--input-dropout", "1.5"],
+        ["--lr", "0"],
+        ["--batch-size", "0"],
+        ["--task", "other"],
+        ["--num-workers", "-1"],
+    ],
+)
 def test_invalid_values_get_an_argparse_error(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(argv)
@@ -67,11 +95,15 @@ def test_synthetic_run_writes_results_and_a_loadable_model(synthetic_run):
     assert set(results["seconds"]) >= {"features", "train", "evaluate", "total"}
     assert {"torch", "torchvision", "pytorch_lightning"} <= set(results["versions"])
     synthetic_dir = os.path.join(checkpoint_dir, "synthetic")
-    assert {"train_set_features.tar", "test_set_features.tar", "SetAnomalyDetect.ckpt"} <= set(os.listdir(synthetic_dir))
+    assert {"train_set_features.tar", "test_set_features.tar", "SetAnomalyDetect.ckpt"} <= set(
+        os.listdir(synthetic_dir)
+    )
     assert os.listdir(checkpoint_dir) == ["synthetic"]  # nothing mixes with a real run's files
     logs = os.path.join(synthetic_dir, "SetAnomalyDetect", "lightning_logs")
     assert any(f.startswith("events.out.tfevents") for _, _, files in os.walk(logs) for f in files)
-    model = AnomalyPredictor.load_from_checkpoint(os.path.join(synthetic_dir, "SetAnomalyDetect.ckpt"))
+    model = AnomalyPredictor.load_from_checkpoint(
+        os.path.join(synthetic_dir, "SetAnomalyDetect.ckpt")
+    )
     assert model.hparams.model_dim == 256 and model.hparams.num_layers == 4
 
 
@@ -86,8 +118,9 @@ def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run):
     assert results["trained"] is False and os.path.getmtime(ckpt) == mtime
     # Validation and test sets are fixed, so the same model scores the same on them.
     for line in ("Val accuracy:", "Test accuracy:"):
-        assert [l for l in proc.stdout.splitlines() if l.startswith(line)] == \
-            [l for l in first.stdout.splitlines() if l.startswith(line)]
+        assert [l for l in proc.stdout.splitlines() if l.startswith(line)] == [
+            l for l in first.stdout.splitlines() if l.startswith(line)
+        ]
 
 
 def test_saved_model_with_other_settings_stops_with_a_message(synthetic_run):
@@ -101,7 +134,9 @@ def copy_caches(synthetic_run, tmp_path):
     """A fresh checkpoint folder holding only the feature caches of the shared run."""
     os.makedirs(tmp_path / "synthetic")
     for name in ("train_set_features.tar", "test_set_features.tar"):
-        shutil.copy(os.path.join(synthetic_run[0], "synthetic", name), tmp_path / "synthetic" / name)
+        shutil.copy(
+            os.path.join(synthetic_run[0], "synthetic", name), tmp_path / "synthetic" / name
+        )
     return str(tmp_path)
 
 
@@ -111,7 +146,10 @@ def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Test accuracy:" in proc.stdout
     written = [f for _, _, files in os.walk(checkpoint_dir) for f in files]
-    assert sorted(written) == ["test_set_features.tar", "train_set_features.tar"]  # no model, no results
+    assert sorted(written) == [
+        "test_set_features.tar",
+        "train_set_features.tar",
+    ]  # no model, no results
 
 
 def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
@@ -120,9 +158,21 @@ def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
     assert proc.returncode != 0 and "no" in proc.stderr and "last.ckpt" in proc.stderr
     # Kill a three-epoch run once its first epoch is saved: a real interruption.
     last = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
-    args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--epochs", "3", "--batch-size", "16"]
-    run = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    args = [
+        "--synthetic",
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+    ]
+    run = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
     deadline = time.time() + 120
     while not os.path.exists(last) and run.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -133,7 +183,9 @@ def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
     assert torch.load(last, weights_only=False)["global_step"] == steps_per_epoch
     assert not os.path.exists(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt"))
 
-    proc = run_train(*args, "--epochs", "2", "--resume")  # another schedule than the interrupted run's
+    proc = run_train(
+        *args, "--epochs", "2", "--resume"
+    )  # another schedule than the interrupted run's
     assert proc.returncode != 0 and "max_iters" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_train(*args, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -148,8 +200,14 @@ def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[var] = "http://127.0.0.1:9"  # every download fails at once, whatever the network
-    proc = run_train("--data-dir", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "models"),
-                     env=env, timeout=60)
+    proc = run_train(
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--checkpoint-dir",
+        str(tmp_path / "models"),
+        env=env,
+        timeout=60,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "CIFAR-100" in proc.stderr and str(tmp_path / "data") in proc.stderr
     assert "resnet34-b627a593.pth" in proc.stderr and str(tmp_path / "torch") in proc.stderr
@@ -157,12 +215,23 @@ def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
 
 def test_sequence_tasks_have_the_tutorials_defaults():
     args = parse_args(["--task", "reverse"])
-    assert (args.batch_size, args.model_dim, args.num_heads, args.num_layers, args.dropout, args.lr, args.warmup,
-            args.epochs, args.gradient_clip_val) == (128, 32, 1, 1, 0.0, 5e-4, 50, 10, 5.0)
+    assert (
+        args.batch_size,
+        args.model_dim,
+        args.num_heads,
+        args.num_layers,
+        args.dropout,
+        args.lr,
+        args.warmup,
+        args.epochs,
+        args.gradient_clip_val,
+    ) == (128, 32, 1, 1, 0.0, 5e-4, 50, 10, 5.0)
     assert parse_args(["--task", "seq2seq", "--epochs", "3"]).epochs == 3
 
 
-@pytest.mark.parametrize("argv", [["--task", "reverse", "--synthetic"], ["--task", "seq2seq", "--set-size", "5"]])
+@pytest.mark.parametrize(
+    "argv", [["--task", "reverse", "--synthetic"], ["--task", "seq2seq", "--set-size", "5"]]
+)
 def test_anomaly_only_flags_are_refused_for_sequence_tasks(argv):
     with pytest.raises(SystemExit):
         parse_args(argv)
@@ -172,7 +241,11 @@ def test_anomaly_only_flags_are_refused_for_sequence_tasks(argv):
 def test_sequence_task_runs_through_train_py(task, name, tmp_path):
     proc = run_train("--task", task, "--checkpoint-dir", str(tmp_path), "--fast-dev-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Val accuracy:" in proc.stdout and "Test accuracy:" in proc.stdout and "Train accuracy" not in proc.stdout
+    assert (
+        "Val accuracy:" in proc.stdout
+        and "Test accuracy:" in proc.stdout
+        and "Train accuracy" not in proc.stdout
+    )
     assert not os.path.exists(tmp_path / f"{name}.ckpt")
 
 
@@ -182,34 +255,60 @@ def test_fast_synthetic_run(synthetic_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The fast path makes caches of its own, beside the faithful ones, which it leaves alone.
     synthetic_dir = os.path.join(checkpoint_dir, "synthetic")
-    assert {"train_set_features_fast.tar", "test_set_features_fast.tar"} <= set(os.listdir(synthetic_dir))
+    assert {"train_set_features_fast.tar", "test_set_features_fast.tar"} <= set(
+        os.listdir(synthetic_dir)
+    )
     faithful_cache = os.path.join(synthetic_run[0], "synthetic", "test_set_features.tar")
-    assert torch.equal(torch.load(os.path.join(synthetic_dir, "test_set_features.tar"))["features"],
-                       torch.load(faithful_cache)["features"])
+    assert torch.equal(
+        torch.load(os.path.join(synthetic_dir, "test_set_features.tar"))["features"],
+        torch.load(faithful_cache)["features"],
+    )
     results = read_results(checkpoint_dir)
     assert results["settings"]["fast"] is True and 0 <= results["test_acc"] <= 1
-    model = AnomalyPredictor.load_from_checkpoint(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt"))
+    model = AnomalyPredictor.load_from_checkpoint(
+        os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt")
+    )
     assert list(model.state_dict()) == list(AnomalyPredictor(**model.hparams).state_dict())
 
 
 def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--accelerator", "cpu", "--devices", "2",
-                     "--strategy", "ddp", timeout=180)
+    proc = run_train(
+        "--synthetic",
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--accelerator",
+        "cpu",
+        "--devices",
+        "2",
+        "--strategy",
+        "ddp",
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank: 1]" in proc.stdout + proc.stderr  # a second process really took part
     assert proc.stdout.count("Test accuracy:") == 1
     ddp = read_results(checkpoint_dir)
     # The saved model's accuracy over the full, fixed sets, computed here without Lightning: the same numbers.
     synthetic_dir = os.path.join(checkpoint_dir, "synthetic")
-    model = AnomalyPredictor.load_from_checkpoint(os.path.join(synthetic_dir, "SetAnomalyDetect.ckpt")).eval()
+    model = AnomalyPredictor.load_from_checkpoint(
+        os.path.join(synthetic_dir, "SetAnomalyDetect.ckpt")
+    ).eval()
     load = lambda split: torch.load(os.path.join(synthetic_dir, f"{split}_set_features.tar"))
     train_feats, train_labels = load("train")["features"], load("train")["labels"]
     _, val_idx = split_train_val(train_labels)
-    for key, feats, labels in (("val_acc", train_feats[val_idx], train_labels[val_idx]),
-                               ("test_acc", load("test")["features"], load("test")["labels"])):
+    for key, feats, labels in (
+        ("val_acc", train_feats[val_idx], train_labels[val_idx]),
+        ("test_acc", load("test")["features"], load("test")["labels"]),
+    ):
         sets = SetAnomalyDataset(feats, labels, set_size=10, train=False)
         with torch.no_grad():
-            logits = torch.stack([model(sets[i][0][None], add_positional_encoding=False)[0, :, 0]
-                                  for i in range(len(sets))])
-        assert ddp[key] == pytest.approx((logits.argmax(dim=1) == 9).float().mean().item(), abs=1e-6)
+            logits = torch.stack(
+                [
+                    model(sets[i][0][None], add_positional_encoding=False)[0, :, 0]
+                    for i in range(len(sets))
+                ]
+            )
+        assert ddp[key] == pytest.approx(
+            (logits.argmax(dim=1) == 9).float().mean().item(), abs=1e-6
+        )
