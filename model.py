@@ -624,9 +624,7 @@ class BitMaskDropout(nn.Dropout):
         """count 64-bit words of random bits, as int64."""
         if device.type != "cpu":
             return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
-        if (
-            self.bit_generator is None
-        ):  # seeded from torch, so seed_everything makes runs repeatable
+        if self.bit_generator is None:  # seeded from torch: seed_everything makes runs repeatable
             self.bit_generator = np.random.PCG64(torch.randint(2**62, ()).item())
         return torch.from_numpy(self.bit_generator.random_raw(count).view(np.int64))
 
@@ -635,9 +633,8 @@ class BitMaskDropout(nn.Dropout):
             return super().forward(x)
         drop_below = min(round(self.p * 65536), 65535) - 32768  # an int16 below this is dropped
         fields = self.random_bits(-(-x.numel() // 4), x.device).view(torch.int16)
-        noise = torch.ge(
-            fields, drop_below, out=torch.empty(fields.shape, dtype=x.dtype, device=x.device)
-        )
+        noise = torch.empty(fields.shape, dtype=x.dtype, device=x.device)
+        torch.ge(fields, drop_below, out=noise)  # 1.0 where kept, 0.0 where dropped
         noise = noise[: x.numel()].view(x.shape).mul_(65536 / (32768 - drop_below))
         # One float noise tensor, as nn.Dropout makes on a CPU: the backward is one multiplication.
         return x * noise

@@ -31,7 +31,8 @@ def test_every_set_holds_one_class_and_the_anomaly_last(train):
 
 
 class EveryValue:
-    """A stand-in generator whose randint returns 0, 1, 2, ... in turn: it walks through every draw."""
+    """A stand-in generator whose randint returns 0, 1, 2, ... in turn: it walks through every
+    draw."""
 
     def __init__(self):
         self.next = 0
@@ -54,10 +55,11 @@ def test_set_class_is_uniform_over_the_other_classes():
             labels[dataset.sample_img_set(torch.tensor(anomaly_label), rng)[0]].item()
             for _ in range(5)
         ]
-        # Each of the 5 equally likely draws gives another class, and every other class comes up once.
+        # Each of the 5 equally likely draws gives another class, and every other class comes up
+        # once.
         assert sorted(drawn) == [c for c in range(6) if c != anomaly_label]
-        # The tempting `==` instead of `>=` skips the anomaly's class only when hit exactly: the class
-        # after it would come up twice and the last class never, so its draws are not uniform.
+        # The tempting `==` instead of `>=` skips the anomaly's class only when hit exactly: the
+        # class after it would come up twice and the last class never, so its draws are not uniform.
         with_eq = [r + 1 if r == anomaly_label else r for r in range(5)]
         if anomaly_label < 4:
             assert with_eq.count(anomaly_label + 1) == 2 and 5 not in with_eq
@@ -65,8 +67,8 @@ def test_set_class_is_uniform_over_the_other_classes():
 
 
 def post_eval_sets(labels, set_size):
-    """The post's evaluation sets, regenerated as its code does: numpy's global generator seeded with 42,
-    one class draw and one image draw per image in index order."""
+    """The post's evaluation sets, regenerated as its code does: numpy's global generator seeded
+    with 42, one class draw and one image draw per image in index order."""
     num_labels = int(labels.max()) + 1
     by_label = torch.argsort(labels).reshape(num_labels, -1)
     np.random.seed(42)
@@ -104,8 +106,9 @@ def test_grouping_keeps_the_posts_order_of_ties():
     assert grouped.shape == (10, 20)
     for c in range(10):
         assert sorted(grouped[c].tolist()) == torch.nonzero(labels == c).flatten().tolist()
-    # The post's evaluation sets depend on the order of tied labels, so the grouping follows the post's
-    # call, torch.argsort with default arguments (on this input it differs from a stable sort).
+    # The post's evaluation sets depend on the order of tied labels, so the grouping follows the
+    # post's call, torch.argsort with default arguments (on this input it differs from a stable
+    # sort).
     assert torch.equal(grouped.flatten(), torch.argsort(labels))
 
 
@@ -113,9 +116,8 @@ def test_split_puts_the_first_tenth_of_each_class_in_validation():
     feats, labels = make_data(num_classes=5, per_class=29)
     train_idx, val_idx = split_train_val(labels)
     grouped = torch.argsort(labels).reshape(5, 29)  # the post's grouping
-    assert (
-        len(val_idx) == 5 * 2 and len(train_idx) == 5 * 27
-    )  # 10 % of 29, rounded down: 2 per class
+    # 10 % of 29, rounded down: 2 per class.
+    assert len(val_idx) == 5 * 2 and len(train_idx) == 5 * 27
     assert torch.bincount(labels[val_idx]).tolist() == [2] * 5
     for c in range(5):
         class_val = [i for i in val_idx.tolist() if labels[i] == c]

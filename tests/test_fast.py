@@ -65,6 +65,36 @@ def test_fused_attention_masks_like_the_manual_one(mask):
         torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
 
 
+def test_fast_is_chosen_when_loading_and_never_saved(tmp_path):
+    torch.manual_seed(0)
+    fast_model = randomise(AnomalyPredictor(**POST, fast=True))
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer.strategy.connect(fast_model)
+    trainer.save_checkpoint(tmp_path / "fast.ckpt")
+    ckpt = torch.load(tmp_path / "fast.ckpt", weights_only=False)
+    assert "fast" not in ckpt["hyper_parameters"]  # the file is what the faithful path writes
+    faithful = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", strict=True)
+    fast = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", fast=True)
+    assert not any(isinstance(m, BitMaskDropout) for m in faithful.modules())
+    assert not any(m.fused for m in faithful.modules() if isinstance(m, MultiheadAttention))
+    assert sum(isinstance(m, BitMaskDropout) for m in fast.modules()) == sum(
+        type(m) is torch.nn.Dropout for m in faithful.modules()
+    )
+    assert all(m.fused for m in fast.modules() if isinstance(m, MultiheadAttention))
+    x = torch.randn(2, 10, 512)
+    torch.testing.assert_close(
+        fast.eval().anomaly_logits(x), faithful.eval().anomaly_logits(x), atol=1e-5, rtol=0
+    )
+
+
+def test_fast_path_parts_are_checked():
+    with pytest.raises(ValueError, match="unknown parts of the fast path"):
+        AnomalyPredictor(**POST, fast=("dropout", "flash"))
+    model = AnomalyPredictor(**POST, fast=("attention",))  # one part alone, as bench.py --ablation
+    assert not any(isinstance(m, BitMaskDropout) for m in model.modules())
+    assert all(m.fused for m in model.modules() if isinstance(m, MultiheadAttention))
+
+
 def test_fast_seq2seq_generation_is_unchanged():
     torch.manual_seed(0)
     hparams = dict(
@@ -93,7 +123,8 @@ def test_fast_dropout_drops_with_probability_p_and_rescales():
     p = round(0.1 * 65536) / 65536  # the probability the 16-bit threshold gives
     assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)))
     assert abs((y == 0).float().mean().item() - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
-    # Each of the four 16-bit fields of a draw is used: every position in a group of four drops alike.
+    # Each of the four 16-bit fields of a draw is used: every position in a group of four drops
+    # alike.
     per_field = (y.view(-1, 4) == 0).float().mean(dim=0)
     assert (per_field - p).abs().max() < 5 * (p * (1 - p) / (x.numel() / 4)) ** 0.5
     drop.eval()
@@ -115,7 +146,7 @@ def test_set_batches_evaluation_sets_are_the_datasets():
     fast = sets_of(SetBatches(dataset, batch_size=64))
     faithful = sets_of(data.DataLoader(dataset, batch_size=64))
     assert len(fast) == len(faithful) == len(SetBatches(dataset, batch_size=64))
-    for (a_sets, a_idx, a_lab), (b_sets, b_idx, b_lab) in zip(fast, faithful):
+    for (a_sets, a_idx, a_lab), (b_sets, b_idx, b_lab) in zip(fast, faithful, strict=True):
         assert (
             torch.equal(a_sets, b_sets) and torch.equal(a_idx, b_idx) and torch.equal(a_lab, b_lab)
         )
@@ -139,10 +170,10 @@ def test_set_batches_training_sets_follow_the_datasets_distribution():
                 assert len(set(row[:-1].tolist())) == 4 and torch.all(set_labels == set_labels[0])
                 assert set_labels[0] != labels[row[-1]]
                 counts[labels[row[-1]], set_labels[0]] += 1
-        assert (
-            len(set(seen)) == len(seen) == len(batches) * 16
-        )  # every anomaly at most once an epoch
-    # The set's class is uniform over the other classes: each cell of the table near its expected count.
+        # Every anomaly at most once an epoch.
+        assert len(set(seen)) == len(seen) == len(batches) * 16
+    # The set's class is uniform over the other classes: each cell of the table near its expected
+    # count.
     expected = counts.sum(dim=1, keepdim=True) / (num_classes - 1)
     off_diagonal = ~torch.eye(num_classes, dtype=torch.bool)
     assert torch.all(counts.diagonal() == 0)
@@ -160,12 +191,12 @@ def test_fast_features_agree_with_faithful_ones():
     )
     faithful = extract_features(backbone, images, torch.device("cpu"), batch_size=4, num_workers=0)
     fast = extract_features_fast(backbone, images.data, torch.device("cpu"), batch_size=4)
-    # An untrained ResNet gives every image nearly the same feature direction (raw cosines between different
-    # images are above 0.998 here), so compare what sets the images apart: the features minus their mean.
+    # An untrained ResNet gives every image nearly the same feature direction (raw cosines between
+    # different images are above 0.998 here), so compare what sets the images apart: the features
+    # minus their mean.
     mean = faithful.mean(dim=0)
-    assert (
-        F.cosine_similarity(faithful[:4] - mean, faithful[4:] - mean).max() < 0.9
-    )  # different images differ
+    # Different images differ.
+    assert F.cosine_similarity(faithful[:4] - mean, faithful[4:] - mean).max() < 0.9
     assert F.cosine_similarity(fast - mean, faithful - mean).min() > 0.999
 
 

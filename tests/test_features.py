@@ -1,4 +1,5 @@
-"""features.py: the transform, the backbone, streaming extraction, the cache and the offline message."""
+"""features.py: the transform, the backbone, streaming extraction, the cache and the offline
+message."""
 
 import os
 
@@ -71,7 +72,8 @@ def test_extraction_in_batches_equals_one_image_at_a_time():
 
 
 class CountingSources:
-    """open_sources for cached_features that counts its calls and serves tiny images through a tiny backbone."""
+    """open_sources for cached_features that counts its calls and serves tiny images through a tiny
+    backbone."""
 
     def __init__(self, n=6):
         self.calls, self.n = 0, n

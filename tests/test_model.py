@@ -23,7 +23,8 @@ from model import (
 
 
 def reference_attention(q, k, v, mask=None):
-    """softmax(q·kᵀ/√d)·v for one head, in float64 numpy, masked keys left out of the softmax entirely."""
+    """softmax(q·kᵀ/√d)·v for one head, in float64 numpy, masked keys left out of the softmax
+    entirely."""
     q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
     out, weights = np.zeros((len(q), v.shape[1])), np.zeros((len(q), len(k)))
     for i in range(len(q)):
@@ -165,7 +166,8 @@ def reference_encoder_block(x, block, mask=None):
 
 
 def randomise(module):
-    """Random values for every parameter, LayerNorm ones included, so nothing passes by being 0 or 1."""
+    """Random values for every parameter, LayerNorm ones included, so nothing passes by being 0 or
+    1."""
     with torch.no_grad():
         for param in module.parameters():
             param.normal_(0, 0.3)
@@ -193,7 +195,7 @@ def test_attention_maps_use_the_mask_in_every_layer():
     mask = torch.tril(torch.ones(5, 5))
     maps = encoder.get_attention_maps(x, mask=mask)
     h = x[0].numpy().astype(np.float64)
-    for layer, attention in zip(encoder.layers, maps):
+    for layer, attention in zip(encoder.layers, maps, strict=True):
         h, ref_map = reference_encoder_block(h, layer, mask=mask.tolist())
         np.testing.assert_allclose(attention[0].detach().numpy(), ref_map, atol=1e-5)
         assert torch.all(attention[0][:, mask == 0] == 0)
@@ -246,7 +248,8 @@ HPARAMS = dict(
     input_dropout=0.1,
 )
 
-# The tutorial's state_dict layout, written out: a checkpoint of the original code has exactly these keys.
+# The tutorial's state_dict layout, written out: a checkpoint of the original code has exactly these
+# keys.
 TUTORIAL_KEYS = (
     ["input_net.1.weight", "input_net.1.bias"]
     + [
@@ -375,7 +378,7 @@ def test_anomaly_loss_and_accuracy():
     log_probs = logits - torch.logsumexp(logits, dim=1, keepdim=True)
     assert loss.item() == pytest.approx(-log_probs[torch.arange(4), labels].mean().item(), rel=1e-5)
     assert acc.item() == pytest.approx(
-        sum(int(l.argmax() == y) for l, y in zip(logits, labels)) / 4
+        sum(int(logit.argmax() == y) for logit, y in zip(logits, labels, strict=True)) / 4
     )
 
 
@@ -390,9 +393,8 @@ def clustered_features(num_classes, per_class, dim, seed):
 def test_anomaly_predictor_learns_clustered_features():
     pl.seed_everything(0)
     train_feats, train_labels = clustered_features(20, 40, 32, seed=0)
-    test_feats, test_labels = clustered_features(
-        20, 20, 32, seed=0
-    )  # same centres, fresh noise below
+    # Same centres, fresh noise below.
+    test_feats, test_labels = clustered_features(20, 20, 32, seed=0)
     test_feats = test_feats + 0.3 * torch.randn_like(test_feats)
     train_loader = data.DataLoader(
         SetAnomalyDataset(train_feats, train_labels, set_size=10, train=True),

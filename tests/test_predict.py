@@ -26,15 +26,16 @@ IMAGE_SIZE = synthetic.SYNTHETIC["image_size"]
 
 
 def toy_backbone():
-    """A small fixed feature extractor standing in for ResNet34: mean colours of a 2×2 grid, projected to
-    512 dimensions. Generated classes differ in exactly those colours."""
+    """A small fixed feature extractor standing in for ResNet34: mean colours of a 2×2 grid,
+    projected to 512 dimensions. Generated classes differ in exactly those colours."""
     torch.manual_seed(0)
     return nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(12, 512)).eval()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A checkpoint folder as `train.py --synthetic` leaves it, its model trained on toy-backbone features."""
+    """A checkpoint folder as `train.py --synthetic` leaves it, its model trained on toy-backbone
+    features."""
     root = tmp_path_factory.mktemp("predict")
     images = GeneratedImages(10, 40, image_transform(IMAGE_SIZE), seed=0, split="train")
     feats = extract_features(
@@ -72,7 +73,8 @@ def trained(tmp_path_factory):
 
 
 def write_set(folder, odd_position, size=10, seed=0):
-    """size PNG files named a.png, b.png, ...: one generated class, and at odd_position an image of another."""
+    """size PNG files named a.png, b.png, ...: one generated class, and at odd_position an image of
+    another."""
     os.makedirs(folder, exist_ok=True)
     pool = GeneratedImages(10, 20, None, seed=seed, split="test")
     targets = np.array(pool.targets)
@@ -110,8 +112,11 @@ def test_order_of_the_files_does_not_matter(trained, tmp_path, offline_backbone)
     files = [tmp_path / "set" / n for n in names]
     forward = run(trained, *files)
     backward = run(trained, *files[::-1])
-    prob = {os.path.basename(f): p for f, p in zip(forward["files"], forward["probabilities"])}
-    for f, p in zip(backward["files"], backward["probabilities"]):
+    prob = {
+        os.path.basename(f): p
+        for f, p in zip(forward["files"], forward["probabilities"], strict=True)
+    }
+    for f, p in zip(backward["files"], backward["probabilities"], strict=True):
         assert p == pytest.approx(prob[os.path.basename(f)], abs=1e-6)
 
 
@@ -131,9 +136,8 @@ def test_json_matches_the_text(trained, tmp_path, offline_backbone, capsys):
 
 def test_any_set_size_and_image_kind(trained, tmp_path, offline_backbone):
     names = write_set(tmp_path / "set", 1, size=4)
-    Image.open(tmp_path / "set" / names[0]).convert("RGBA").save(
-        tmp_path / "set" / names[0]
-    )  # opaque alpha
+    # Opaque alpha.
+    Image.open(tmp_path / "set" / names[0]).convert("RGBA").save(tmp_path / "set" / names[0])
     Image.open(tmp_path / "set" / names[2]).resize((96, 96), Image.NEAREST).save(
         tmp_path / "set" / names[2]
     )
@@ -166,10 +170,8 @@ def test_figure(trained, tmp_path, offline_backbone):
     write_set(tmp_path / "set", 5)
     run(trained, tmp_path / "set", "--figure", tmp_path / "odd.png")
     with Image.open(tmp_path / "odd.png") as image:
-        assert image.size == (
-            1200,
-            720,
-        )  # 10 images over 2 layers of 2 heads: 2 in + 2.6 in per layer
+        # 10 images over 2 layers of 2 heads: 2 in + 2.6 in per layer.
+        assert image.size == (1200, 720)
 
 
 def exits_with(message, *argv):

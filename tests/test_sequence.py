@@ -1,4 +1,5 @@
-"""The sequence tasks: ReverseDataset, SortDataset, cross-attention, the decoder and Seq2SeqPredictor."""
+"""The sequence tasks: ReverseDataset, SortDataset, cross-attention, the decoder and
+Seq2SeqPredictor."""
 
 import numpy as np
 import pytest
@@ -43,15 +44,15 @@ def test_sort_dataset_frames_the_sorted_sequence():
 
 
 def reference_cross_attention(x, memory, attn, mask=None):
-    """Cross-attention written out: head h's q rows of the stacked projection applied to x, its k and v
-    rows applied to memory."""
+    """Cross-attention written out: head h's q rows of the stacked projection applied to x, its k
+    and v rows applied to memory."""
     w, b = (
         attn.qkv_proj.weight.detach().double().numpy(),
         attn.qkv_proj.bias.detach().double().numpy(),
     )
     d, outs, maps = attn.head_dim, [], []
     for h in range(attn.num_heads):
-        rows = lambda part: slice(3 * d * h + part * d, 3 * d * h + (part + 1) * d)
+        rows = lambda part, h=h: slice(3 * d * h + part * d, 3 * d * h + (part + 1) * d)
         q = x @ w[rows(0)].T + b[rows(0)]
         k = memory @ w[rows(1)].T + b[rows(1)]
         v = memory @ w[rows(2)].T + b[rows(2)]
@@ -69,9 +70,8 @@ def test_cross_attention_matches_formula_and_rows_sum_to_one():
     torch.manual_seed(0)
     attn = randomise(CrossAttention(input_dim=8, embed_dim=8, num_heads=2))
     x, memory = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
-    memory_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()[
-        :, None, :
-    ]  # [Batch, 1, SrcLen]
+    # [Batch, 1, SrcLen]
+    memory_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()[:, None, :]
     out, attention = attn(x, memory, mask=memory_mask, return_attention=True)
     assert out.shape == (2, 3, 8) and attention.shape == (2, 2, 3, 5)
     torch.testing.assert_close(attention.sum(-1), torch.ones(2, 2, 3))
@@ -129,6 +129,7 @@ def test_causal_mask():
     ]
 
 
+# 5 digits, then BOS=5, EOS=6, PAD=7.
 S2S = dict(
     input_dim=8,
     model_dim=32,
@@ -140,7 +141,7 @@ S2S = dict(
     max_iters=400,
     dropout=0.0,
     input_dropout=0.0,
-)  # 5 digits, then BOS=5, EOS=6, PAD=7
+)
 
 
 def test_decoder_output_does_not_see_later_tokens():

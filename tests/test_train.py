@@ -1,4 +1,5 @@
-"""train.py end to end: flags, the --synthetic pipeline, the saved-model path, --resume, offline errors."""
+"""train.py end to end: flags, the --synthetic pipeline, the saved-model path, --resume, offline
+errors."""
 
 import json
 import os
@@ -118,8 +119,8 @@ def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run):
     assert results["trained"] is False and os.path.getmtime(ckpt) == mtime
     # Validation and test sets are fixed, so the same model scores the same on them.
     for line in ("Val accuracy:", "Test accuracy:"):
-        assert [l for l in proc.stdout.splitlines() if l.startswith(line)] == [
-            l for l in first.stdout.splitlines() if l.startswith(line)
+        assert [out for out in proc.stdout.splitlines() if out.startswith(line)] == [
+            out for out in first.stdout.splitlines() if out.startswith(line)
         ]
 
 
@@ -140,16 +141,22 @@ def copy_caches(synthetic_run, tmp_path):
     return str(tmp_path)
 
 
+def test_unreadable_saved_model_stops_with_a_message(synthetic_run, tmp_path):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+    (tmp_path / "synthetic" / "SetAnomalyDetect.ckpt").write_bytes(b"not a checkpoint")
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "SetAnomalyDetect.ckpt cannot be read" in proc.stderr and "--retrain" in proc.stderr
+
+
 def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast-dev-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Test accuracy:" in proc.stdout
     written = [f for _, _, files in os.walk(checkpoint_dir) for f in files]
-    assert sorted(written) == [
-        "test_set_features.tar",
-        "train_set_features.tar",
-    ]  # no model, no results
+    # No model, no results.
+    assert sorted(written) == ["test_set_features.tar", "train_set_features.tar"]
 
 
 def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
@@ -183,9 +190,8 @@ def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
     assert torch.load(last, weights_only=False)["global_step"] == steps_per_epoch
     assert not os.path.exists(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt"))
 
-    proc = run_train(
-        *args, "--epochs", "2", "--resume"
-    )  # another schedule than the interrupted run's
+    # Another schedule than the interrupted run's.
+    proc = run_train(*args, "--epochs", "2", "--resume")
     assert proc.returncode != 0 and "max_iters" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_train(*args, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -289,7 +295,8 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_pat
     assert "[rank: 1]" in proc.stdout + proc.stderr  # a second process really took part
     assert proc.stdout.count("Test accuracy:") == 1
     ddp = read_results(checkpoint_dir)
-    # The saved model's accuracy over the full, fixed sets, computed here without Lightning: the same numbers.
+    # The saved model's accuracy over the full, fixed sets, computed here without Lightning: the
+    # same numbers.
     synthetic_dir = os.path.join(checkpoint_dir, "synthetic")
     model = AnomalyPredictor.load_from_checkpoint(
         os.path.join(synthetic_dir, "SetAnomalyDetect.ckpt")

@@ -1,4 +1,5 @@
-"""visualize.py: every figure made from generated data, with its expected pixel size; the skip notes."""
+"""visualize.py: every figure made from generated data, with its expected pixel size; the skip
+notes."""
 
 import numpy as np
 import pytest
@@ -37,9 +38,8 @@ def test_image_rows_figure(tmp_path, with_probs):
 
 def test_set_prediction_figure(tmp_path):
     rng = np.random.default_rng(0)
-    maps = [
-        rng.dirichlet(np.ones(10), size=(4, 10)) for _ in range(4)
-    ]  # 4 layers of [Head, Query, Key]
+    # 4 layers of [Head, Query, Key]
+    maps = [rng.dirichlet(np.ones(10), size=(4, 10)) for _ in range(4)]
     path = visualize.plot_set_prediction(
         tmp_path / "set.png", rng.random((10, 32, 32, 3)), rng.dirichlet(np.ones(10)), maps
     )
@@ -94,16 +94,15 @@ def test_main_makes_what_it_can_and_says_what_it_skips(tmp_path, capsys):
         "positional_encoding_dims.png",
         "reverse_attention.png",
     ]
-    assert png_size(checkpoint_dir / "figures" / "reverse_attention.png") == (
-        1000,
-        1060,
-    )  # 2 heads, 2 layers
+    # 2 heads, 2 layers.
+    assert png_size(checkpoint_dir / "figures" / "reverse_attention.png") == (1000, 1060)
     out = capsys.readouterr().out
     assert "skipped set-task figures: no CIFAR-100" in out
 
 
 def test_set_task_figures_from_generated_cifar(tmp_path, monkeypatch, capsys):
-    # CIFAR-100 replaced by 100 generated images in 10 classes, with a feature cache and a model to match.
+    # CIFAR-100 replaced by 100 generated images in 10 classes, with a feature cache and a model to
+    # match.
     import features
     from model import AnomalyPredictor
     from synthetic import GeneratedImages
