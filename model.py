@@ -296,19 +296,23 @@ class TransformerPredictor(pl.LightningModule):
             nn.Dropout(hp.input_dropout), nn.Linear(hp.input_dim, hp.model_dim)
         )
         self.positional_encoding = PositionalEncoding(d_model=hp.model_dim)
-        self.transformer = TransformerEncoder(
-            num_layers=hp.num_layers,
-            input_dim=hp.model_dim,
-            dim_feedforward=2 * hp.model_dim,
-            num_heads=hp.num_heads,
-            dropout=hp.dropout,
-        )
+        self.transformer = TransformerEncoder(num_layers=hp.num_layers, **self._block_args())
         self.output_net = nn.Sequential(
             nn.Linear(hp.model_dim, hp.model_dim),
             nn.LayerNorm(hp.model_dim),
             nn.ReLU(inplace=True),
             nn.Dropout(hp.dropout),
             nn.Linear(hp.model_dim, hp.num_classes),
+        )
+
+    def _block_args(self):
+        """Each block's arguments; its MLP is twice as wide as the model, as in the tutorial."""
+        hp = self.hparams
+        return dict(
+            input_dim=hp.model_dim,
+            num_heads=hp.num_heads,
+            dim_feedforward=2 * hp.model_dim,
+            dropout=hp.dropout,
         )
 
     def _embed(self, x, add_positional_encoding):
@@ -505,13 +509,7 @@ class Seq2SeqPredictor(TransformerPredictor):
     def _create_model(self):
         super()._create_model()
         hp = self.hparams
-        self.decoder = TransformerDecoder(
-            num_layers=hp.num_layers,
-            input_dim=hp.model_dim,
-            dim_feedforward=2 * hp.model_dim,
-            num_heads=hp.num_heads,
-            dropout=hp.dropout,
-        )
+        self.decoder = TransformerDecoder(num_layers=hp.num_layers, **self._block_args())
         self.bos, self.eos, self.pad = hp.num_classes - 3, hp.num_classes - 2, hp.num_classes - 1
 
     def _embed_tokens(self, tokens):

@@ -5,7 +5,6 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torch.utils.data as data
-from test_model import clustered_features, randomise
 
 from data import SetAnomalyDataset, SetBatches
 from features import extract_features, extract_features_fast, image_transform, resnet34_backbone
@@ -17,6 +16,7 @@ from model import (
     causal_mask,
 )
 from synthetic import GeneratedImages
+from test_model import SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 
 POST = dict(
     input_dim=512,
@@ -68,7 +68,7 @@ def test_fused_attention_masks_like_the_manual_one(mask):
 def test_fast_is_chosen_when_loading_and_never_saved(tmp_path):
     torch.manual_seed(0)
     fast_model = randomise(AnomalyPredictor(**POST, fast=True))
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False)
+    trainer = quiet_trainer()
     trainer.strategy.connect(fast_model)
     trainer.save_checkpoint(tmp_path / "fast.ckpt")
     ckpt = torch.load(tmp_path / "fast.ckpt", weights_only=False)
@@ -202,32 +202,14 @@ def test_fast_features_agree_with_faithful_ones():
 
 def train_and_test(fast, train_set, test_set, steps):
     pl.seed_everything(0)
-    model = AnomalyPredictor(
-        input_dim=32,
-        model_dim=32,
-        num_classes=1,
-        num_heads=2,
-        num_layers=2,
-        lr=1e-3,
-        warmup=10,
-        max_iters=steps,
-        dropout=0.1,
-        input_dropout=0.1,
-        fast=fast,
-    )
+    hparams = dict(SMALL_SET_MODEL, input_dim=32, max_iters=steps, dropout=0.1, input_dropout=0.1)
+    model = AnomalyPredictor(**hparams, fast=fast)
     if fast:
         train_loader, test_loader = SetBatches(train_set, 32), SetBatches(test_set, 64)
     else:
         train_loader = data.DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True)
         test_loader = data.DataLoader(test_set, batch_size=64)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=steps)
     trainer.fit(model, train_loader)
     return trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
 

@@ -390,6 +390,22 @@ def clustered_features(num_classes, per_class, dim, seed):
     return centres[labels] + 0.3 * torch.randn(len(labels), dim, generator=g), labels
 
 
+def quiet_trainer(**settings):
+    """A CPU Trainer for tests: no logs, no checkpoints, no progress bar or model summary."""
+    quiet = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**quiet, **settings)
+
+
+# A small set model that learns clustered features in a few hundred steps.
+SMALL_SET_MODEL = dict(model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3, warmup=10)
+
+
 def test_anomaly_predictor_learns_clustered_features():
     pl.seed_everything(0)
     train_feats, train_labels = clustered_features(20, 40, 32, seed=0)
@@ -405,27 +421,8 @@ def test_anomaly_predictor_learns_clustered_features():
     test_loader = data.DataLoader(
         SetAnomalyDataset(test_feats, test_labels, set_size=10, train=False), batch_size=64
     )
-    model = AnomalyPredictor(
-        input_dim=32,
-        model_dim=32,
-        num_classes=1,
-        num_heads=2,
-        num_layers=2,
-        lr=1e-3,
-        warmup=10,
-        max_iters=150,
-        dropout=0.0,
-        input_dropout=0.0,
-    )
-    trainer = pl.Trainer(
-        max_steps=150,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
+    model = AnomalyPredictor(**SMALL_SET_MODEL, input_dim=32, max_iters=150)
+    trainer = quiet_trainer(max_steps=150, num_sanity_val_steps=0)
     untrained = trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
     trainer.fit(model, train_loader)
     trained = trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
@@ -438,9 +435,7 @@ def test_anomaly_predictor_learns_clustered_features():
 def test_checkpoint_round_trip_gives_the_same_model(tmp_path):
     torch.manual_seed(0)
     model = randomise(AnomalyPredictor(**dict(HPARAMS, num_classes=1)))
-    trainer = pl.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False
-    )
+    trainer = quiet_trainer()
     trainer.strategy.connect(model)
     trainer.save_checkpoint(tmp_path / "model.ckpt")
     loaded = AnomalyPredictor.load_from_checkpoint(tmp_path / "model.ckpt").eval()

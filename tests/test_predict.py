@@ -20,6 +20,7 @@ from data import SetAnomalyDataset
 from features import extract_features, image_transform
 from model import AnomalyPredictor
 from synthetic import GeneratedImages
+from test_model import SMALL_SET_MODEL, quiet_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = synthetic.SYNTHETIC["image_size"]
@@ -42,24 +43,8 @@ def trained(tmp_path_factory):
         toy_backbone(), images, torch.device("cpu"), batch_size=100, num_workers=0
     )
     pl.seed_everything(0)
-    model = AnomalyPredictor(
-        input_dim=512,
-        model_dim=32,
-        num_classes=1,
-        num_heads=2,
-        num_layers=2,
-        lr=1e-3,
-        warmup=10,
-        max_iters=200,
-    )
-    trainer = pl.Trainer(
-        max_steps=200,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    model = AnomalyPredictor(**SMALL_SET_MODEL, input_dim=512, max_iters=200)
+    trainer = quiet_trainer(max_steps=200)
     loader = data.DataLoader(
         SetAnomalyDataset(feats, torch.tensor(images.targets), set_size=10, train=True),
         batch_size=32,

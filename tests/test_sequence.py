@@ -7,16 +7,17 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 import torch.utils.data as data
+
+from data import ReverseDataset, SortDataset
+from model import CrossAttention, DecoderBlock, ReversePredictor, Seq2SeqPredictor, causal_mask
 from test_model import (
     TUTORIAL_KEYS,
     layer_norm,
+    quiet_trainer,
     randomise,
     reference_attention,
     reference_multihead,
 )
-
-from data import ReverseDataset, SortDataset
-from model import CrossAttention, DecoderBlock, ReversePredictor, Seq2SeqPredictor, causal_mask
 
 
 def test_reverse_dataset_labels_are_the_sequences_reversed():
@@ -176,16 +177,7 @@ def test_greedy_generation_equals_teacher_forcing_where_it_is_right():
     train = SortDataset(num_categories=5, max_len=6, size=6400)
     test = SortDataset(num_categories=5, max_len=6, size=256)
     model = Seq2SeqPredictor(**S2S)
-    trainer = pl.Trainer(
-        max_steps=S2S["max_iters"],
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        gradient_clip_val=5,
-    )
+    trainer = quiet_trainer(max_steps=S2S["max_iters"], num_sanity_val_steps=0, gradient_clip_val=5)
     trainer.fit(model, data.DataLoader(train, batch_size=64, shuffle=True))
     model.eval()
     src, tgt = test.src, test.tgt
