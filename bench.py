@@ -192,31 +192,65 @@ def memory_workload(fast, device, num_images):
     time_extraction(fast, device, resnet34_backbone(), images)
 
 
-def main(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument(
-        "--steps", type=int, default=60, help="timed training steps per path (default: 60)"
-    )
-    p.add_argument(
-        "--warmup", type=int, default=10, help="untimed training steps first (default: 10)"
-    )
-    p.add_argument(
-        "--images", type=int, default=256, help="images for the extraction timing (default: 256)"
-    )
-    p.add_argument(
-        "--rounds", type=int, default=2, help="turns each path takes; the best counts (default: 2)"
-    )
-    p.add_argument(
-        "--out", default="bench.json", help="where to write the results (default: bench.json)"
-    )
-    p.add_argument(
+    add = p.add_argument
+    add("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    add("--steps", type=int, default=60, help="timed training steps per path (default: 60)")
+    add("--warmup", type=int, default=10, help="untimed training steps first (default: 10)")
+    add("--images", type=int, default=256, help="images to time extraction on (default: 256)")
+    add("--rounds", type=int, default=2, help="turns per path, the best counts (default: 2)")
+    add("--out", default="bench.json", help="where the results go (default: %(default)s)")
+    add(
         "--ablation",
         action="store_true",
         help="only the training step: faithful, each part of the fast path alone, and all of them",
     )
+    return p
+
+
+def path_results(rounds, steps_per_epoch, device, num_images, path):
+    """One path's figures from its rounds (the best of each), and its peak memory."""
+    step_s = min(r["step_s"] for r in rounds)
+    extract_rate, eval_rate = max(r["extract"] for r in rounds), max(r["eval"] for r in rounds)
+    epoch_s = step_s * steps_per_epoch
+    return {
+        "train_step_ms": 1000 * step_s,
+        "epoch_s": epoch_s,
+        "train_100_epochs_s": epoch_s * 100,
+        "train_gflops": STEP_FLOP / step_s / 1e9,
+        "extract_images_per_s": extract_rate,
+        "eval_sets_per_s": eval_rate,
+        # Features of all 60 000 images, 100 epochs, then the three accuracies (60 000 sets).
+        "projected_run_s": ALL_IMAGES / extract_rate + epoch_s * 100 + ALL_IMAGES / eval_rate,
+        # In a process of its own, since a process's peak only grows.
+        "peak_rss_mb": peak_memory(path, device, num_images),
+    }
+
+
+def print_report(report, keys):
+    print(f"\n{report['device']}, torch {report['torch']}, {report['threads']} threads")
+    print(f"{'':24s}{'faithful':>12s}{'fast':>12s}{'fast/faithful':>15s}")
+    for key in keys:
+        row = report[key]
+        print(f"{key:24s}{row['faithful']:12.1f}{row['fast']:12.1f}{row['fast/faithful']:15.2f}")
+    print(
+        "centred feature cosine similarity fast vs faithful: "
+        f"mean {report['feature_cosine_mean']:.6f}, "
+        f"worst image {report['feature_cosine_worst']:.6f}"
+    )
+    floor = report["train_step_floor_ms"]
+    print(
+        f"the step's matrix products alone at the peak rate of {report['matmul_peak_gflops']:.0f} "
+        f"GFLOP/s: {floor:.1f} ms, {floor / report['train_step_ms']['faithful']:.2f} of the "
+        "faithful step"
+    )
+
+
+def main(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     if args.steps < 50 or args.warmup < 1 or args.rounds < 1:
         p.error("--steps must be at least 50, --warmup and --rounds at least 1")
@@ -233,33 +267,16 @@ def main(argv=None):
     for _ in range(args.rounds):
         for path in runs:
             fast = path == "fast"
-            step_s, steps_per_epoch, eval_rate = time_training(
-                fast, args.device, datasets, args.steps, args.warmup
-            )
+            timed = time_training(fast, args.device, datasets, args.steps, args.warmup)
+            step_s, steps_per_epoch, eval_rate = timed
             extract_rate, feats = time_extraction(fast, args.device, backbone, images)
             runs[path].append(
                 dict(step_s=step_s, eval=eval_rate, extract=extract_rate, feats=feats)
             )
-    results = {}
-    for path, rounds in runs.items():
-        step_s = min(r["step_s"] for r in rounds)
-        extract_rate, eval_rate = max(r["extract"] for r in rounds), max(r["eval"] for r in rounds)
-        results[path] = {
-            "train_step_ms": 1000 * step_s,
-            "epoch_s": step_s * steps_per_epoch,
-            "train_100_epochs_s": step_s * steps_per_epoch * 100,
-            "train_gflops": STEP_FLOP / step_s / 1e9,
-            "extract_images_per_s": extract_rate,
-            "eval_sets_per_s": eval_rate,
-            # Features of all 60 000 images, 100 epochs, then train, val and test accuracy (60 000
-            # sets).
-            "projected_run_s": ALL_IMAGES / extract_rate
-            + step_s * steps_per_epoch * 100
-            + ALL_IMAGES / eval_rate,
-            "peak_rss_mb": peak_memory(
-                path, args.device, args.images
-            ),  # its own process: the peak only grows
-        }
+    results = {
+        path: path_results(rounds, steps_per_epoch, args.device, args.images, path)
+        for path, rounds in runs.items()
+    }
     # Centred: with random weights every image's raw feature points nearly the same way.
     faithful_feats = runs["faithful"][0]["feats"]
     mean = faithful_feats.mean(dim=0)
@@ -279,23 +296,7 @@ def main(argv=None):
     for key in results["faithful"]:
         faithful, fast = results["faithful"][key], results["fast"][key]
         report[key] = {"faithful": faithful, "fast": fast, "fast/faithful": fast / faithful}
-
-    print(f"\n{report['device']}, torch {report['torch']}, {report['threads']} threads")
-    print(f"{'':24s}{'faithful':>12s}{'fast':>12s}{'fast/faithful':>15s}")
-    for key in results["faithful"]:
-        row = report[key]
-        print(f"{key:24s}{row['faithful']:12.1f}{row['fast']:12.1f}{row['fast/faithful']:15.2f}")
-    print(
-        "centred feature cosine similarity fast vs faithful: "
-        f"mean {report['feature_cosine_mean']:.6f}, "
-        f"worst image {report['feature_cosine_worst']:.6f}"
-    )
-    floor = report["train_step_floor_ms"]
-    print(
-        f"the step's matrix products alone at the peak rate of {report['matmul_peak_gflops']:.0f} "
-        f"GFLOP/s: {floor:.1f} ms, {floor / results['faithful']['train_step_ms']:.2f} of the "
-        "faithful step"
-    )
+    print_report(report, results["faithful"])
     train.save_json(args.out, report)
     print(f"written to {args.out}")
     return report

@@ -228,8 +228,7 @@ def cache_file(cache_dir, split, meta, fast=False):
 
 
 def save_atomically(path, write):
-    """Calls write(tmp_path), then renames tmp_path to path: an interruption leaves no half-written
-    path."""
+    """Calls write(tmp_path), then renames tmp_path to path: an interruption leaves no half file."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
@@ -252,9 +251,7 @@ def load_cache(path, meta, then="rebuilding it"):
         return None
     try:
         cache = torch.load(path, map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as error:  # a cut-off or corrupt file fails in many ways, all meaning "rebuild"
+    except Exception as error:  # a cut-off or corrupt file fails in many ways, all mean "rebuild"
         print(f"Feature cache {path} cannot be read ({type(error).__name__}); {then}.")
         return None
     if torch.is_tensor(cache):

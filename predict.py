@@ -126,65 +126,65 @@ def set_size_accuracy(model, feats, labels, set_size, device):
     return right / len(labels)
 
 
-def main(argv=None):
+def make_parser():
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("images", nargs="*", help="two or more image files, or one folder of them")
-    p.add_argument(
+    add = p.add_argument
+    add("images", nargs="*", help="two or more image files, or one folder of them")
+    add(
         "--checkpoint-dir",
         default="saved_models",
-        help="where train.py saved its model (default: saved_models)",
+        help="where train.py saved it (default: %(default)s)",
     )
-    p.add_argument(
-        "--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)"
-    )
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument(
-        "--figure", help="save the images, their probabilities and the attention maps to this PNG"
-    )
-    p.add_argument(
+    add("--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)")
+    add("--json", action="store_true", help="print the result as JSON")
+    add("--figure", help="save the images, their probabilities and attention maps to this PNG")
+    add(
         "--set-sizes",
         type=int,
         nargs="+",
         metavar="N",
-        help="instead of images: the model's accuracy on the cached test features at these set "
-        "sizes",
+        help="instead of images: the model's accuracy on the cached test features at these sizes",
     )
-    p.add_argument(
+    add(
         "--synthetic",
         action="store_true",
-        help="the model and backbone of `python train.py --synthetic` (untrained ResNet34, "
-        "64×64 images)",
+        help="the model and backbone of `python train.py --synthetic` (untrained ResNet34)",
     )
+    return p
+
+
+def set_size_accuracies(args, run_folder, model, device):
+    """{set size: accuracy} of model on the cached test features, printed; exits without them."""
+    meta = synthetic.synthetic_meta if args.synthetic else features.cifar100_meta
+    cache = features.cached_test_features(run_folder, meta("test"), "`python train.py` rebuilds it")
+    if cache is None:
+        sys.exit(f"error: no valid test feature cache in {run_folder}; `python train.py` makes it.")
+    try:
+        accuracies = {n: set_size_accuracy(model, *cache, n, device) for n in args.set_sizes}
+    except ValueError as error:
+        sys.exit(f"error: {error}")
+    if args.json:
+        print(json.dumps(accuracies))
+    else:
+        for n, acc in accuracies.items():
+            print(f"set size {n:3d}: accuracy {100 * acc:6.2f}% (chance {100 / n:6.2f}%)")
+    return accuracies
+
+
+def main(argv=None):
+    p = make_parser()
     args = p.parse_args(argv)
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     ckpt = args.ckpt or model_file(run_folder)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
     if args.set_sizes:
         if args.images:
             p.error("--set-sizes measures on the test features; give no images with it")
         if min(args.set_sizes) < 2:
             p.error("a set needs at least 2 images")
-        model = load_model(ckpt, device)
-        meta = synthetic.synthetic_meta if args.synthetic else features.cifar100_meta
-        then = "`python train.py` rebuilds it"
-        cache = features.cached_test_features(run_folder, meta("test"), then)
-        if cache is None:
-            sys.exit(
-                f"error: no valid test feature cache in {run_folder}; `python train.py` makes it."
-            )
-        try:
-            accuracies = {n: set_size_accuracy(model, *cache, n, device) for n in args.set_sizes}
-        except ValueError as error:
-            sys.exit(f"error: {error}")
-        if args.json:
-            print(json.dumps(accuracies))
-        else:
-            for n, acc in accuracies.items():
-                print(f"set size {n:3d}: accuracy {100 * acc:6.2f}% (chance {100 / n:6.2f}%)")
-        return accuracies
+        return set_size_accuracies(args, run_folder, load_model(ckpt, device), device)
 
     files = image_files(args.images)
     if len(files) < 2:
@@ -205,14 +205,8 @@ def main(argv=None):
     if args.figure:
         import visualize  # matplotlib only when a figure is asked for
 
-        visualize.plot_set_prediction(
-            args.figure,
-            images / 255,
-            probs,
-            maps,
-            names=names,
-            title=f"Odd one out: {names[odd]} (p={probs[odd]:.2f})",
-        )
+        title = f"Odd one out: {names[odd]} (p={probs[odd]:.2f})"
+        visualize.plot_set_prediction(args.figure, images / 255, probs, maps, title, names)
         print(f"Figure written to {args.figure}", file=sys.stderr)
     if args.json:
         probabilities = [float(q) for q in probs]

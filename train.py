@@ -269,11 +269,8 @@ def sequence_setup(args):
     in the order train, val, test."""
     if args.task == "reverse":
         datasets = {s: ReverseDataset(NUM_CATEGORIES, SEQ_LEN, n) for s, n in SEQ_SIZES.items()}
-        return (
-            ReversePredictor,
-            dict(input_dim=NUM_CATEGORIES, num_classes=NUM_CATEGORIES),
-            datasets,
-        )
+        sizes = dict(input_dim=NUM_CATEGORIES, num_classes=NUM_CATEGORIES)
+        return ReversePredictor, sizes, datasets
     datasets = {s: SortDataset(NUM_CATEGORIES, SEQ_LEN, n) for s, n in SEQ_SIZES.items()}
     vocabulary = NUM_CATEGORIES + 3  # the digits, then BOS, EOS and PAD
     return Seq2SeqPredictor, dict(input_dim=vocabulary, num_classes=vocabulary), datasets
@@ -281,8 +278,7 @@ def sequence_setup(args):
 
 def make_loaders(args, datasets, device):
     """{"train", "val", "test"} batches of the datasets: the post's DataLoaders, or with --fast (set
-    task, one device) SetBatches, which samples whole batches with tensor operations on the
-    device."""
+    task, one device) SetBatches, which samples whole batches with tensor operations on a device."""
     if args.fast and args.task == "anomaly" and args.devices == 1:
         return {split: SetBatches(ds, args.batch_size, device) for split, ds in datasets.items()}
     train = data.DataLoader(

@@ -197,10 +197,8 @@ def anomaly_figures(checkpoint_dir, data_dir, out_dir, num_mistakes=5):
     try:
         cifar = CIFAR100(root=data_dir, train=False, download=False, transform=image_transform(32))
     except RuntimeError:
-        return skip(
-            "set-task figures",
-            f"no CIFAR-100 in {os.path.abspath(data_dir)} (python train.py downloads it)",
-        )
+        where = os.path.abspath(data_dir)
+        return skip("set-task figures", f"no CIFAR-100 in {where} (python train.py downloads it)")
     labels = torch.tensor(cifar.targets)
     images = denormalise(torch.stack([cifar[i][0] for i in range(len(cifar))]))
     ckpt_path = model_file(checkpoint_dir)
@@ -208,52 +206,33 @@ def anomaly_figures(checkpoint_dir, data_dir, out_dir, num_mistakes=5):
     if os.path.isfile(ckpt_path):
         set_size = read_checkpoint(ckpt_path).get("train_settings", {}).get("set_size", set_size)
     # The sets depend on the labels only; the features are not needed to draw them.
-    test_sets = SetAnomalyDataset(
-        torch.zeros(len(labels), 1), labels, set_size=set_size, train=False
-    ).test_sets
+    no_feats = torch.zeros(len(labels), 1)
+    test_sets = SetAnomalyDataset(no_feats, labels, set_size=set_size, train=False).test_sets
     set_indices = torch.cat([test_sets, torch.arange(len(labels))[:, None]], dim=1)  # anomaly last
-    made = [
-        plot_image_rows(
-            os.path.join(out_dir, "anomaly_example_sets.png"),
-            images[set_indices[:4]],
-            "Example test sets: the last image is the anomaly",
-        )
-    ]
+    title = "Example test sets: the last image is the anomaly"
+    path = os.path.join(out_dir, "anomaly_example_sets.png")
+    made = [plot_image_rows(path, images[set_indices[:4]], title)]
 
-    cache = cached_test_features(
-        checkpoint_dir, cifar100_meta("test"), "`python train.py` rebuilds it"
-    )
+    then = "`python train.py` rebuilds it"
+    cache = cached_test_features(checkpoint_dir, cifar100_meta("test"), then)
     if not os.path.isfile(ckpt_path) or cache is None:
-        return made + skip(
-            "set-task prediction figures",
-            f"need {ckpt_path} and the test feature cache (python train.py makes both)",
-        )
+        need = f"need {ckpt_path} and the test feature cache (python train.py makes both)"
+        return made + skip("set-task prediction figures", need)
     model = AnomalyPredictor.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
     feats = cache[0][set_indices]  # [Sets, SetSize, 512]
     with torch.no_grad():
-        probs = torch.cat(
-            [model.anomaly_logits(batch).softmax(dim=-1) for batch in feats.split(500)]
-        )
+        probs = torch.cat([model.anomaly_logits(x).softmax(dim=-1) for x in feats.split(500)])
         probs = probs.numpy()
-        maps = [
-            m[0].numpy() for m in model.get_attention_maps(feats[:1], add_positional_encoding=False)
-        ]
+        maps = model.get_attention_maps(feats[:1], add_positional_encoding=False)
+    path = os.path.join(out_dir, "anomaly_prediction.png")
     made.append(
-        plot_set_prediction(
-            os.path.join(out_dir, "anomaly_prediction.png"), images[set_indices[0]], probs[0], maps
-        )
+        plot_set_prediction(path, images[set_indices[0]], probs[0], [m[0].numpy() for m in maps])
     )
     # The sets that gave the true anomaly (last) the lowest probability.
     worst = np.argsort(probs[:, -1])[:num_mistakes]
-    made.append(
-        plot_image_rows(
-            os.path.join(out_dir, "anomaly_mistakes.png"),
-            images[set_indices[worst]],
-            "The model's worst test sets: probability of being the anomaly (true one last)",
-            probs=probs[worst],
-            row_label="Test set",
-        )
-    )
+    title = "The model's worst test sets: probability of being the anomaly (true one last)"
+    path = os.path.join(out_dir, "anomaly_mistakes.png")
+    made.append(plot_image_rows(path, images[set_indices[worst]], title, probs[worst], "Test set"))
     return made
 
 
