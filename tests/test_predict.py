@@ -21,6 +21,7 @@ from features import extract_features, image_transform
 from model import AnomalyPredictor
 from synthetic import GeneratedImages
 from test_model import SMALL_SET_MODEL, quiet_trainer
+from test_train import HANG_GUARD_S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = synthetic.SYNTHETIC["image_size"]
@@ -205,7 +206,7 @@ def test_missing_weights_offline_give_train_pys_message(trained, tmp_path):
         [sys.executable, os.path.join(ROOT, script), *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD_S,
         env=env,
     )
     predicted = run(
@@ -234,7 +235,7 @@ def test_exit_code_and_no_traceback(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")

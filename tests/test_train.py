@@ -16,14 +16,15 @@ from model import AnomalyPredictor
 from train import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
 
 
-def run_train(*args, env=None, timeout=120):
+def run_train(*args, env=None):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=HANG_GUARD_S,
         env=env,
         cwd=ROOT,
     )
@@ -180,7 +181,7 @@ def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
         stderr=subprocess.DEVNULL,
         cwd=ROOT,
     )
-    deadline = time.time() + 120
+    deadline = time.time() + HANG_GUARD_S
     while not os.path.exists(last) and run.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
@@ -207,12 +208,7 @@ def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[var] = "http://127.0.0.1:9"  # every download fails at once, whatever the network
     proc = run_train(
-        "--data-dir",
-        str(tmp_path / "data"),
-        "--checkpoint-dir",
-        str(tmp_path / "models"),
-        env=env,
-        timeout=60,
+        "--data-dir", str(tmp_path / "data"), "--checkpoint-dir", str(tmp_path / "models"), env=env
     )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "CIFAR-100" in proc.stderr and str(tmp_path / "data") in proc.stderr
@@ -289,7 +285,6 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_pat
         "2",
         "--strategy",
         "ddp",
-        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank: 1]" in proc.stdout + proc.stderr  # a second process really took part
