@@ -5,6 +5,7 @@ A set holds set_size-1 images of one class and, last, one image of another class
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.utils.data as data
 
 
@@ -206,9 +207,14 @@ class SetBatches:
     class uniform over the other classes and set_size-1 distinct images of it); evaluation batches
     are the dataset's own pre-generated sets. Batches are
     (img_sets [B, set_size, D], indices [B, set_size], labels [B]).
+
+    With several processes (torch.distributed), each trains on its share of every epoch's anomalies,
+    as DistributedSampler would deal them: one order, the same in every process (from seed and the
+    epoch), padded to a multiple of the processes, every processes-th anomaly to each. Each process
+    evaluates on all sets, so the accuracy averaged over processes is that of the whole set.
     """
 
-    def __init__(self, dataset, batch_size, device=None):
+    def __init__(self, dataset, batch_size, device=None, seed=0):
         self.img_feats = dataset.img_feats.to(device)
         self.labels = dataset.labels.to(self.img_feats.device)
         self.img_idx_by_label = dataset.img_idx_by_label.to(self.img_feats.device)
@@ -216,10 +222,19 @@ class SetBatches:
         self.train = dataset.train
         self.test_sets = None if self.train else dataset.test_sets.to(self.img_feats.device)
         self.batch_size = batch_size
+        self.seed, self.epoch = seed, 0
+
+    def share(self):
+        """(this process's rank, number of processes): (0, 1) unless torch.distributed runs."""
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
 
     def __len__(self):
         n = len(self.labels)
-        return n // self.batch_size if self.train else -(-n // self.batch_size)
+        if not self.train:
+            return -(-n // self.batch_size)
+        return -(-n // self.share()[1]) // self.batch_size
 
     def sample_img_sets(self, anomaly_labels):
         """[B, set_size-1] image indices: per anomaly label, distinct images of one other class."""
@@ -230,24 +245,31 @@ class SetBatches:
         set_labels += set_labels >= anomaly_labels
         # The positions of the set_size-1 largest of per_class uniform numbers: a uniformly random
         # subset of distinct images, in random order.
-        chosen = (
-            torch.rand(len(anomaly_labels), per_class, device=device)
-            .topk(self.num_drawn, dim=1)
-            .indices
-        )
+        uniform = torch.rand(len(anomaly_labels), per_class, device=device)
+        chosen = uniform.topk(self.num_drawn, dim=1).indices
         return self.img_idx_by_label[set_labels[:, None], chosen]
 
-    def __iter__(self):
+    def anomaly_order(self):
+        """This process's anomalies for one training epoch, in random order."""
         device, n = self.img_feats.device, len(self.labels)
+        rank, processes = self.share()
+        if processes == 1:
+            return torch.randperm(n, device=device)
+        self.epoch += 1
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        order = torch.cat([order, order[: -n % processes]])  # padded, as DistributedSampler pads
+        return order[rank::processes].to(device)
+
+    def __iter__(self):
         if self.train:
-            batches = torch.randperm(n, device=device)[: len(self) * self.batch_size].view(
-                len(self), -1
-            )
+            batches = self.anomaly_order()[: len(self) * self.batch_size].view(len(self), -1)
         else:
-            batches = torch.arange(n, device=device).split(self.batch_size)
+            batches = torch.arange(len(self.labels), device=self.img_feats.device)
+            batches = batches.split(self.batch_size)
         for idx in batches:
-            img_indices = (
-                self.sample_img_sets(self.labels[idx]) if self.train else self.test_sets[idx]
-            )
+            if self.train:
+                img_indices = self.sample_img_sets(self.labels[idx])
+            else:
+                img_indices = self.test_sets[idx]
             indices = torch.cat([img_indices, idx[:, None]], dim=1)
             yield self.img_feats[indices], indices, torch.full_like(idx, self.num_drawn)

@@ -334,9 +334,15 @@ class TransformerPredictor(pl.LightningModule):
         return self.transformer.get_attention_maps(x, mask=mask)
 
     def configure_optimizers(self):
-        # The fast path's Adam updates all parameters in one kernel (on a CPU from PyTorch 2.4 on).
-        fused = "adam" in self.fast_parts and (
-            self.device.type == "cuda" or TORCH_VERSION >= (2, 4)
+        # The fast path's Adam updates all parameters in one kernel (on a CPU from PyTorch 2.4 on);
+        # not under mixed precision, where Lightning refuses to clip a fused optimizer's gradients.
+        fused = (
+            "adam" in self.fast_parts
+            and (
+                self.device.type == "cuda"
+                or (self.device.type == "cpu" and TORCH_VERSION >= (2, 4))
+            )
+            and "mixed" not in str(self.trainer.precision)
         )
         optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused or None)
         self.lr_scheduler = CosineWarmupScheduler(
@@ -610,28 +616,28 @@ FAST_PARTS = ("dropout", "attention", "adam")  # the parts inside the model
 class BitMaskDropout(nn.Dropout):
     """nn.Dropout whose random mask is cheaper to draw on a CPU than bernoulli_.
 
-    Each element compares 16 random bits with a threshold, four elements per 64-bit draw; on a CPU
-    the bits come from numpy's PCG64, seeded from torch's generator, which draws them faster than
-    torch's mt19937. p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006), and kept values
-    are scaled by 1/(1-p) for that rounded p.
+    Each element compares 16 random bits with a threshold, four elements per 64-bit draw; the bits
+    come from numpy's PCG64, seeded from torch's generator, which draws them faster than torch's
+    mt19937. p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006), and kept values are
+    scaled by 1/(1-p) for that rounded p. On any other device this is nn.Dropout: there PyTorch's
+    dropout is one fused kernel already, and Apple's MPS draws int64 random bits only 32 at a time,
+    which would leave half the 16-bit fields never dropped.
     """
 
     bit_generator = None  # numpy's PCG64, made on first use
 
-    def random_bits(self, count, device):
-        """count 64-bit words of random bits, as int64."""
-        if device.type != "cpu":
-            return torch.empty(count, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    def random_bits(self, count):
+        """count 64-bit words of random bits, as int64, on the CPU."""
         if self.bit_generator is None:  # seeded from torch: seed_everything makes runs repeatable
             self.bit_generator = np.random.PCG64(torch.randint(2**62, ()).item())
         return torch.from_numpy(self.bit_generator.random_raw(count).view(np.int64))
 
     def forward(self, x):
-        if not (self.training and self.p > 0):
+        if not (self.training and self.p > 0) or x.device.type != "cpu":
             return super().forward(x)
         drop_below = min(round(self.p * 65536), 65535) - 32768  # an int16 below this is dropped
-        fields = self.random_bits(-(-x.numel() // 4), x.device).view(torch.int16)
-        noise = torch.empty(fields.shape, dtype=x.dtype, device=x.device)
+        fields = self.random_bits(-(-x.numel() // 4)).view(torch.int16)
+        noise = torch.empty(fields.shape, dtype=x.dtype)
         torch.ge(fields, drop_below, out=noise)  # 1.0 where kept, 0.0 where dropped
         noise = noise[: x.numel()].view(x.shape).mul_(65536 / (32768 - drop_below))
         # One float noise tensor, as nn.Dropout makes on a CPU: the backward is one multiplication.

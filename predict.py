@@ -25,7 +25,7 @@ import features
 import synthetic
 from data import SetAnomalyDataset
 from model import AnomalyPredictor
-from train import model_file, read_checkpoint, run_dir
+from train import model_file, pick_device, read_checkpoint, run_dir
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -178,7 +178,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     ckpt = args.ckpt or model_file(run_folder)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device("auto")
     if args.set_sizes:
         if args.images:
             p.error("--set-sizes measures on the test features; give no images with it")

@@ -159,7 +159,6 @@ def task_defaults_text(name):
 
 
 def make_parser():
-    accelerator = "cuda" if torch.cuda.is_available() else "cpu"
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -186,9 +185,17 @@ def make_parser():
     )
     add(
         "--accelerator",
-        choices=["cpu", "cuda", "gpu", "mps", "auto"],
-        default=accelerator,
-        help="Lightning accelerator (default here: %(default)s)",
+        choices=["auto", "cpu", "cuda", "gpu", "mps"],
+        default="auto",
+        help="where to extract features, sample sets and train; auto: CUDA, then Apple's MPS, then "
+        "the CPU, as Lightning chooses (default: auto)",
+    )
+    add(
+        "--precision",
+        choices=["32-true", "16-mixed", "bf16-mixed"],
+        default="32-true",
+        help="Lightning's training precision; 16-mixed becomes bf16-mixed on a CPU "
+        "(default: %(default)s)",
     )
     add("--devices", type=positive_int, default=1, help="devices to train on (default: 1)")
     add("--strategy", default="auto", help="Lightning strategy, e.g. ddp (default: auto)")
@@ -278,9 +285,9 @@ def sequence_setup(args):
 
 def make_loaders(args, datasets, device):
     """{"train", "val", "test"} batches of the datasets: the post's DataLoaders, or with --fast (set
-    task, one device) SetBatches, which samples whole batches with tensor operations on a device."""
-    if args.fast and args.task == "anomaly" and args.devices == 1:
-        return {split: SetBatches(ds, args.batch_size, device) for split, ds in datasets.items()}
+    task) SetBatches, which samples whole batches with tensor operations on a device."""
+    if args.fast and args.task == "anomaly":
+        return {s: SetBatches(ds, args.batch_size, device, args.seed) for s, ds in datasets.items()}
     train = data.DataLoader(
         datasets["train"],
         args.batch_size,
@@ -316,17 +323,33 @@ def model_hparams(args, io_dims, steps_per_epoch):
 # --------------------------------------------------------------------------------------------------
 
 
+class SeedEachProcess(pl.Callback):
+    """With several processes, seeds process r with seed + r once they are set up.
+
+    Lightning seeds every process alike, so without this each would draw the same random sets
+    (numpy) and dropout masks (torch) as the others. One process keeps the run's seed untouched.
+    """
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.world_size > 1:
+            pl.seed_everything(self.seed + trainer.global_rank, verbose=False)
+
+
 def make_trainer(args, root_dir, callbacks, **overrides):
-    """The Lightning Trainer of a run: devices, epochs, clipping, TensorBoard logs under
-    root_dir."""
+    """The Lightning Trainer of a run: devices, precision, epochs, clipping, each process's seed,
+    TensorBoard logs under root_dir."""
     settings = dict(
         default_root_dir=root_dir,
-        callbacks=callbacks,
-        enable_checkpointing=bool(callbacks),
+        callbacks=[*callbacks, SeedEachProcess(args.seed)],
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         logger=TensorBoardLogger(root_dir, name="lightning_logs", default_hp_metric=False),
         accelerator=args.accelerator,
         devices=args.devices,
         strategy=args.strategy,
+        precision=args.precision,
         max_epochs=args.epochs,
         gradient_clip_val=args.gradient_clip_val,
         fast_dev_run=args.fast_dev_run,
@@ -435,6 +458,25 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
 # --------------------------------------------------------------------------------------------------
 
 
+def pick_device(accelerator):
+    """The device --accelerator names, chosen as Lightning chooses it for training (auto and gpu:
+    CUDA, then Apple's MPS; auto then the CPU); features and sets are made there too. Exits with
+    one line if there is no such device here."""
+    is_there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = [kind for kind, there in is_there.items() if there]
+    if accelerator == "auto":
+        return torch.device((available + ["cpu"])[0])
+    wanted = ["cuda", "mps"] if accelerator == "gpu" else [accelerator]
+    found = [kind for kind in wanted if kind == "cpu" or kind in available]
+    if not found:
+        kinds = " or ".join(kind.upper() for kind in wanted)
+        sys.exit(
+            f"error: --accelerator {accelerator}: this machine has no {kinds} device that PyTorch "
+            "can use. Use --accelerator auto or cpu."
+        )
+    return torch.device(found[0])
+
+
 def device_name(device):
     """The GPU's name, or the CPU's as the platform reports it: what results are measured on."""
     device = torch.device(device)
@@ -454,10 +496,8 @@ def main(argv=None):
             f"error: --resume found no {last_checkpoint} to continue from. "
             "Run without --resume to start anew."
         )
+    device = pick_device(args.accelerator)
     pl.seed_everything(args.seed)
-    device = torch.device(
-        "cuda" if torch.cuda.is_available() and args.accelerator != "cpu" else "cpu"
-    )
 
     if args.task == "anomaly":
         model_class, io_dims, datasets = anomaly_setup(args, run_folder, device)

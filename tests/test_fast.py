@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data as data
 
-from data import SetAnomalyDataset, SetBatches
+import train
+from data import SetAnomalyDataset, SetBatches, anomaly_datasets
 from features import extract_features, extract_features_fast, image_transform, resnet34_backbone
 from model import (
     AnomalyPredictor,
@@ -136,6 +137,24 @@ def test_fast_dropout_drops_with_probability_p_and_rescales():
     torch.testing.assert_close(grad_x.grad, out.detach())  # d(x·noise)/dx = noise
 
 
+def test_fast_dropout_is_pytorchs_own_off_the_cpu(monkeypatch):
+    # On Apple's MPS, int64 random_ fills only 32 bits, so half the 16-bit fields would never drop;
+    # on CUDA PyTorch's dropout is one fused kernel. Off the CPU the fast path must use it. The
+    # "meta" device stands in for an accelerator.
+    calls = []
+    pytorch_dropout = F.dropout
+
+    def counting_dropout(x, p, training, inplace):
+        calls.append((x.device.type, p))
+        return pytorch_dropout(x, p, training, inplace)
+
+    monkeypatch.setattr(F, "dropout", counting_dropout)
+    BitMaskDropout(0.1)(torch.ones(64, 64, device="meta"))
+    assert calls == [("meta", 0.1)]
+    BitMaskDropout(0.1)(torch.ones(64, 64))  # on the CPU: the bit masks
+    assert calls == [("meta", 0.1)]
+
+
 def sets_of(loader):
     return [batch for batch in loader]
 
@@ -181,6 +200,30 @@ def test_set_batches_training_sets_follow_the_datasets_distribution():
         (counts - expected)[off_diagonal].abs()
         < 5 * expected.expand_as(counts)[off_diagonal].sqrt()
     )
+
+
+def test_set_batches_deal_each_epoch_between_processes(monkeypatch):
+    feats, labels = clustered_features(6, 21, 4, seed=0)  # 126 anomalies
+    dataset = SetAnomalyDataset(feats, labels, set_size=5, train=True)
+    shares = []
+    for rank in (0, 1):
+        batches = SetBatches(dataset, batch_size=8, seed=3)
+        monkeypatch.setattr(batches, "share", lambda rank=rank: (rank, 2))
+        assert len(batches) == 63 // 8
+        shares.append([[b[1][:, -1].tolist() for b in batches] for _epoch in range(2)])
+    for epoch in range(2):
+        first, second = (sum(share[epoch], []) for share in shares)
+        assert len(first) == len(second) == 7 * 8
+        assert not set(first) & set(second)  # one order, dealt: no anomaly in both processes
+    assert shares[0][0] != shares[0][1]  # a new order every epoch
+
+
+def test_fast_with_several_devices_samples_on_the_device():
+    feats, labels = clustered_features(10, 50, 4, seed=0)  # 5 per class for validation
+    datasets = anomaly_datasets(feats, labels, feats, labels, set_size=5)
+    args = train.parse_args(["--fast", "--devices", "2", "--strategy", "ddp"])
+    loaders = train.make_loaders(args, datasets, torch.device("cpu"))
+    assert all(isinstance(loader, SetBatches) for loader in loaders.values())
 
 
 def test_fast_features_agree_with_faithful_ones():

@@ -8,12 +8,13 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from data import SetAnomalyDataset, split_train_val
 from model import AnomalyPredictor
-from train import parse_args
+from train import SeedEachProcess, parse_args, pick_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
@@ -273,30 +274,30 @@ def test_fast_synthetic_run(synthetic_run, tmp_path):
     assert list(model.state_dict()) == list(AnomalyPredictor(**model.hparams).state_dict())
 
 
-def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_path):
+@pytest.mark.parametrize("fast", [False, True])
+def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_path, fast):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+    ddp_args = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
     proc = run_train(
-        "--synthetic",
-        "--checkpoint-dir",
-        checkpoint_dir,
-        "--accelerator",
-        "cpu",
-        "--devices",
-        "2",
-        "--strategy",
-        "ddp",
+        "--synthetic", "--checkpoint-dir", checkpoint_dir, *ddp_args, *(["--fast"] if fast else [])
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[rank: 1]" in proc.stdout + proc.stderr  # a second process really took part
     assert proc.stdout.count("Test accuracy:") == 1
     ddp = read_results(checkpoint_dir)
+    # Each process took its half of the 990 training anomalies an epoch: ceil(990 / 2) // 64 steps.
+    last = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
+    assert torch.load(last, weights_only=False)["global_step"] == 2 * (495 // 64)
     # The saved model's accuracy over the full, fixed sets, computed here without Lightning: the
     # same numbers.
     synthetic_dir = os.path.join(checkpoint_dir, "synthetic")
     model = AnomalyPredictor.load_from_checkpoint(
         os.path.join(synthetic_dir, "SetAnomalyDetect.ckpt")
     ).eval()
-    load = lambda split: torch.load(os.path.join(synthetic_dir, f"{split}_set_features.tar"))
+    suffix = "_fast" if fast else ""
+    load = lambda split: torch.load(
+        os.path.join(synthetic_dir, f"{split}_set_features{suffix}.tar")
+    )
     train_feats, train_labels = load("train")["features"], load("train")["labels"]
     _, val_idx = split_train_val(train_labels)
     for key, feats, labels in (
@@ -314,3 +315,120 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_pat
         assert ddp[key] == pytest.approx(
             (logits.argmax(dim=1) == 9).float().mean().item(), abs=1e-6
         )
+
+
+# Run by test_each_process_draws_its_own_sets in two processes: Lightning's DDP starts this file
+# again for the second one. Each process writes its first training batch and its validation sets.
+DDP_SCRIPT = """
+import json, os, sys
+import pytorch_lightning as pl
+import torch
+import train
+from data import anomaly_datasets
+from model import AnomalyPredictor
+
+out_dir, fast = sys.argv[1], sys.argv[2] == "fast"
+args = train.parse_args(["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+                         "--batch-size", "8"] + (["--fast"] if fast else []))
+pl.seed_everything(args.seed)
+g = torch.Generator().manual_seed(0)
+labels = torch.arange(10).repeat(100)
+feats = torch.randn(len(labels), 16, generator=g)
+datasets = anomaly_datasets(feats, labels, feats[:100], labels[:100], 10)
+loaders = train.make_loaders(args, datasets, torch.device("cpu"))
+by_label = datasets["train"].img_idx_by_label
+position = {int(i): p for row in by_label for p, i in enumerate(row)}
+
+class FirstBatch(pl.Callback):
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        sets = batch[1]
+        record = dict(anomalies=sets[:, -1].tolist(),
+                      positions=[[position[int(i)] for i in row[:-1]] for row in sets],
+                      val_sets=datasets["val"].test_sets.tolist())
+        with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(record, f)
+
+model = AnomalyPredictor(**train.model_hparams(args, dict(input_dim=16, num_classes=1), 1))
+trainer = train.make_trainer(args, out_dir, [FirstBatch()], max_steps=1, limit_val_batches=0,
+                             enable_progress_bar=False, enable_model_summary=False, logger=False)
+trainer.fit(model, loaders["train"])
+"""
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_each_process_draws_its_own_sets(tmp_path, fast):
+    script = tmp_path / "ddp_first_batch.py"
+    script.write_text(DDP_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), "fast" if fast else "faithful"],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # Each process has its own anomalies, and draws its own images around them: Lightning seeds
+    # both processes alike, which would give the k-th set of each the same random positions.
+    assert not set(ranks[0]["anomalies"]) & set(ranks[1]["anomalies"])
+    assert ranks[0]["positions"] != ranks[1]["positions"]
+    # The evaluation sets are the post's fixed ones, the same in every process.
+    assert ranks[0]["val_sets"] == ranks[1]["val_sets"]
+
+
+class FakeTrainer:
+    def __init__(self, world_size, global_rank):
+        self.world_size, self.global_rank = world_size, global_rank
+
+
+def test_each_process_is_seeded_apart_and_one_process_is_left_alone():
+    np.random.seed(7)
+    before = np.random.get_state()[1].copy()
+    SeedEachProcess(42).setup(FakeTrainer(world_size=1, global_rank=0), None, "fit")
+    assert np.array_equal(np.random.get_state()[1], before)  # a single run keeps its seed
+    draws = []
+    for rank in (0, 1):
+        SeedEachProcess(42).setup(FakeTrainer(world_size=2, global_rank=rank), None, "fit")
+        draws.append((np.random.randint(2**31), torch.randint(2**31, ()).item()))
+        np.random.seed(42 + rank)  # what process `rank` is seeded with: reproducible
+        torch.manual_seed(42 + rank)
+        assert draws[-1] == (np.random.randint(2**31), torch.randint(2**31, ()).item())
+    assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
+
+
+def test_auto_device_follows_lightnings_order(monkeypatch):
+    for cuda, mps, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert pick_device("auto").type == expected
+        if expected != "cpu":
+            assert pick_device("gpu").type == expected
+
+
+@pytest.mark.parametrize("accelerator", ["cuda", "gpu", "mps"])
+def test_a_missing_accelerator_is_one_line(tmp_path, monkeypatch, accelerator):
+    has_cuda = torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        pick_device(accelerator)
+    message = str(exit_info.value.code)
+    assert message.startswith("error: --accelerator") and "\n" not in message
+    if accelerator == "cuda" and not has_cuda:  # and the whole script says just that
+        proc = run_train("--accelerator", "cuda", "--checkpoint-dir", str(tmp_path))
+        assert proc.returncode == 1 and proc.stderr.strip() == message
+        assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path, fast):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+    args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--precision", "bf16-mixed"]
+    proc = run_train(*args, *(["--fast"] if fast else []))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "bfloat16 Automatic Mixed Precision" in proc.stdout + proc.stderr
+    results = read_results(checkpoint_dir)
+    assert results["settings"]["precision"] == "bf16-mixed"
+    assert all(0 <= results[key] <= 1 for key in ("train_acc", "val_acc", "test_acc"))
