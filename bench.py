@@ -64,6 +64,51 @@ class StepTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
+def is_view(op_name):
+    """Whether the aten operator op_name ("aten::view") only makes a view: its output aliases an
+    input and nothing is written."""
+    packet = getattr(torch.ops.aten, op_name.removeprefix("aten::"), None)
+    for overload in packet.overloads() if packet is not None else ():
+        returns = getattr(packet, overload)._schema.returns
+        if returns and returns[0].alias_info is not None and not returns[0].alias_info.is_write:
+            return True
+    return False
+
+
+def dispatched_ops(events):
+    """How many operators the profiled code dispatched: aten operators called by no other aten
+    operator (on a GPU, roughly one kernel launch each), views excluded."""
+
+    def called_by_aten(event):
+        parent = event.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        return parent is not None
+
+    return sum(
+        1
+        for event in events
+        if event.name.startswith("aten::") and not called_by_aten(event) and not is_view(event.name)
+    )
+
+
+class StepOps(pl.Callback):
+    """The operators that one training step (the batch at index `at`) dispatches."""
+
+    def __init__(self, at):
+        self.at, self.count, self.profiler = at, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.at:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.at:
+            self.profiler.__exit__(None, None, None)
+            self.count = dispatched_ops(self.profiler.events())
+
+
 def generated_datasets():
     """Set datasets over random features with the post's shapes, split and set size."""
     g = torch.Generator().manual_seed(0)
@@ -75,8 +120,9 @@ def generated_datasets():
 
 
 def time_training(fast, device, datasets, steps, warmup, parts=None):
-    """(median seconds per training step, steps per epoch, evaluation sets per second), through
-    train.py's own loaders and Trainer. parts, for --ablation, picks single parts of the fast path:
+    """(median seconds per training step, steps per epoch, evaluation sets per second, operators the
+    step dispatches), through train.py's own loaders and Trainer; the operators are counted in the
+    last warm-up step. parts, for --ablation, picks single parts of the fast path:
     "dropout", "attention", "adam" (fused), "sampler" (SetBatches); "no dropout" sets every dropout
     probability to 0, a reference for what the remaining dropout costs, not a run anyone should
     train."""
@@ -88,12 +134,12 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
     loaders = train.make_loaders(args, datasets, torch.device(device))
     hparams = train.model_hparams(args, IO_DIMS, len(loaders["train"]))
     model = AnomalyPredictor(**hparams, fast=parts & set(FAST_PARTS))
-    timer = StepTimer()
+    timer, ops = StepTimer(), StepOps(at=warmup - 1)
     with tempfile.TemporaryDirectory() as root_dir:
         trainer = train.make_trainer(
             args,
             root_dir,
-            callbacks=[timer],
+            callbacks=[timer, ops],
             max_steps=warmup + steps,
             limit_val_batches=0,
             enable_checkpointing=False,
@@ -104,7 +150,7 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
         trainer.test(model, loaders["val"], verbose=False)
         eval_sets_per_s = len(datasets["val"]) / (time.perf_counter() - start)
     step_s = float(statistics.median(np.diff(timer.ends[warmup:])))
-    return step_s, len(loaders["train"]), eval_sets_per_s
+    return step_s, len(loaders["train"]), eval_sets_per_s, ops.count
 
 
 def ablation(device, steps, warmup):
@@ -223,6 +269,7 @@ def path_results(rounds, steps_per_epoch, device, num_images, path):
         "train_gflops": STEP_FLOP / step_s / 1e9,
         "extract_images_per_s": extract_rate,
         "eval_sets_per_s": eval_rate,
+        "ops_per_step": rounds[0]["ops"],
         # Features of all 60 000 images, 100 epochs, then the three accuracies (60 000 sets).
         "projected_run_s": ALL_IMAGES / extract_rate + epoch_s * 100 + ALL_IMAGES / eval_rate,
         # In a process of its own, since a process's peak only grows.
@@ -268,10 +315,10 @@ def main(argv=None):
         for path in runs:
             fast = path == "fast"
             timed = time_training(fast, args.device, datasets, args.steps, args.warmup)
-            step_s, steps_per_epoch, eval_rate = timed
+            step_s, steps_per_epoch, eval_rate, ops = timed
             extract_rate, feats = time_extraction(fast, args.device, backbone, images)
             runs[path].append(
-                dict(step_s=step_s, eval=eval_rate, extract=extract_rate, feats=feats)
+                dict(step_s=step_s, eval=eval_rate, extract=extract_rate, feats=feats, ops=ops)
             )
     results = {
         path: path_results(rounds, steps_per_epoch, args.device, args.images, path)

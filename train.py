@@ -29,7 +29,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from data import ReverseDataset, SetBatches, SortDataset, anomaly_datasets
 from features import MissingResources, cifar100_features, save_atomically
-from model import AnomalyPredictor, ReversePredictor, Seq2SeqPredictor
+from model import FAST_PARTS, AnomalyPredictor, ReversePredictor, Seq2SeqPredictor
 from synthetic import SYNTHETIC, synthetic_features
 
 # Each task's defaults, the one place they are set: the post's run for anomaly, the tutorial's for
@@ -217,6 +217,12 @@ def make_parser():
         action="store_true",
         help="one training and one validation batch, then test that model; saves nothing",
     )
+    add(
+        "--compile",
+        action="store_true",
+        help="train through torch.compile, the forward and backward as one graph (CUDA graphs on "
+        "a GPU); for accelerators: slower than eager on a 2-core CPU",
+    )
     add("--retrain", action="store_true", help="train anew even if a saved model exists")
     add("--resume", action="store_true", help="continue an interrupted training")
     add(
@@ -357,6 +363,26 @@ def make_trainer(args, root_dir, callbacks, **overrides):
     return pl.Trainer(**dict(settings, **overrides))
 
 
+def fast_parts(args):
+    """The parts of the fast path inside the model: all with --fast, except that --compile keeps
+    PyTorch's dropout, since the CPU's bit masks are drawn by numpy, outside any compiled graph."""
+    if not args.fast:
+        return ()
+    return tuple(part for part in FAST_PARTS if not (args.compile and part == "dropout"))
+
+
+def compile_training_forward(model, device, backend="inductor"):
+    """Compiles model's forward for training with torch.compile, as one graph (fullgraph: a graph
+    break is an error), forward and backward; on CUDA with CUDA graphs (mode reduce-overhead), which
+    launch a step's many small kernels at once. Evaluation keeps the eager forward: it runs once an
+    epoch, with batches of other sizes, each of which would cost a compilation."""
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    compiled = torch.compile(model.forward, fullgraph=True, mode=mode, backend=backend)
+    eager = model.forward
+    model.forward = lambda *args, **kwargs: (compiled if model.training else eager)(*args, **kwargs)
+    return model
+
+
 def run_settings(args):
     """The run's settings that a saved model must match besides its hyper-parameters."""
     settings = dict(
@@ -427,15 +453,17 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
         hint = "Run with --retrain to train a new model in its place, or another --checkpoint-dir."
         check_saved_model(saved, hparams, args, hint)
         print(f"Found pretrained model {saved}, loading...")
-        model = model_class.load_from_checkpoint(saved, fast=args.fast)
+        model = model_class.load_from_checkpoint(saved, fast=fast_parts(args))
     else:
-        model = model_class(**hparams, fast=args.fast)
+        model = model_class(**hparams, fast=fast_parts(args))
+        if args.compile:
+            compile_training_forward(model, pick_device(args.accelerator))
         checkpoint = resume_from(args, hparams, best.dirpath)
         trainer.fit(model, loaders["train"], loaders["val"], ckpt_path=checkpoint)
         if not trainer.is_global_zero:  # with several processes, the first alone saves and tests
             return None
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing: it tests the model it has
-            model = model_class.load_from_checkpoint(best.best_model_path, fast=args.fast)
+            model = model_class.load_from_checkpoint(best.best_model_path, fast=fast_parts(args))
             save_model(best.best_model_path, saved, args)
     seconds["train"] = time.time() - start
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data as data
 
+import bench
 import train
 from data import SetAnomalyDataset, SetBatches, anomaly_datasets
 from features import extract_features, extract_features_fast, image_transform, resnet34_backbone
@@ -268,3 +269,11 @@ def test_fast_and_faithful_training_reach_the_same_accuracy():
     faithful = train_and_test(False, train_set, test_set, steps=300)
     fast = train_and_test(True, train_set, test_set, steps=300)
     assert faithful > 0.9 and abs(fast - faithful) <= 0.01 + 1e-6  # 1 point; accuracies are float32
+
+
+def test_dispatched_ops_counts_operators_not_views():
+    x = torch.randn(4, 4)
+    with torch.profiler.profile() as profiler:
+        y = x.view(16).add(1).reshape(4, 4).t()  # one operator, add, and three views
+        F.linear(y, x)  # one operator, whatever it calls inside
+    assert bench.dispatched_ops(profiler.events()) == 2

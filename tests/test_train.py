@@ -14,7 +14,8 @@ import torch
 
 from data import SetAnomalyDataset, split_train_val
 from model import AnomalyPredictor
-from train import SeedEachProcess, parse_args, pick_device
+from test_model import SMALL_SET_MODEL, randomise
+from train import SeedEachProcess, compile_training_forward, fast_parts, parse_args, pick_device
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
@@ -431,4 +432,43 @@ def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path, fast):
     assert "bfloat16 Automatic Mixed Precision" in proc.stdout + proc.stderr
     results = read_results(checkpoint_dir)
     assert results["settings"]["precision"] == "bf16-mixed"
+    assert all(0 <= results[key] <= 1 for key in ("train_acc", "val_acc", "test_acc"))
+
+
+def compile_pair(fast, dropout=0.0):
+    """An eager model and a copy whose training forward is compiled (with the quick aot_eager
+    backend: the same graph capture, forward and backward, without generating code)."""
+    torch.manual_seed(0)
+    hparams = dict(SMALL_SET_MODEL, input_dim=16, max_iters=10, dropout=dropout, input_dropout=0.0)
+    eager = randomise(AnomalyPredictor(**hparams, fast=fast))
+    compiled = AnomalyPredictor(**hparams, fast=fast)
+    compiled.load_state_dict(eager.state_dict())
+    compile_training_forward(compiled, torch.device("cpu"), backend="aot_eager")
+    return eager, compiled
+
+
+def test_compiled_training_step_is_one_graph_and_matches_eager():
+    args = parse_args(["--fast", "--compile"])
+    assert "dropout" not in fast_parts(args) and set(fast_parts(args)) == {"attention", "adam"}
+    eager, compiled = compile_pair(fast_parts(args))
+    x, labels = torch.randn(4, 10, 16), torch.full((4,), 9)
+    for model in (eager, compiled):
+        model.train()
+        loss = torch.nn.functional.cross_entropy(model.anomaly_logits(x), labels)
+        loss.backward()  # fullgraph=True: any graph break would have raised
+    torch.testing.assert_close(compiled.anomaly_logits(x), eager.anomaly_logits(x))
+    for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4)
+    # The CPU's numpy-drawn dropout masks would break the graph: that is why --compile drops them.
+    _, with_bit_masks = compile_pair(fast=True, dropout=0.1)
+    with pytest.raises(Exception, match="(?i)graph break|unsupported|numpy"):
+        with_bit_masks.train().anomaly_logits(x)
+
+
+def test_compiled_fast_synthetic_run(synthetic_run, tmp_path):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast", "--compile")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = read_results(checkpoint_dir)
+    assert results["settings"]["compile"] is True
     assert all(0 <= results[key] <= 1 for key in ("train_acc", "val_acc", "test_acc"))
