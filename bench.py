@@ -16,6 +16,7 @@ step's matrix products alone set.
 """
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -36,6 +37,8 @@ from features import (
     ImageArray,
     extract_features,
     extract_features_fast,
+    fast_backbone,
+    fast_batch_size,
     image_transform,
     resnet34_backbone,
 )
@@ -59,8 +62,7 @@ class StepTimer(pl.Callback):
         self.ends = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(trainer.strategy.root_device)
         self.ends.append(time.perf_counter())
 
 
@@ -127,11 +129,12 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
     probability to 0, a reference for what the remaining dropout costs, not a run anyone should
     train."""
     parts = set(PARTS if fast else ()) if parts is None else set(parts)
-    args = train.parse_args(["--accelerator", device] + (["--fast"] if "sampler" in parts else []))
+    flags = ["--accelerator", device.type] + (["--fast"] if "sampler" in parts else [])
+    args = train.parse_args(flags)
     if "no dropout" in parts:
         args.dropout = args.input_dropout = 0.0
     pl.seed_everything(0)
-    loaders = train.make_loaders(args, datasets, torch.device(device))
+    loaders = train.make_loaders(args, datasets, device)
     hparams = train.model_hparams(args, IO_DIMS, len(loaders["train"]))
     model = AnomalyPredictor(**hparams, fast=parts & set(FAST_PARTS))
     timer, ops = StepTimer(), StepOps(at=warmup - 1)
@@ -140,15 +143,12 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
             args,
             root_dir,
             callbacks=[timer, ops],
+            devices=[device.index] if device.index is not None else 1,  # cuda:N
             max_steps=warmup + steps,
             limit_val_batches=0,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
         )
         trainer.fit(model, loaders["train"])
-        start = time.perf_counter()
-        trainer.test(model, loaders["val"], verbose=False)
-        eval_sets_per_s = len(datasets["val"]) / (time.perf_counter() - start)
+    eval_sets_per_s = time_evaluation(model, loaders["val"], device)
     step_s = float(statistics.median(np.diff(timer.ends[warmup:])))
     return step_s, len(loaders["train"]), eval_sets_per_s, ops.count
 
@@ -172,6 +172,12 @@ def ablation(device, steps, warmup):
     return times
 
 
+def synchronize(device):
+    """Waits for the GPU's queued work, so that a clock read after it means something."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def matmul_rate(device):
     """FLOP/s of a large float32 matrix product on device: the most any training step can get out of
     it."""
@@ -179,40 +185,56 @@ def matmul_rate(device):
     a @ a
     rates = []
     for _ in range(3):
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         a @ a
-        if device == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         rates.append(2 * 2048**3 / (time.perf_counter() - start))
     return max(rates)
 
 
-def time_extraction(fast, device, backbone, images):
-    """(images per second, features) of one path; a first batch warms the backbone up untimed."""
-    device = torch.device(device)
+def time_extraction(fast, device, backbone, images, min_seconds):
+    """(images per second, features of images) of one path. The backbone is prepared and warmed up
+    (one batch of the timed size) first; the timed passes run over images, repeated until at least
+    min_seconds of work. The post's DataLoader starts its 4 workers inside each pass, as it does
+    once for each split of a real run."""
     if fast:
-        extract = lambda imgs: extract_features_fast(backbone, imgs, device)
+        model = fast_backbone(backbone, device)
+        extract = lambda imgs: extract_features_fast(model, imgs, device)
+        batch = fast_batch_size(device)
     else:  # the post's DataLoader: PIL transforms, batch 128, 4 workers
+        transform, batch = image_transform(224), 128
         extract = lambda imgs: extract_features(
-            backbone,
-            ImageArray(imgs, [0] * len(imgs), image_transform(224)),
-            device,
-            batch_size=128,
-            num_workers=4,
+            backbone, ImageArray(imgs, [0] * len(imgs), transform), device, batch, num_workers=4
         )
-    extract(images[:16])
-    start = time.perf_counter()
-    feats = extract(images)
-    return len(images) / (time.perf_counter() - start), feats
+    extract(images[:batch])
+    passes, start = 0, time.perf_counter()
+    while passes == 0 or time.perf_counter() - start < min_seconds:
+        feats = extract(images)
+        synchronize(device)
+        passes += 1
+    return passes * len(images) / (time.perf_counter() - start), feats
+
+
+@torch.inference_mode()
+def time_evaluation(model, loader, device):
+    """Sets per second that model scores from loader, data included, after one warm-up batch."""
+    model = model.eval().to(device)
+    model.anomaly_logits(next(iter(loader))[0].to(device))
+    synchronize(device)
+    sets, start = 0, time.perf_counter()
+    for img_sets, *_ in loader:
+        predicted = model.anomaly_logits(img_sets.to(device)).argmax(dim=-1)
+        sets += len(predicted)
+    synchronize(device)
+    return sets / (time.perf_counter() - start)
 
 
 def peak_memory(path, device, images):
-    """Peak resident memory in MB of a fresh process that trains, evaluates and extracts along one
-    path."""
-    workload = f"bench.memory_workload({path == 'fast'}, {device!r}, {images})"
-    code = f"import bench; {workload}; print(bench.peak_rss_mb())"
+    """Peak memory in MB of a fresh process that trains, evaluates and extracts along one path:
+    {"rss": resident host memory, "gpu": allocated CUDA memory, or None}."""
+    workload = f"bench.memory_workload({path == 'fast'}, {str(device)!r}, {images})"
+    code = f"import bench, json; print(json.dumps({workload}))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -220,7 +242,7 @@ def peak_memory(path, device, images):
         check=True,
         cwd=os.path.dirname(os.path.abspath(__file__)),
     )
-    return float(out.stdout.strip().splitlines()[-1])
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def peak_rss_mb():
@@ -231,11 +253,14 @@ def peak_rss_mb():
 
 
 def memory_workload(fast, device, num_images):
+    device = torch.device(device)
     datasets = generated_datasets()
     time_training(fast, device, datasets, steps=10, warmup=1)
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)
-    time_extraction(fast, device, resnet34_backbone(), images)
+    time_extraction(fast, device, resnet34_backbone(), images, min_seconds=0)
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"rss": peak_rss_mb(), "gpu": gpu}
 
 
 def make_parser():
@@ -243,10 +268,11 @@ def make_parser():
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = p.add_argument
-    add("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    add("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
     add("--steps", type=int, default=60, help="timed training steps per path (default: 60)")
     add("--warmup", type=int, default=10, help="untimed training steps first (default: 10)")
     add("--images", type=int, default=256, help="images to time extraction on (default: 256)")
+    add("--min-seconds", type=float, default=10, help="least timed extraction (default: 10)")
     add("--rounds", type=int, default=2, help="turns per path, the best counts (default: 2)")
     add("--out", default="bench.json", help="where the results go (default: %(default)s)")
     add(
@@ -258,7 +284,9 @@ def make_parser():
 
 
 def path_results(rounds, steps_per_epoch, device, num_images, path):
-    """One path's figures from its rounds (the best of each), and its peak memory."""
+    """One path's figures from its rounds (the best of each), and its peak memory, measured in a
+    process of its own, since a process's peak only grows."""
+    memory = peak_memory(path, device, num_images)
     step_s = min(r["step_s"] for r in rounds)
     extract_rate, eval_rate = max(r["extract"] for r in rounds), max(r["eval"] for r in rounds)
     epoch_s = step_s * steps_per_epoch
@@ -272,8 +300,8 @@ def path_results(rounds, steps_per_epoch, device, num_images, path):
         "ops_per_step": rounds[0]["ops"],
         # Features of all 60 000 images, 100 epochs, then the three accuracies (60 000 sets).
         "projected_run_s": ALL_IMAGES / extract_rate + epoch_s * 100 + ALL_IMAGES / eval_rate,
-        # In a process of its own, since a process's peak only grows.
-        "peak_rss_mb": peak_memory(path, device, num_images),
+        "peak_rss_mb": memory["rss"],
+        **({"peak_gpu_mb": memory["gpu"]} if memory["gpu"] is not None else {}),
     }
 
 
@@ -301,8 +329,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 50 or args.warmup < 1 or args.rounds < 1:
         p.error("--steps must be at least 50, --warmup and --rounds at least 1")
+    device = torch.device(args.device)
     if args.ablation:
-        return ablation(args.device, args.steps, args.warmup)
+        return ablation(device, args.steps, args.warmup)
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     datasets = generated_datasets()
     torch.manual_seed(0)
@@ -314,14 +343,15 @@ def main(argv=None):
     for _ in range(args.rounds):
         for path in runs:
             fast = path == "fast"
-            timed = time_training(fast, args.device, datasets, args.steps, args.warmup)
+            timed = time_training(fast, device, datasets, args.steps, args.warmup)
             step_s, steps_per_epoch, eval_rate, ops = timed
-            extract_rate, feats = time_extraction(fast, args.device, backbone, images)
+            extract = time_extraction(fast, device, backbone, images, args.min_seconds)
+            extract_rate, feats = extract
             runs[path].append(
                 dict(step_s=step_s, eval=eval_rate, extract=extract_rate, feats=feats, ops=ops)
             )
     results = {
-        path: path_results(rounds, steps_per_epoch, args.device, args.images, path)
+        path: path_results(rounds, steps_per_epoch, device, args.images, path)
         for path, rounds in runs.items()
     }
     # Centred: with random weights every image's raw feature points nearly the same way.
@@ -329,14 +359,14 @@ def main(argv=None):
     mean = faithful_feats.mean(dim=0)
     cosine = F.cosine_similarity(faithful_feats - mean, runs["fast"][0]["feats"] - mean)
     report = {
-        "device": train.device_name(args.device),
+        "device": train.device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": " ".join(["python", "bench.py"] + (argv if argv is not None else sys.argv[1:])),
         "date": time.strftime("%Y-%m-%d"),
         "feature_cosine_mean": cosine.mean().item(),
         "feature_cosine_worst": cosine.min().item(),
-        "matmul_peak_gflops": matmul_rate(args.device) / 1e9,
+        "matmul_peak_gflops": matmul_rate(device) / 1e9,
     }
     # The step's matrix products alone, at that peak rate: no path can take less.
     report["train_step_floor_ms"] = STEP_FLOP / report["matmul_peak_gflops"] / 1e6

@@ -164,20 +164,30 @@ def extract_features(model, dataset, device, batch_size=128, num_workers=4, desc
     return torch.cat(feats, dim=0)
 
 
+def fast_backbone(model, device):
+    """The fast path's copy of a backbone on device: BatchNorm folded into the convolutions, and
+    channels-last, which oneDNN and cuDNN run faster; on CUDA, cuDNN picks its fastest kernels."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every batch has the same shape
+    return fuse(copy.deepcopy(model).eval()).to(device, memory_format=torch.channels_last)
+
+
+def fast_batch_size(device):
+    """Small batches keep a CPU's caches warm (faster there than 128); a GPU wants large ones."""
+    return 16 if device.type == "cpu" else 256
+
+
 @torch.inference_mode()
 def extract_features_fast(model, images, device, image_size=224, batch_size=None, desc="features"):
     """The fast path's extract_features: images [N, H, W, 3] uint8 (a CIFAR100's .data) go to the
-    device as they are, and are resized, normalised and run through model there in batches, with no
-    PIL and no workers.
+    device as they are, and are resized, normalised and run through model (made by fast_backbone)
+    there in batches, with no PIL and no workers.
 
     The resize is bilinear like torchvision's Resize of a PIL image (antialiased when it shrinks),
     but in float instead of 8-bit pixels. Features agree with extract_features to a cosine
     similarity above 0.999 (tests/test_fast.py, bench.py).
     """
-    # Small batches keep a CPU's caches warm (faster here than 128); a GPU wants large ones.
-    batch_size = batch_size or (256 if device.type == "cuda" else 16)
-    # BatchNorm folded into the convolutions, and channels-last, which oneDNN and cuDNN run faster.
-    model = fuse(copy.deepcopy(model).eval()).to(device, memory_format=torch.channels_last)
+    batch_size = batch_size or fast_batch_size(device)
     mean = torch.tensor(DATA_MEANS, device=device).view(1, 3, 1, 1)
     std = torch.tensor(DATA_STD, device=device).view(1, 3, 1, 1)
     feats = []
@@ -294,7 +304,8 @@ def cached_features(
             datasets, backbone = sources
             dataset, desc = datasets[split], f"{split} features"
             if fast:
-                feats = extract_features_fast(backbone, dataset.data, device, image_size, desc=desc)
+                model = fast_backbone(backbone, device)
+                feats = extract_features_fast(model, dataset.data, device, image_size, desc=desc)
             else:
                 feats = extract_features(
                     backbone, dataset, device, num_workers=num_workers, desc=desc

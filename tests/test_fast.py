@@ -9,7 +9,13 @@ import torch.utils.data as data
 import bench
 import train
 from data import SetAnomalyDataset, SetBatches, anomaly_datasets
-from features import extract_features, extract_features_fast, image_transform, resnet34_backbone
+from features import (
+    extract_features,
+    extract_features_fast,
+    fast_backbone,
+    image_transform,
+    resnet34_backbone,
+)
 from model import (
     AnomalyPredictor,
     BitMaskDropout,
@@ -234,7 +240,8 @@ def test_fast_features_agree_with_faithful_ones():
         num_classes=4, per_class=2, transform=image_transform(224), seed=0, split="test"
     )
     faithful = extract_features(backbone, images, torch.device("cpu"), batch_size=4, num_workers=0)
-    fast = extract_features_fast(backbone, images.data, torch.device("cpu"), batch_size=4)
+    cpu = torch.device("cpu")
+    fast = extract_features_fast(fast_backbone(backbone, cpu), images.data, cpu, batch_size=4)
     # An untrained ResNet gives every image nearly the same feature direction (raw cosines between
     # different images are above 0.998 here), so compare what sets the images apart: the features
     # minus their mean.
