@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 import torch.utils.data as data
 import torchvision
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from data import ReverseDataset, SetBatches, SortDataset, anomaly_datasets
@@ -360,6 +360,9 @@ def make_trainer(args, root_dir, callbacks, **overrides):
         gradient_clip_val=args.gradient_clip_val,
         fast_dev_run=args.fast_dev_run,
     )
+    if overrides.get("enable_progress_bar", True):
+        # Redrawn every 10 steps: a GPU step takes milliseconds, about as long as a redraw.
+        settings["callbacks"].append(TQDMProgressBar(refresh_rate=10))
     return pl.Trainer(**dict(settings, **overrides))
 
 
