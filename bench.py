@@ -194,23 +194,23 @@ def matmul_rate(device):
 
 
 def time_extraction(fast, device, backbone, images, min_seconds):
-    """(images per second, features of images) of one path. The backbone is prepared and warmed up
-    (one batch of the timed size) first; the timed passes run over images, repeated until at least
-    min_seconds of work. The post's DataLoader starts its 4 workers inside each pass, as it does
-    once for each split of a real run."""
+    """(images per second, features of images) of one path. Set-up comes first, untimed: the fast
+    path's backbone is prepared, the post's DataLoader (PIL transforms, batch 128, 4 workers) starts
+    its workers, and one batch of the timed size warms each up. Then passes over images are timed
+    until they add up to at least min_seconds of work."""
     if fast:
-        model = fast_backbone(backbone, device)
-        extract = lambda imgs: extract_features_fast(model, imgs, device)
-        batch = fast_batch_size(device)
-    else:  # the post's DataLoader: PIL transforms, batch 128, 4 workers
-        transform, batch = image_transform(224), 128
-        extract = lambda imgs: extract_features(
-            backbone, ImageArray(imgs, [0] * len(imgs), transform), device, batch, num_workers=4
-        )
-    extract(images[:batch])
+        model, batch = fast_backbone(backbone, device), fast_batch_size(device)
+        extract_features_fast(model, images[:batch], device)
+        extract = lambda: extract_features_fast(model, images, device)
+    else:
+        dataset = ImageArray(images, [0] * len(images), image_transform(224))
+        loader = torch.utils.data.DataLoader(dataset, 128, num_workers=4, persistent_workers=True)
+        with torch.no_grad():  # the workers start, and then stay for every pass
+            backbone.to(device)(next(iter(loader))[0].to(device))
+        extract = lambda: extract_features(backbone, loader, device)
     passes, start = 0, time.perf_counter()
     while passes == 0 or time.perf_counter() - start < min_seconds:
-        feats = extract(images)
+        feats = extract()
         synchronize(device)
         passes += 1
     return passes * len(images) / (time.perf_counter() - start), feats

@@ -154,11 +154,14 @@ def imagenet_resnet34():
 def extract_features(model, dataset, device, batch_size=128, num_workers=4, desc="features"):
     """Runs every image of dataset through model in batches; returns the features [N, D] on the CPU.
 
-    Only one batch of resized images exists at a time, never the whole resized data set.
+    Only one batch of resized images exists at a time, never the whole resized data set. dataset may
+    also be a DataLoader over one, in order (bench.py keeps its workers alive that way).
     """
-    loader = data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers
-    )
+    loader = dataset
+    if not isinstance(loader, data.DataLoader):
+        loader = data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers
+        )
     model = model.to(device)
     feats = [model(imgs.to(device)).cpu() for imgs, _ in tqdm(loader, desc=desc)]
     return torch.cat(feats, dim=0)
