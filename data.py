@@ -215,14 +215,20 @@ class SetBatches:
     """
 
     def __init__(self, dataset, batch_size, device=None, seed=0):
-        self.img_feats = dataset.img_feats.to(device)
-        self.labels = dataset.labels.to(self.img_feats.device)
-        self.img_idx_by_label = dataset.img_idx_by_label.to(self.img_feats.device)
+        self.img_feats, self.labels = dataset.img_feats, dataset.labels
+        self.img_idx_by_label = dataset.img_idx_by_label
         self.num_drawn = dataset.set_size  # images of the set's class; the anomaly comes last
         self.train = dataset.train
-        self.test_sets = None if self.train else dataset.test_sets.to(self.img_feats.device)
-        self.batch_size = batch_size
+        self.test_sets = None if self.train else dataset.test_sets
+        self.batch_size, self.device = batch_size, device
         self.seed, self.epoch = seed, 0
+
+    def place(self):
+        """Moves the tensors to the device when batches are first drawn (then it is a no-op): by
+        then, with several GPUs, Lightning has made this process's own GPU the current "cuda"."""
+        for name in ("img_feats", "labels", "img_idx_by_label", "test_sets"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(self.device))
 
     def share(self):
         """(this process's rank, number of processes): (0, 1) unless torch.distributed runs."""
@@ -261,6 +267,7 @@ class SetBatches:
         return order[rank::processes].to(device)
 
     def __iter__(self):
+        self.place()
         if self.train:
             batches = self.anomaly_order()[: len(self) * self.batch_size].view(len(self), -1)
         else:

@@ -225,6 +225,16 @@ def test_set_batches_deal_each_epoch_between_processes(monkeypatch):
     assert shares[0][0] != shares[0][1]  # a new order every epoch
 
 
+def test_set_batches_move_to_the_device_only_when_drawn():
+    # With several GPUs, "cuda" means each process's own GPU only once Lightning has set it up, so
+    # the features must not be moved when the loaders are made. "meta" stands in for a GPU.
+    feats, labels = clustered_features(6, 21, 4, seed=0)
+    batches = SetBatches(SetAnomalyDataset(feats, labels, set_size=5), batch_size=8, device="meta")
+    assert batches.img_feats.device.type == "cpu"
+    batches.place()
+    assert batches.img_feats.device.type == batches.img_idx_by_label.device.type == "meta"
+
+
 def test_fast_with_several_devices_samples_on_the_device():
     feats, labels = clustered_features(10, 50, 4, seed=0)  # 5 per class for validation
     datasets = anomaly_datasets(feats, labels, feats, labels, set_size=5)
