@@ -16,6 +16,7 @@ step's matrix products alone set.
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -66,6 +67,7 @@ class StepTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
+@functools.cache
 def is_view(op_name):
     """Whether the aten operator op_name ("aten::view") only makes a view: its output aliases an
     input and nothing is written."""

@@ -72,6 +72,12 @@ def task_dir(run_folder, task="anomaly"):
     return os.path.join(run_folder, TASK_NAMES[task])
 
 
+def last_checkpoint(run_folder, task="anomaly"):
+    """A task's full checkpoint (optimizer, scheduler, loop state), replaced after every epoch, that
+    --resume continues from: <TaskName>/checkpoints/last.ckpt, beside the best epoch's weights."""
+    return os.path.join(task_dir(run_folder, task), "checkpoints", "last.ckpt")
+
+
 def model_file(run_folder, task="anomaly"):
     """A task's best model in a run folder: <TaskName>.ckpt (the post's SetAnomalyDetect.ckpt)."""
     return task_dir(run_folder, task) + ".ckpt"
@@ -417,17 +423,16 @@ def check_saved_model(path, hparams, args, hint):
         )
 
 
-def resume_from(args, hparams, checkpoints):
-    """With --resume, the last checkpoint in the folder checkpoints, once its schedule and weights
-    are shown to fit what is asked; otherwise None, after clearing the folder (its checkpoints would
-    be mistaken for this run's)."""
+def resume_from(args, hparams, last):
+    """With --resume, the last checkpoint, once its schedule and weights are shown to fit what is
+    asked; otherwise None, after clearing its folder (its checkpoints would be mistaken for this
+    run's)."""
     if args.resume:
-        last = os.path.join(checkpoints, "last.ckpt")
         hint = "Resume with the settings of the interrupted run, or train anew without --resume."
         check_saved_model(last, hparams, args, hint)
         return last
     if not args.fast_dev_run:  # a fast dev run writes no checkpoint, so it clears none
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        shutil.rmtree(os.path.dirname(last), ignore_errors=True)
     return None
 
 
@@ -445,10 +450,10 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
     trained), or None on every process but the first when several train. Fills seconds."""
     start = time.time()
     root_dir, saved = task_dir(run_folder, args.task), model_file(run_folder, args.task)
-    best = ModelCheckpoint(
-        os.path.join(root_dir, "checkpoints"), monitor="val_acc", mode="max", save_weights_only=True
-    )
-    last = ModelCheckpoint(best.dirpath, filename="last")  # the full state, every epoch: --resume
+    last_path = last_checkpoint(run_folder, args.task)
+    checkpoints = os.path.dirname(last_path)
+    best = ModelCheckpoint(checkpoints, monitor="val_acc", mode="max", save_weights_only=True)
+    last = ModelCheckpoint(checkpoints, filename="last")  # for --resume
     trainer = make_trainer(args, root_dir, callbacks=[] if args.fast_dev_run else [best, last])
 
     trained = args.retrain or args.resume or args.fast_dev_run or not os.path.isfile(saved)
@@ -461,7 +466,7 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
         model = model_class(**hparams, fast=fast_parts(args))
         if args.compile:
             compile_training_forward(model, pick_device(args.accelerator))
-        checkpoint = resume_from(args, hparams, best.dirpath)
+        checkpoint = resume_from(args, hparams, last_path)
         trainer.fit(model, loaders["train"], loaders["val"], ckpt_path=checkpoint)
         if not trainer.is_global_zero:  # with several processes, the first alone saves and tests
             return None
@@ -521,10 +526,10 @@ def main(argv=None):
     start, seconds = time.time(), {}
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     root_dir = task_dir(run_folder, args.task)
-    last_checkpoint = os.path.join(root_dir, "checkpoints", "last.ckpt")  # what --resume reads
-    if args.resume and not os.path.isfile(last_checkpoint):
+    last_path = last_checkpoint(run_folder, args.task)
+    if args.resume and not os.path.isfile(last_path):
         sys.exit(
-            f"error: --resume found no {last_checkpoint} to continue from. "
+            f"error: --resume found no {last_path} to continue from. "
             "Run without --resume to start anew."
         )
     device = pick_device(args.accelerator)
