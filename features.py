@@ -163,7 +163,9 @@ def extract_features(model, dataset, device, batch_size=128, num_workers=4, desc
             dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers
         )
     model = model.to(device)
-    feats = [model(imgs.to(device)).cpu() for imgs, _ in tqdm(loader, desc=desc)]
+    # No bar unless the output is a terminal (disable=None), and gone once done.
+    batches = tqdm(loader, desc=desc, leave=False, disable=None)
+    feats = [model(imgs.to(device)).cpu() for imgs, _ in batches]
     return torch.cat(feats, dim=0)
 
 
@@ -194,7 +196,7 @@ def extract_features_fast(model, images, device, image_size=224, batch_size=None
     mean = torch.tensor(DATA_MEANS, device=device).view(1, 3, 1, 1)
     std = torch.tensor(DATA_STD, device=device).view(1, 3, 1, 1)
     feats = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc):
+    for start in tqdm(range(0, len(images), batch_size), desc=desc, leave=False, disable=None):
         x = torch.from_numpy(np.ascontiguousarray(images[start : start + batch_size])).to(device)
         x = x.permute(0, 3, 1, 2).float().div_(255)  # [B, 3, H, W] in [0, 1], as ToTensor gives
         # Only shrinking needs antialiasing, and it costs time.
@@ -306,6 +308,7 @@ def cached_features(
             sources = sources or open_sources()
             datasets, backbone = sources
             dataset, desc = datasets[split], f"{split} features"
+            print(f"Extracting the {split} features of {len(dataset)} images on {device} to {path}")
             if fast:
                 model = fast_backbone(backbone, device)
                 feats = extract_features_fast(model, dataset.data, device, image_size, desc=desc)
@@ -315,6 +318,8 @@ def cached_features(
                 )
             cached = feats, torch.as_tensor(dataset.targets, dtype=torch.long)
             save_cache(path, *cached, meta)
+        else:
+            print(f"Loaded the {split} features from {path}")
         result[split] = cached
     return result
 

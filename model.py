@@ -356,7 +356,8 @@ class TransformerPredictor(pl.LightningModule):
 
     def _log_metrics(self, mode, batch_size, loss, **epoch_metrics):
         """Logs {mode}_loss every step and each {mode}_<metric> as its mean over the epoch."""
-        self.log(f"{mode}_loss", loss, batch_size=batch_size)
+        # Evaluation losses are epoch means: over all processes, as the metrics below.
+        self.log(f"{mode}_loss", loss, batch_size=batch_size, sync_dist=mode != "train")
         for name, value in epoch_metrics.items():
             # An explicit batch size: the epoch mean is then over items, the smaller last batch
             # included; sync_dist: with several processes, over all of them (ModelCheckpoint

@@ -158,9 +158,10 @@ def make_parser():
 def set_size_accuracies(args, run_folder, model, device):
     """{set size: accuracy} of model on the cached test features, printed; exits without them."""
     meta = synthetic.synthetic_meta if args.synthetic else features.cifar100_meta
-    cache = features.cached_test_features(run_folder, meta("test"), "`python train.py` rebuilds it")
+    command = "`python train.py --synthetic`" if args.synthetic else "`python train.py`"
+    cache = features.cached_test_features(run_folder, meta("test"), f"{command} rebuilds it")
     if cache is None:
-        sys.exit(f"error: no valid test feature cache in {run_folder}; `python train.py` makes it.")
+        sys.exit(f"error: no valid test feature cache in {run_folder}; {command} makes it.")
     try:
         accuracies = {n: set_size_accuracy(model, *cache, n, device) for n in args.set_sizes}
     except ValueError as error:
@@ -178,6 +179,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     ckpt = args.ckpt or model_file(run_folder)
+    if args.figure and os.path.isdir(args.figure):
+        p.error(f"--figure {args.figure} is a folder: name the PNG file, e.g. --figure odd.png")
+    if args.figure and not args.figure.lower().endswith(".png"):
+        p.error(f"--figure writes a PNG image: give a name ending in .png, not {args.figure}")
     device = pick_device("auto")
     if args.set_sizes:
         if args.images:

@@ -4,13 +4,13 @@ sequence tasks from the tutorial.
 
     python train.py                  # the post's run; a second run loads the saved model, evaluates
     python train.py --synthetic      # every stage offline on generated images, in seconds on a CPU
-    python train.py --task reverse   # the tutorial's sequence task: reverse a sequence (encoder
-    only) python train.py --task seq2seq   # the decoder the post describes: sort a sequence, token
-    by token
+    python train.py --task reverse   # the tutorial's sequence task: reverse a sequence (encoder)
+    python train.py --task seq2seq   # the decoder the post describes: sort a sequence, token by token
 """
 
 import argparse
 import json
+import logging
 import math
 import os
 import platform
@@ -24,10 +24,12 @@ import pytorch_lightning as pl
 import torch
 import torch.utils.data as data
 import torchvision
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_only
+from tqdm.auto import tqdm
 
-from data import ReverseDataset, SetBatches, SortDataset, anomaly_datasets
+from data import ReverseDataset, SetAnomalyDataset, SetBatches, SortDataset, anomaly_datasets
 from features import MissingResources, cifar100_features, save_atomically
 from model import FAST_PARTS, AnomalyPredictor, ReversePredictor, Seq2SeqPredictor
 from synthetic import SYNTHETIC, synthetic_features
@@ -50,10 +52,19 @@ TASK_NAMES = {"anomaly": "SetAnomalyDetect", "reverse": "ReverseTask", "seq2seq"
 # The sequence tasks' data, as in the tutorial: 10 categories, length 16, 50 000 / 1 000 / 10 000.
 NUM_CATEGORIES, SEQ_LEN, SEQ_SIZES = 10, 16, {"train": 50000, "val": 1000, "test": 10000}
 
-# The set loaders read features already in memory: worker processes would only add start-up time.
+# Feature extraction's DataLoader workers: one per core, at most the post's 4.
+DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4)
+
+# The run prints its own lines; Lightning's INFO lines (devices found, a logging-service tip, "Seed
+# set to") would bury them. Its warnings still show.
+for _name in ("pytorch_lightning", "lightning_fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+# Warnings that ask nothing of a user: the set loaders read features already in memory (workers
+# would only add start-up time), and Lightning still uses a pytree class newer torch deprecates.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
-# Train accuracy is measured on freshly drawn, shuffled training sets, as in the post.
-warnings.filterwarnings("ignore", ".*sampler has shuffling enabled.*")
+# --resume goes on in the checkpoint folder it resumes from (a new run empties it first).
+warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -215,8 +226,9 @@ def make_parser():
     add(
         "--num-workers",
         type=int,
-        default=4,
-        help="DataLoader workers of the feature extraction (default: 4, as the post)",
+        default=DEFAULT_WORKERS,
+        help="DataLoader workers of the feature extraction (default: one per core, at most the "
+        "post's 4; here %(default)s)",
     )
     add(
         "--fast-dev-run",
@@ -280,6 +292,10 @@ def anomaly_setup(args, run_folder, device):
         datasets = anomaly_datasets(*feats["train"], *feats["test"], args.set_size)
     except (MissingResources, ValueError) as error:
         sys.exit(f"error: {error}")
+    # Train accuracy is measured on fixed sets of the training images, drawn as val's and test's
+    # are, so that one model always scores the same; training itself draws fresh sets.
+    train = datasets["train"]
+    datasets["train_eval"] = SetAnomalyDataset(train.img_feats, train.labels, args.set_size, False)
     return AnomalyPredictor, dict(input_dim=feats["train"][0].shape[-1], num_classes=1), datasets
 
 
@@ -296,22 +312,23 @@ def sequence_setup(args):
 
 
 def make_loaders(args, datasets, device):
-    """{"train", "val", "test"} batches of the datasets: the post's DataLoaders, or with --fast (set
-    task) SetBatches, which samples whole batches with tensor operations on a device."""
+    """Batches of each of datasets ("train", then the evaluation sets): the post's DataLoaders, or
+    with --fast (set task) SetBatches, which samples whole batches with tensor operations on a
+    device."""
     if args.fast and args.task == "anomaly":
         return {s: SetBatches(ds, args.batch_size, device, args.seed) for s, ds in datasets.items()}
-    train = data.DataLoader(
+    loaders = {
+        split: data.DataLoader(dataset, args.batch_size, shuffle=False, drop_last=False)
+        for split, dataset in datasets.items()
+    }
+    loaders["train"] = data.DataLoader(
         datasets["train"],
         args.batch_size,
         shuffle=True,
         drop_last=True,
         pin_memory=device.type == "cuda",
     )
-    return {
-        "train": train,
-        "val": data.DataLoader(datasets["val"], args.batch_size, shuffle=False, drop_last=False),
-        "test": data.DataLoader(datasets["test"], args.batch_size, shuffle=False, drop_last=False),
-    }
+    return loaders
 
 
 def model_hparams(args, io_dims, steps_per_epoch):
@@ -350,14 +367,100 @@ class SeedEachProcess(pl.Callback):
             pl.seed_everything(self.seed + trainer.global_rank, verbose=False)
 
 
+class RunLog(pl.Callback):
+    """What a run shows a person: a line as training starts and after each epoch, a labelled
+    progress bar while an epoch or an evaluation runs (on a terminal only: none in a file), and on
+    Ctrl-C how to go on. The first process alone prints."""
+
+    def __init__(self, last_path=None):
+        self.last_path = last_path  # where --resume finds the run after its last finished epoch
+        self.label = "Evaluating"  # the evaluation bar's label, set before each trainer.test
+        self.bar = None
+
+    def start_bar(self, trainer, total, label):
+        if trainer.is_global_zero:  # disable=None: no bar unless the output is a terminal
+            self.bar = tqdm(total=total, desc=label, leave=False, disable=None, dynamic_ncols=True)
+
+    def advance(self, *_):
+        if self.bar is not None:
+            self.bar.update()
+
+    def close_bar(self, *_):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def say(self, trainer, line):
+        if trainer.is_global_zero:
+            print(line, flush=True)
+
+    def on_train_start(self, trainer, pl_module):
+        params = sum(p.numel() for p in pl_module.parameters()) / 1e6
+        since = f", from epoch {trainer.current_epoch + 1}" if trainer.current_epoch else ""
+        precision = "" if trainer.precision == "32-true" else f" in {trainer.precision} precision"
+        self.say(
+            trainer,
+            f"Training {type(pl_module).__name__} ({params:.2f} M parameters) on "
+            f"{pl_module.device.type}{precision}: {trainer.max_epochs} epochs of "
+            f"{trainer.num_training_batches} steps{since}",
+        )
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epoch_start = time.time()
+        label = f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        self.start_bar(trainer, trainer.num_training_batches, label)
+
+    on_train_batch_end = advance
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.close_bar()
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        shown = [
+            f"{name.replace('_', ' ')} {100 * metrics[name]:.2f}%"
+            for name in ("train_acc", "val_acc")
+            if name in metrics
+        ]
+        seconds = time.time() - self.epoch_start
+        epoch = f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}"
+        self.say(trainer, f"{epoch}: {', '.join(shown)} ({seconds:.1f} s)")
+
+    def on_test_epoch_start(self, trainer, pl_module):
+        self.start_bar(trainer, sum(trainer.num_test_batches), self.label)
+
+    on_test_batch_end = advance
+    on_test_epoch_end = close_bar
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.close_bar()
+        if not (isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero):
+            return
+        if trainer.state.fn != "fit":
+            note = "the saved model is kept: run the same command again to evaluate it."
+        elif self.last_path and os.path.isfile(self.last_path):
+            note = (
+                f"{self.last_path} holds the run after its last finished epoch: run the same "
+                "command with --resume to continue from there."
+            )
+        else:
+            note = "no epoch had finished, so nothing was saved: run the same command again."
+        print(f"\nInterrupted; {note}", file=sys.stderr, flush=True)
+
+
 def make_trainer(args, root_dir, callbacks, **overrides):
     """The Lightning Trainer of a run: devices, precision, epochs, clipping, each process's seed,
-    TensorBoard logs under root_dir."""
+    TensorBoard logs under root_dir. The run prints its own progress (RunLog)."""
+    logs = os.path.join(root_dir, "lightning_logs")
+    version = None  # a new version_N folder; --resume goes on in the newest, so its curves continue
+    if args.resume and os.path.isdir(logs):
+        found = [name[8:] for name in os.listdir(logs) if name.startswith("version_")]
+        version = max((int(n) for n in found if n.isdigit()), default=None)
     settings = dict(
         default_root_dir=root_dir,
         callbacks=[*callbacks, SeedEachProcess(args.seed)],
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
-        logger=TensorBoardLogger(root_dir, name="lightning_logs", default_hp_metric=False),
+        logger=TensorBoardLogger(root_dir, "lightning_logs", version, default_hp_metric=False),
+        enable_progress_bar=False,
+        enable_model_summary=False,
         accelerator=args.accelerator,
         devices=args.devices,
         strategy=args.strategy,
@@ -366,9 +469,6 @@ def make_trainer(args, root_dir, callbacks, **overrides):
         gradient_clip_val=args.gradient_clip_val,
         fast_dev_run=args.fast_dev_run,
     )
-    if overrides.get("enable_progress_bar", True):
-        # Redrawn every 10 steps: a GPU step takes milliseconds, about as long as a redraw.
-        settings["callbacks"].append(TQDMProgressBar(refresh_rate=10))
     return pl.Trainer(**dict(settings, **overrides))
 
 
@@ -451,10 +551,7 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
     start = time.time()
     root_dir, saved = task_dir(run_folder, args.task), model_file(run_folder, args.task)
     last_path = last_checkpoint(run_folder, args.task)
-    checkpoints = os.path.dirname(last_path)
-    best = ModelCheckpoint(checkpoints, monitor="val_acc", mode="max", save_weights_only=True)
-    last = ModelCheckpoint(checkpoints, filename="last")  # for --resume
-    trainer = make_trainer(args, root_dir, callbacks=[] if args.fast_dev_run else [best, last])
+    log = RunLog(last_path)
 
     trained = args.retrain or args.resume or args.fast_dev_run or not os.path.isfile(saved)
     if not trained:
@@ -463,6 +560,13 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
         print(f"Found pretrained model {saved}, loading...")
         model = model_class.load_from_checkpoint(saved, fast=fast_parts(args))
     else:
+        checkpoints = os.path.dirname(last_path)
+        best = ModelCheckpoint(checkpoints, monitor="val_acc", mode="max", save_weights_only=True)
+        last = ModelCheckpoint(checkpoints, filename="last")  # for --resume
+        callbacks = [log] if args.fast_dev_run else [log, best, last]
+        # Logged at least once an epoch, so that even a short run has training curves.
+        every = min(50, hparams["max_iters"] // args.epochs)  # steps per epoch of each process
+        trainer = make_trainer(args, root_dir, callbacks, log_every_n_steps=every)
         model = model_class(**hparams, fast=fast_parts(args))
         if args.compile:
             compile_training_forward(model, pick_device(args.accelerator))
@@ -473,18 +577,22 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing: it tests the model it has
             model = model_class.load_from_checkpoint(best.best_model_path, fast=fast_parts(args))
             save_model(best.best_model_path, saved, args)
+            score = f"val acc {100 * float(best.best_model_score):.2f}%"
+            print(f"Saved the best epoch ({score}) as {saved}")
     seconds["train"] = time.time() - start
 
     start = time.time()
-    if trainer.world_size > 1:  # test on this one process, over the full sets (no padded copies)
-        trainer = make_trainer(args, root_dir, [], devices=1, strategy="auto", logger=False)
-    # Train accuracy is on freshly drawn training sets, as in the post; sequence tasks: val and
-    # test.
+    # One process tests, over the full sets (no padded copies); not logged: results.json holds it.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # the others have finished: test as one
+    tester = make_trainer(args, root_dir, [log], devices=1, strategy="auto", logger=False)
+    # The set task's train accuracy is on its fixed training sets; sequence tasks: val and test.
     splits = ("train", "val", "test") if args.task == "anomaly" else ("val", "test")
-    result = {
-        f"{split}_acc": trainer.test(model, loaders[split], verbose=False)[0]["test_acc"]
-        for split in splits
-    }
+    result = {}
+    for split in splits:
+        log.label = f"Testing on the {split} {'sets' if args.task == 'anomaly' else 'sequences'}"
+        loader = loaders["train_eval" if split == "train" else split]
+        result[f"{split}_acc"] = tester.test(model, loader, verbose=False)[0]["test_acc"]
     seconds["evaluate"] = time.time() - start
     return result, trained
 
@@ -523,6 +631,8 @@ def device_name(device):
 
 def main(argv=None):
     args = parse_args(argv)
+    if rank_zero_only.rank > 0:  # a process that Lightning's DDP started: the first one prints
+        sys.stdout = open(os.devnull, "w")
     start, seconds = time.time(), {}
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     root_dir = task_dir(run_folder, args.task)
@@ -533,12 +643,14 @@ def main(argv=None):
             "Run without --resume to start anew."
         )
     device = pick_device(args.accelerator)
-    pl.seed_everything(args.seed)
 
     if args.task == "anomaly":
         model_class, io_dims, datasets = anomaly_setup(args, run_folder, device)
         seconds["features"] = time.time() - start
-    else:
+    # Seeded after the features: extracting them draws random numbers, and a run must not depend
+    # on whether their caches were already there.
+    pl.seed_everything(args.seed, verbose=False)
+    if args.task != "anomaly":
         model_class, io_dims, datasets = sequence_setup(args)
     loaders = make_loaders(args, datasets, device)
     if len(loaders["train"]) == 0:
@@ -587,4 +699,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # during training, RunLog says how to resume; files are never half
+        sys.exit("\nInterrupted; every file is whole: run the same command again to go on.")

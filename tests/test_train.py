@@ -199,8 +199,9 @@ def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
     proc = run_train(*args, "--resume")
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert "Restoring states from the checkpoint" in output
-    assert "Epoch 0:" not in output and "Epoch 2:" in output  # it went on at the second epoch
+    assert "epochs of 61 steps, from epoch 2" in output  # it went on at the second epoch
+    assert "Epoch 1/3:" not in output and "Epoch 2/3:" in output and "Epoch 3/3:" in output
+    assert "warning" not in output.lower()
     assert torch.load(last, weights_only=False)["global_step"] == 3 * steps_per_epoch
     assert read_results(checkpoint_dir)["trained"] is True
 
@@ -283,7 +284,9 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_pat
         "--synthetic", "--checkpoint-dir", checkpoint_dir, *ddp_args, *(["--fast"] if fast else [])
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "[rank: 1]" in proc.stdout + proc.stderr  # a second process really took part
+    assert "warning" not in (proc.stdout + proc.stderr).lower()
+    # The first process alone prints; a second one took part, as the step count below shows.
+    assert proc.stdout.count(" train features ") == 1
     assert proc.stdout.count("Test accuracy:") == 1
     ddp = read_results(checkpoint_dir)
     # Each process took its half of the 990 training anomalies an epoch: ceil(990 / 2) // 64 steps.
@@ -429,7 +432,7 @@ def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path, fast):
     args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--precision", "bf16-mixed"]
     proc = run_train(*args, *(["--fast"] if fast else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "bfloat16 Automatic Mixed Precision" in proc.stdout + proc.stderr
+    assert "on cpu in bf16-mixed precision: 2 epochs" in proc.stdout
     results = read_results(checkpoint_dir)
     assert results["settings"]["precision"] == "bf16-mixed"
     assert all(0 <= results[key] <= 1 for key in ("train_acc", "val_acc", "test_acc"))
