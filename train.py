@@ -5,7 +5,7 @@ sequence tasks from the tutorial.
     python train.py                  # the post's run; a second run loads the saved model, evaluates
     python train.py --synthetic      # every stage offline on generated images, in seconds on a CPU
     python train.py --task reverse   # the tutorial's sequence task: reverse a sequence (encoder)
-    python train.py --task seq2seq   # the decoder the post describes: sort a sequence, token by token
+    python train.py --task seq2seq   # the decoder the post describes: sorting, token by token
 """
 
 import argparse
