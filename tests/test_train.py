@@ -4,6 +4,7 @@ errors."""
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from train import SeedEachProcess, compile_training_forward, fast_parts, parse_a
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
+SPLITS = ("train", "val", "test")
 
 
 def run_train(*args, env=None):
@@ -39,11 +41,36 @@ def read_results(checkpoint_dir):
 
 @pytest.fixture(scope="module")
 def synthetic_run(tmp_path_factory):
-    """One `python train.py --synthetic` run, shared by the tests that look at what it leaves."""
+    """One `python train.py --synthetic` run, exactly as a newcomer starts it, its output (stderr
+    too) going to a file; shared by the tests that look at what it leaves."""
     checkpoint_dir = str(tmp_path_factory.mktemp("run"))
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    command = [sys.executable, "train.py", "--synthetic", "--checkpoint-dir", checkpoint_dir]
+    with open(os.path.join(checkpoint_dir, "..", "log"), "w+") as log:
+        proc = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=HANG_GUARD_S
+        )
+        log.seek(0)
+        proc.stdout, proc.stderr = log.read(), ""
+    assert proc.returncode == 0, proc.stdout[-3000:]
     return checkpoint_dir, proc
+
+
+def test_a_run_into_a_file_is_short_and_ends_with_its_results(synthetic_run):
+    checkpoint_dir, proc = synthetic_run
+    lines = proc.stdout.splitlines()
+    assert len(lines) <= 40 and "\r" not in proc.stdout, proc.stdout
+    results = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "results.json")
+    assert lines[-4:-1] == [
+        f"{split.capitalize() + ' accuracy:':16s}{100 * acc:.2f}%"
+        for split, acc in ((s, read_results(checkpoint_dir)[f"{s}_acc"]) for s in SPLITS)
+    ]
+    assert lines[-1] == f"Results written to {results}"
+    # Each stage says what it does; nothing but the run's own lines (no warning, tip or banner).
+    assert [line.split()[0] for line in lines] == (
+        ["Extracting"] * 2 + ["Training", "Epoch", "Epoch", "Saved"] + ["Train", "Val", "Test"]
+        + ["Results"]
+    )  # fmt: skip
+    assert lines[3].startswith("Epoch 1/2: train acc ") and lines[4].startswith("Epoch 2/2: ")
 
 
 def test_defaults_are_the_posts_run():
@@ -65,6 +92,8 @@ def test_defaults_are_the_posts_run():
         args.gradient_clip_val,
     ) == (0.1, 0.1, 5e-4, 100, 100, 2.0)
     assert (args.seed, args.data_dir, args.checkpoint_dir) == (42, "datasets", "saved_models")
+    # Feature extraction's workers: the post's 4, but never more than this machine's cores.
+    assert args.num_workers == min(4, len(os.sched_getaffinity(0)))
 
 
 @pytest.mark.parametrize(
@@ -117,14 +146,26 @@ def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run):
     mtime = os.path.getmtime(ckpt)
     proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Found pretrained model" in proc.stdout and "Epoch 0" not in proc.stdout + proc.stderr
+    assert "Found pretrained model" in proc.stdout and "Epoch" not in proc.stdout + proc.stderr
     results = read_results(checkpoint_dir)
     assert results["trained"] is False and os.path.getmtime(ckpt) == mtime
-    # Validation and test sets are fixed, so the same model scores the same on them.
-    for line in ("Val accuracy:", "Test accuracy:"):
-        assert [out for out in proc.stdout.splitlines() if out.startswith(line)] == [
-            out for out in first.stdout.splitlines() if out.startswith(line)
-        ]
+    # All three evaluations are on fixed sets, so the same model scores the same on them.
+    assert accuracy_lines(proc) == accuracy_lines(first)
+    # And an evaluation adds nothing to the training's logs.
+    logs = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "lightning_logs")
+    assert os.listdir(logs) == ["version_0"]
+
+
+def accuracy_lines(proc):
+    return [line for line in proc.stdout.splitlines() if " accuracy:" in line]
+
+
+def test_a_run_is_the_same_whether_or_not_the_feature_caches_were_there(synthetic_run, tmp_path):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)  # the shared run extracted them first
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Loaded the train features" in proc.stdout
+    assert accuracy_lines(proc) == accuracy_lines(synthetic_run[1])
 
 
 def test_saved_model_with_other_settings_stops_with_a_message(synthetic_run):
@@ -166,7 +207,7 @@ def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--resume")
     assert proc.returncode != 0 and "no" in proc.stderr and "last.ckpt" in proc.stderr
-    # Kill a three-epoch run once its first epoch is saved: a real interruption.
+    # Interrupt a three-epoch run once its first epoch is saved, as Ctrl-C does.
     last = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
     args = [
         "--synthetic",
@@ -179,16 +220,22 @@ def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
     ]
     run = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
         cwd=ROOT,
     )
     deadline = time.time() + HANG_GUARD_S
     while not os.path.exists(last) and run.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
-    run.kill()
-    run.wait()
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=HANG_GUARD_S)
+    assert run.returncode == 1 and "Traceback" not in stderr
+    assert stderr.strip() == (
+        f"Interrupted; {last} holds the run after its last finished epoch: run the same command "
+        "with --resume to continue from there."
+    )
     steps_per_epoch = 990 // 16  # 99 training images in each of 10 classes
     assert torch.load(last, weights_only=False)["global_step"] == steps_per_epoch
     assert not os.path.exists(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt"))
