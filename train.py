@@ -9,6 +9,7 @@ sequence tasks from the tutorial.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import platform
 import shutil
 import sys
 import time
+import urllib.request
 import warnings
 
 import numpy as np
@@ -30,7 +32,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from data import ReverseDataset, SetAnomalyDataset, SetBatches, SortDataset, anomaly_datasets
-from features import MissingResources, cifar100_features, save_atomically
+from features import MissingResources, cifar100_features, download_timeout, save_atomically
 from model import FAST_PARTS, AnomalyPredictor, ReversePredictor, Seq2SeqPredictor
 from synthetic import SYNTHETIC, synthetic_features
 
@@ -49,6 +51,13 @@ TASK_DEFAULTS = {
 }  # fmt: skip
 # Each task's folder (<name>/: logs, checkpoints, results.json) and best model (<name>.ckpt).
 TASK_NAMES = {"anomaly": "SetAnomalyDetect", "reverse": "ReverseTask", "seq2seq": "Seq2SeqTask"}
+# The tutorial author's trained models (--pretrained): each task's file in phlippe/saved_models, and
+# the file's git blob id there, which the download must match.
+PUBLISHED_URL = "https://raw.githubusercontent.com/phlippe/saved_models/main/tutorial6/"
+PUBLISHED = {
+    "anomaly": ("SetAnomalyTask.ckpt", "d968830ea075a328847da19f8c349655d03ca88e"),
+    "reverse": ("ReverseTask.ckpt", "fc76b13c0207fc8c3c3acdd2f453277024442b28"),
+}
 # The sequence tasks' data, as in the tutorial: 10 categories, length 16, 50 000 / 1 000 / 10 000.
 NUM_CATEGORIES, SEQ_LEN, SEQ_SIZES = 10, 16, {"train": 50000, "val": 1000, "test": 10000}
 
@@ -242,6 +251,13 @@ def make_parser():
         "a GPU); for accelerators: slower than eager on a 2-core CPU",
     )
     add("--retrain", action="store_true", help="train anew even if a saved model exists")
+    add(
+        "--pretrained",
+        action="store_true",
+        help="evaluate the tutorial author's trained model (anomaly and reverse) instead of "
+        "training one: downloaded once to <checkpoint-dir>/pretrained/ and verified; results in "
+        "<checkpoint-dir>/pretrained/<TaskName>/results.json",
+    )
     add("--resume", action="store_true", help="continue an interrupted training")
     add(
         "--synthetic",
@@ -261,6 +277,18 @@ def parse_args(argv=None):
         p.error("--synthetic replaces CIFAR-100 for --task anomaly; sequence tasks need no data")
     if args.set_size is not None and args.task != "anomaly":
         p.error("--set-size belongs to --task anomaly")
+    if args.pretrained:
+        if args.task not in PUBLISHED:
+            p.error(f"--pretrained: the tutorial publishes models for --task anomaly and reverse, "
+                    f"not {args.task}")  # fmt: skip
+        # The published model is evaluated as it is: it was trained with the tutorial's settings.
+        given = [name for name, _, _ in TASK_FLAGS if getattr(args, name) is not None]
+        cannot = [n for n in given if n != "batch_size"] + ["devices"] * (args.devices > 1)
+        flags = ("retrain", "resume", "synthetic", "compile", "fast_dev_run")
+        cannot += [name for name in flags if getattr(args, name)]
+        if cannot:
+            flags = ", ".join("--" + name.replace("_", "-") for name in cannot)
+            p.error(f"--pretrained evaluates the published model as it is: it cannot take {flags}")
     task_defaults = dict(TASK_DEFAULTS[args.task])
     if args.synthetic:
         task_defaults["epochs"] = SYNTHETIC["epochs"]
@@ -582,19 +610,96 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
     seconds["train"] = time.time() - start
 
     start = time.time()
-    # One process tests, over the full sets (no padded copies); not logged: results.json holds it.
+    result = test_model(args, model, loaders, root_dir)
+    seconds["evaluate"] = time.time() - start
+    return result, trained
+
+
+def test_model(args, model, loaders, root_dir):
+    """{"train_acc", "val_acc", "test_acc"} of model (sequence tasks: val and test), tested by
+    Lightning on one process, over the full sets (no padded copies). The set task's train accuracy
+    is on its fixed training sets. Not logged: results.json holds it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # the others have finished: test as one
+        torch.distributed.destroy_process_group()  # the other processes have finished
+    log = RunLog()
     tester = make_trainer(args, root_dir, [log], devices=1, strategy="auto", logger=False)
-    # The set task's train accuracy is on its fixed training sets; sequence tasks: val and test.
     splits = ("train", "val", "test") if args.task == "anomaly" else ("val", "test")
     result = {}
     for split in splits:
         log.label = f"Testing on the {split} {'sets' if args.task == 'anomaly' else 'sequences'}"
         loader = loaders["train_eval" if split == "train" else split]
         result[f"{split}_acc"] = tester.test(model, loader, verbose=False)[0]["test_acc"]
-    seconds["evaluate"] = time.time() - start
-    return result, trained
+    return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The tutorial author's trained models: --pretrained
+# --------------------------------------------------------------------------------------------------
+
+
+def git_blob_id(path):
+    """The id git gives the file at path: the SHA-1 of b"blob <size>\\0" and its bytes."""
+    with open(path, "rb") as f:
+        contents = f.read()
+    return hashlib.sha1(b"blob %d\0" % len(contents) + contents).hexdigest()
+
+
+def published_model(checkpoint_dir, task):
+    """(path, git blob id) of the tutorial's model for task at <checkpoint-dir>/pretrained/, first
+    downloaded if it is not there. A download is kept only once it is whole and verified; a file
+    that is there is used only if its id is the published one. Exits with one line otherwise."""
+    name, expected = PUBLISHED[task]
+    path = os.path.join(checkpoint_dir, "pretrained", name)
+    if not os.path.isfile(path):
+        url = PUBLISHED_URL + name
+        print(f"Downloading {url} to {path}")
+
+        def download(tmp):
+            with download_timeout(), urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+                shutil.copyfileobj(response, f)
+            found = git_blob_id(tmp)
+            if found != expected:
+                raise ValueError(f"the file downloaded has git blob id {found}, not {expected}")
+
+        try:
+            save_atomically(path, download)
+        except (OSError, ValueError) as error:  # no network, HTTP errors, another file
+            sys.exit(
+                f"error: cannot get {url} ({type(error).__name__}: {error}). To place it by hand, "
+                f"download it to {path}."
+            )
+    found = git_blob_id(path)
+    if found != expected:
+        sys.exit(
+            f"error: {path} is not the published {name}: its git blob id is {found}, the "
+            f"published one {expected}. Delete it and run again to download it."
+        )
+    return path, found
+
+
+def load_published(path, model_class, io_dims, args):
+    """The model saved at path, loaded strictly into model_class with its own hyper-parameters,
+    once they are shown to fit the task's inputs and outputs (io_dims). Exits with one line
+    otherwise."""
+    try:
+        hparams = read_checkpoint(path)["hyper_parameters"]
+    except ValueError as error:
+        sys.exit(f"error: {error}. Delete it and run again to download the published model.")
+    differ = [
+        f"{k} {hparams.get(k)!r} (needs {v})" for k, v in io_dims.items() if hparams.get(k) != v
+    ]
+    if differ:
+        sys.exit(f"error: {path} is not a model for --task {args.task}: {', '.join(differ)}.")
+    try:
+        return model_class.load_from_checkpoint(
+            path, map_location="cpu", strict=True, fast=fast_parts(args)
+        )
+    except Exception as error:  # missing or misshapen weights, hyper-parameters it cannot take
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        sys.exit(
+            f"error: {path} does not load into {model_class.__name__} "
+            f"({type(error).__name__}: {first_line})."
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -643,6 +748,8 @@ def main(argv=None):
             "Run without --resume to start anew."
         )
     device = pick_device(args.accelerator)
+    if args.pretrained:  # fetched and verified first: the features may take long
+        published, blob_id = published_model(args.checkpoint_dir, args.task)
 
     if args.task == "anomaly":
         model_class, io_dims, datasets = anomaly_setup(args, run_folder, device)
@@ -664,10 +771,26 @@ def main(argv=None):
     steps_per_epoch = len(loaders["train"]) if args.devices == 1 else per_process // args.batch_size
     hparams = model_hparams(args, io_dims, steps_per_epoch)
 
-    outcome = train_model(args, model_class, hparams, loaders, run_folder, seconds)
-    if outcome is None:
-        return None
-    result, trained = outcome
+    extra = {}
+    if args.pretrained:  # the tutorial author's model, tested here; its results go apart
+        model = load_published(published, model_class, io_dims, args)
+        print(f"Testing the tutorial author's model {published}")
+        root_dir = task_dir(os.path.join(args.checkpoint_dir, "pretrained"), args.task)
+        test_start = time.time()
+        result, trained = test_model(args, model, loaders, root_dir), False
+        seconds["evaluate"] = time.time() - test_start
+        extra = dict(
+            pretrained=os.path.basename(published),
+            git_blob_id=blob_id,
+            hyper_parameters=dict(model.hparams),
+        )
+        checkpoint = published
+    else:
+        outcome = train_model(args, model_class, hparams, loaders, run_folder, seconds)
+        if outcome is None:
+            return None
+        result, trained = outcome
+        checkpoint = None if args.fast_dev_run else model_file(run_folder, args.task)
     seconds["total"] = time.time() - start
     for split in ("train", "val", "test"):
         if f"{split}_acc" in result:
@@ -683,7 +806,8 @@ def main(argv=None):
     results = dict(
         result,
         trained=trained,
-        checkpoint=None if args.fast_dev_run else model_file(run_folder, args.task),
+        checkpoint=checkpoint,
+        **extra,
         settings=vars(args),
         device=device_name(device),
         versions=versions,
