@@ -1,12 +1,15 @@
 """Pictures of the post's ideas and of the trained models: PNG files in <checkpoint-dir>/figures/.
 
     python visualize.py [--checkpoint-dir saved_models] [--data-dir datasets]
+    python visualize.py --synthetic   # the run of train.py --synthetic: <checkpoint-dir>/synthetic/
 
 Always made: the positional-encoding table (嵌入表示层) and the warm-up + cosine learning-rate
 factor. Made when their inputs are on disk, otherwise skipped with a one-line note: the reverse
 model's attention (python train.py --task reverse), and, for the set task (python train.py, plus
-CIFAR-100 in --data-dir), example sets, one set's prediction with every attention map, and the
-model's worst mistakes.
+CIFAR-100 in --data-dir), example sets, one set's prediction with every attention map, the model's
+worst mistakes and the training curves from the run's TensorBoard logs. With --synthetic the set
+task's figures come from the generated images and the model of python train.py --synthetic: every
+kind of picture of the real run, with no download.
 """
 
 import argparse
@@ -18,19 +21,15 @@ matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import CIFAR100
 
 from data import ReverseDataset, SetAnomalyDataset
-from features import (
-    DATA_MEANS,
-    DATA_STD,
-    cached_test_features,
-    cifar100_meta,
-    image_transform,
-    save_atomically,
-)
+from features import FEATURE_DIM, cached_test_features, cifar100_meta, save_atomically
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
-from train import model_file, read_checkpoint
+from synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
+from train import NUM_CATEGORIES, TASK_DEFAULTS, model_file, read_checkpoint, run_dir, task_dir
 
 DPI = 100  # a figure of w×h inches is a PNG of (100·w)×(100·h) pixels
 
@@ -49,10 +48,12 @@ def plot_positional_encoding(path_table, path_curves, d_model=48, max_len=96):
     image = ax.imshow(
         pe.T, cmap="RdGy", aspect="auto", extent=(0.5, max_len + 0.5, d_model + 0.5, 0.5)
     )
-    fig.colorbar(image, ax=ax)
+    fig.colorbar(image, ax=ax, label="encoding value")
     ax.set_title("Positional encoding over positions and hidden dimensions")
     ax.set_xlabel("Position in sequence")
     ax.set_ylabel("Hidden dimension")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     save_figure(fig, path_table)
 
@@ -63,6 +64,7 @@ def plot_positional_encoding(path_table, path_curves, d_model=48, max_len=96):
         ax.set_xlabel("Position in sequence")
         ax.set_ylabel("Positional encoding")
         ax.set_ylim(-1.1, 1.1)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle("Four dimensions of the positional encoding")
     fig.tight_layout()
     return path_table, save_figure(fig, path_curves)
@@ -82,8 +84,28 @@ def plot_lr_schedule(path, warmup=100, max_iters=2000):
     return save_figure(fig, path)
 
 
+def probability_texts(probs):
+    """probs as text with the fewest decimals, 2 to 6, at which different probabilities read
+    differently, so that the printed numbers rank the images as the model does."""
+    distinct = len(set(np.asarray(probs).tolist()))
+    for decimals in range(2, 7):
+        texts = [f"{p:.{decimals}f}" for p in probs]
+        if len(set(texts)) == distinct:
+            break
+    return texts
+
+
+def mark_predicted(ax):
+    """A red frame and a red label: the image the model picks as the odd one out."""
+    for spine in ax.spines.values():
+        spine.set_edgecolor("red")
+        spine.set_linewidth(3)
+    ax.xaxis.label.set_color("red")
+
+
 def plot_image_rows(path, images, title, probs=None, row_label="Set"):
-    """Rows of images, one row per set (anomaly last), each image's probability under it if given.
+    """Rows of images, one row per set (anomaly last), each image's probability under it if given,
+    the predicted anomaly of each row framed in red.
 
     images - [Sets, SetSize, H, W, 3] floats in [0, 1];  probs - [Sets, SetSize] or None
     """
@@ -92,17 +114,19 @@ def plot_image_rows(path, images, title, probs=None, row_label="Set"):
         num_rows, num_cols, figsize=(1.2 * num_cols, 1.3 * num_rows + 0.6), squeeze=False
     )
     for r in range(num_rows):
+        texts = probability_texts(probs[r]) if probs is not None else None
         for c in range(num_cols):
             ax = axes[r, c]
             ax.imshow(images[r, c])
             ax.set_xticks([])
             ax.set_yticks([])
-            label = (
-                f"p={probs[r, c]:.2f}"
-                if probs is not None
-                else ("anomaly" if c == num_cols - 1 else f"image {c + 1}")
-            )
-            ax.set_xlabel(label, fontsize=8)
+            if probs is None:
+                ax.set_xlabel("anomaly" if c == num_cols - 1 else f"image {c + 1}", fontsize=8)
+                continue
+            predicted = c == np.argmax(probs[r])
+            ax.set_xlabel(f"p={texts[c]}" + ("\npredicted" if predicted else ""), fontsize=8)
+            if predicted:
+                mark_predicted(ax)
         axes[r, 0].set_ylabel(f"{row_label} {r + 1}", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
@@ -110,13 +134,16 @@ def plot_image_rows(path, images, title, probs=None, row_label="Set"):
 
 
 def plot_attention_grid(fig, attention_maps, tick_labels, axis_name):
-    """Draws every layer's and head's attention into fig: a list (layers) of [Head, Query, Key]."""
+    """Draws every layer's and head's attention into fig, with one colour bar for all of them.
+
+    attention_maps - layers × [Head, Query, Key], each row a distribution over the keys
+    """
     num_layers, num_heads = len(attention_maps), attention_maps[0].shape[0]
     axes = fig.subplots(num_layers, num_heads, squeeze=False)
     for layer, maps in enumerate(attention_maps):
         for head in range(num_heads):
             ax = axes[layer, head]
-            ax.imshow(maps[head], origin="lower", vmin=0, vmax=1, cmap="viridis")
+            image = ax.imshow(maps[head], origin="lower", vmin=0, vmax=1, cmap="viridis")
             ax.set_xticks(range(len(tick_labels)))
             ax.set_xticklabels(tick_labels, fontsize=7)
             ax.set_yticks(range(len(tick_labels)))
@@ -124,11 +151,13 @@ def plot_attention_grid(fig, attention_maps, tick_labels, axis_name):
             ax.set_xlabel(f"attended {axis_name} (key)", fontsize=8)
             ax.set_ylabel(f"{axis_name} (query)", fontsize=8)
             ax.set_title(f"Layer {layer + 1}, head {head + 1}", fontsize=9)
+    # Every map shares the scale 0..1 (vmin, vmax), so one bar reads them all.
+    fig.colorbar(image, ax=axes, label="attention weight", shrink=0.8)
 
 
 def plot_set_prediction(path, images, probs, attention_maps, title=None, names=None):
-    """One set: its images with the predicted probability of each being the anomaly, and the
-    attention maps of every layer and head.
+    """One set: its images with the predicted probability of each being the anomaly, the predicted
+    one framed in red, and the attention maps of every layer and head.
 
     images         - [SetSize, H, W, 3] in [0, 1]
     probs          - [SetSize]
@@ -142,15 +171,17 @@ def plot_set_prediction(path, images, probs, attention_maps, title=None, names=N
     )
     top, bottom = fig.subfigures(2, 1, height_ratios=[2.0, 2.6 * num_layers])
     axes = top.subplots(1, set_size, squeeze=False)[0]
+    predicted, texts = int(np.argmax(probs)), probability_texts(probs)
     for i, ax in enumerate(axes):
         ax.imshow(images[i])
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_xlabel(f"{names[i] if names else i + 1}: p={probs[i]:.2f}", fontsize=8)
+        label = f"{names[i] if names else i + 1}: p={texts[i]}"
+        ax.set_xlabel(label + ("\npredicted" if i == predicted else ""), fontsize=8)
+    mark_predicted(axes[predicted])
     axes[0].set_ylabel("image", fontsize=8)
-    predicted = int(np.argmax(probs)) + 1
     top.suptitle(
-        title or f"Predicted anomaly: image {predicted} (the true one is image {set_size})"
+        title or f"Predicted anomaly: image {predicted + 1} (the true one is image {set_size})"
     )
     plot_attention_grid(bottom, attention_maps, [str(i + 1) for i in range(set_size)], "image")
     return save_figure(fig, path)
@@ -161,16 +192,88 @@ def plot_reverse_attention(path, sequence, attention_maps):
     num_layers, num_heads = len(attention_maps), attention_maps[0].shape[0]
     fig = plt.figure(figsize=(5 * num_heads, 5 * num_layers + 0.6), layout="constrained")
     fig.suptitle(
-        f"Reverse task attention for input {' '.join(str(int(t)) for t in sequence)}", fontsize=10
+        f"Reverse task attention for the input {' '.join(str(int(t)) for t in sequence)}",
+        fontsize=10,
     )
-    plot_attention_grid(fig, attention_maps, [str(int(t)) for t in sequence], "input digit")
+    positions = [str(i + 1) for i in range(len(sequence))]
+    plot_attention_grid(fig, attention_maps, positions, "input position")
     return save_figure(fig, path)
 
 
-def denormalise(images):
-    """[N, 3, H, W] ImageNet-normalised images -> [N, H, W, 3] in [0, 1], as before normalising."""
-    mean, std = torch.tensor(DATA_MEANS).view(1, 3, 1, 1), torch.tensor(DATA_STD).view(1, 3, 1, 1)
-    return (images * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+def read_scalars(log_folder):
+    """{tag: {step: value}} of the scalars in all TensorBoard event files of one log folder. Where a
+    step repeats (--resume writes on into the folder and may go over steps again) the value written
+    last is kept."""
+    written = {}  # tag -> [(wall time, step, value)]
+    for name in sorted(os.listdir(log_folder)):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        # size_guidance 0 keeps every scalar (TensorBoard keeps a sample of 10 000 by default);
+        # repeated steps are resolved below, not purged by the reader.
+        events = EventAccumulator(
+            os.path.join(log_folder, name), size_guidance={"scalars": 0}, purge_orphaned_data=False
+        )
+        events.Reload()
+        for tag in events.Tags()["scalars"]:
+            items = ((e.wall_time, e.step, e.value) for e in events.Scalars(tag))
+            written.setdefault(tag, []).extend(items)
+    return {
+        tag: {step: value for _, step, value in sorted(items, key=lambda item: item[0])}
+        for tag, items in written.items()
+    }
+
+
+def newest_training_logs(logs):
+    """(folder, read_scalars of it): the newest version_N folder in logs that holds training
+    scalars (train_loss and Lightning's epoch), or None."""
+    if not os.path.isdir(logs):
+        return None
+    numbers = [n[8:] for n in os.listdir(logs) if n.startswith("version_") and n[8:].isdigit()]
+    for number in sorted(map(int, numbers), reverse=True):
+        folder = os.path.join(logs, f"version_{number}")
+        scalars = read_scalars(folder)
+        if "train_loss" in scalars and "epoch" in scalars:
+            return folder, scalars
+    return None
+
+
+def per_epoch(scalars, tag):
+    """(epochs [E], values [E]) of one tag of read_scalars: each epoch (counted from 1) in which it
+    was logged and the mean of its values there. A step's epoch is the "epoch" scalar that
+    Lightning logs with every metric (at a step without it, that of the next step with it)."""
+    epoch_steps = np.array(sorted(scalars["epoch"]))
+    epoch_at = np.array([scalars["epoch"][s] for s in epoch_steps])
+    steps = np.array(sorted(scalars[tag]))
+    values = np.array([scalars[tag][s] for s in steps])
+    nearest = np.minimum(np.searchsorted(epoch_steps, steps), len(epoch_steps) - 1)
+    epochs = epoch_at[nearest].astype(int) + 1
+    unique = np.unique(epochs)
+    return unique, np.array([values[epochs == e].mean() for e in unique])
+
+
+def plot_training_curves(path, scalars, title):
+    """The set task's loss and accuracy per epoch from a run's logs (read_scalars): the mean
+    training loss of the steps logged in each epoch, validation loss, training and validation
+    accuracy, each where logged."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    losses = {"train_loss": "training (mean of the logged steps)", "val_loss": "validation"}
+    accuracies = {"train_acc": "training", "val_acc": "validation"}
+    for ax, ylabel, scale, curves in (
+        (axes[0], "Loss", 1, losses),
+        (axes[1], "Accuracy (%)", 100, accuracies),
+    ):
+        for tag, label in curves.items():
+            if tag in scalars:
+                epochs, values = per_epoch(scalars, tag)
+                ax.plot(epochs, scale * values, marker="o", markersize=4, label=label)
+        ax.set_xlabel("Epoch")
+        ax.set_ylabel(ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.lines:
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def skip(what, why):
@@ -178,12 +281,36 @@ def skip(what, why):
     return []
 
 
+def load_model(path, model_class, io_dims):
+    """(model_class's model from the checkpoint at path, in eval mode; the checkpoint dict).
+    ValueError says why it cannot be used: unreadable, its input and output sizes other than
+    io_dims (a model of another task), or weights that do not load."""
+    ckpt = read_checkpoint(path)
+    hp = ckpt["hyper_parameters"] if isinstance(ckpt["hyper_parameters"], dict) else {}
+    wrong = [f"{k} {hp.get(k)} (needs {v})" for k, v in io_dims.items() if hp.get(k) != v]
+    if wrong:
+        raise ValueError(f"{path} is a model of another task: {', '.join(wrong)}")
+    try:
+        model = model_class.load_from_checkpoint(path, map_location="cpu")
+    except Exception as error:  # weights of another shape or of another model
+        why = f"{path} cannot be loaded as a {model_class.__name__} ({type(error).__name__})"
+        raise ValueError(why) from None
+    return model.eval(), ckpt
+
+
 def reverse_figure(checkpoint_dir, out_dir):
-    """[path] of the reverse model's attention map, or [] with a note if there is no model."""
+    """[path] of the reverse model's attention map, or [] with a note if there is no usable one."""
     ckpt = model_file(checkpoint_dir, "reverse")
     if not os.path.isfile(ckpt):
         return skip("reverse attention map", f"no {ckpt} (python train.py --task reverse makes it)")
-    model = ReversePredictor.load_from_checkpoint(ckpt, map_location="cpu").eval()
+    try:
+        io_dims = dict(input_dim=NUM_CATEGORIES, num_classes=NUM_CATEGORIES)
+        model = load_model(ckpt, ReversePredictor, io_dims)[0]
+    except ValueError as error:
+        return skip(
+            "reverse attention map",
+            f"{error} (python train.py --task reverse --retrain makes a new one)",
+        )
     torch.manual_seed(0)
     sequence = ReverseDataset(model.hparams.num_classes, 16, 1)[0][0]
     x = torch.nn.functional.one_hot(sequence, num_classes=model.hparams.num_classes).float()[None]
@@ -191,49 +318,96 @@ def reverse_figure(checkpoint_dir, out_dir):
     return [plot_reverse_attention(os.path.join(out_dir, "reverse_attention.png"), sequence, maps)]
 
 
-def anomaly_figures(checkpoint_dir, data_dir, out_dir, num_mistakes=5):
-    """Paths of the set task's figures that its inputs allow: example sets (CIFAR-100), one set's
-    prediction and attention and the worst mistakes (also the trained model and test features)."""
-    try:
-        cifar = CIFAR100(root=data_dir, train=False, download=False, transform=image_transform(32))
-    except RuntimeError:
-        where = os.path.abspath(data_dir)
-        return skip("set-task figures", f"no CIFAR-100 in {where} (python train.py downloads it)")
-    labels = torch.tensor(cifar.targets)
-    images = denormalise(torch.stack([cifar[i][0] for i in range(len(cifar))]))
-    ckpt_path = model_file(checkpoint_dir)
-    set_size = 10
-    if os.path.isfile(ckpt_path):
-        set_size = read_checkpoint(ckpt_path).get("train_settings", {}).get("set_size", set_size)
+def open_test_images(data_dir, synthetic):
+    """(images [N, 32, 32, 3] uint8, labels [N]) of the test split: the generated images of
+    train.py --synthetic (made here, in a moment), or CIFAR-100's from data_dir; None if CIFAR-100
+    is not there."""
+    if synthetic:
+        cfg = SYNTHETIC
+        test = GeneratedImages(
+            cfg["num_classes"], cfg["per_class"]["test"], None, cfg["seed"], "test"
+        )
+    else:
+        try:
+            test = CIFAR100(root=data_dir, train=False, download=False)
+        except RuntimeError:  # torchvision's "Dataset not found or corrupted"
+            return None
+    return test.data, torch.tensor(test.targets)
+
+
+def anomaly_figures(images, labels, run_folder, out_dir, synthetic=False, num_mistakes=5):
+    """Paths of the set task's figures that the run folder allows: example test sets (the images
+    alone), one set's prediction with every attention map and the worst-scored sets (also the
+    run's model and test feature cache); what cannot be made is skipped with a note.
+
+    images - [N, 32, 32, 3] uint8, the test split of CIFAR-100 or of the generated images
+    labels - [N] their classes
+    """
+    command = "python train.py --synthetic" if synthetic else "python train.py"
+    ckpt_path, model = model_file(run_folder), None
+    set_size = TASK_DEFAULTS["anomaly"]["set_size"]
+    if not os.path.isfile(ckpt_path):
+        why = f"no {ckpt_path} ({command} makes it)"
+    else:
+        try:
+            io_dims = dict(input_dim=FEATURE_DIM, num_classes=1)
+            model, ckpt = load_model(ckpt_path, AnomalyPredictor, io_dims)
+            set_size = ckpt.get("train_settings", {}).get("set_size", set_size)
+        except ValueError as error:
+            why = f"{error} ({command} --retrain makes a new one)"
     # The sets depend on the labels only; the features are not needed to draw them.
-    no_feats = torch.zeros(len(labels), 1)
-    test_sets = SetAnomalyDataset(no_feats, labels, set_size=set_size, train=False).test_sets
+    try:
+        no_feats = torch.zeros(len(labels), 1)
+        test_sets = SetAnomalyDataset(no_feats, labels, set_size=set_size, train=False).test_sets
+    except ValueError as error:
+        return skip("set-task figures", str(error))
     set_indices = torch.cat([test_sets, torch.arange(len(labels))[:, None]], dim=1)  # anomaly last
     title = "Example test sets: the last image is the anomaly"
     path = os.path.join(out_dir, "anomaly_example_sets.png")
-    made = [plot_image_rows(path, images[set_indices[:4]], title)]
+    made = [plot_image_rows(path, images[set_indices[:4]] / 255, title)]
 
-    then = "`python train.py` rebuilds it"
-    cache = cached_test_features(checkpoint_dir, cifar100_meta("test"), then)
-    if not os.path.isfile(ckpt_path) or cache is None:
-        need = f"need {ckpt_path} and the test feature cache (python train.py makes both)"
+    if model is None:
+        return made + skip("set-task prediction figures", why)
+    meta = synthetic_meta("test") if synthetic else cifar100_meta("test")
+    cache = cached_test_features(run_folder, meta, f"`{command}` rebuilds it")
+    if cache is None:
+        need = f"no usable test feature cache in {run_folder} ({command} makes it)"
         return made + skip("set-task prediction figures", need)
-    model = AnomalyPredictor.load_from_checkpoint(ckpt_path, map_location="cpu").eval()
+    if not torch.equal(cache[1], labels):
+        why = f"the labels of the test feature cache in {run_folder} are not those of the images"
+        return made + skip("set-task prediction figures", why)
     feats = cache[0][set_indices]  # [Sets, SetSize, 512]
     with torch.no_grad():
         probs = torch.cat([model.anomaly_logits(x).softmax(dim=-1) for x in feats.split(500)])
         probs = probs.numpy()
         maps = model.get_attention_maps(feats[:1], add_positional_encoding=False)
     path = os.path.join(out_dir, "anomaly_prediction.png")
-    made.append(
-        plot_set_prediction(path, images[set_indices[0]], probs[0], [m[0].numpy() for m in maps])
-    )
+    first_set = images[set_indices[0]] / 255
+    made.append(plot_set_prediction(path, first_set, probs[0], [m[0].numpy() for m in maps]))
     # The sets that gave the true anomaly (last) the lowest probability.
     worst = np.argsort(probs[:, -1])[:num_mistakes]
     title = "The model's worst test sets: probability of being the anomaly (true one last)"
     path = os.path.join(out_dir, "anomaly_mistakes.png")
-    made.append(plot_image_rows(path, images[set_indices[worst]], title, probs[worst], "Test set"))
+    worst_sets = images[set_indices[worst]] / 255
+    made.append(plot_image_rows(path, worst_sets, title, probs[worst], "Test set"))
     return made
+
+
+def training_curves_figure(run_folder, out_dir, command="python train.py"):
+    """[path] of the set task's training curves from the newest TensorBoard logs of the run, or []
+    with a note if there are none."""
+    logs = os.path.join(task_dir(run_folder), "lightning_logs")
+    try:
+        found = newest_training_logs(logs)
+    except Exception as error:  # a damaged or unreadable event file fails in many ways
+        why = f"the TensorBoard logs in {logs} cannot be read ({type(error).__name__})"
+        return skip("training curves", why)
+    if found is None:
+        why = f"no TensorBoard logs of training in {logs} ({command} makes them)"
+        return skip("training curves", why)
+    folder, scalars = found
+    title = f"Set task training curves ({os.path.basename(folder)})"
+    return [plot_training_curves(os.path.join(out_dir, "training_curves.png"), scalars, title)]
 
 
 def main(argv=None):
@@ -246,17 +420,32 @@ def main(argv=None):
         help="where train.py saved its models (default: saved_models)",
     )
     p.add_argument("--data-dir", default="datasets", help="where CIFAR-100 is (default: datasets)")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="the set task's figures of python train.py --synthetic, from its generated images, "
+        "into <checkpoint-dir>/synthetic/figures/ (no CIFAR-100 needed)",
+    )
     args = p.parse_args(argv)
-    out_dir = os.path.join(args.checkpoint_dir, "figures")
+    run_folder = run_dir(args.checkpoint_dir, args.synthetic)
+    out_dir = os.path.join(run_folder, "figures")
+    command = "python train.py --synthetic" if args.synthetic else "python train.py"
     made = [
         *plot_positional_encoding(
             os.path.join(out_dir, "positional_encoding.png"),
             os.path.join(out_dir, "positional_encoding_dims.png"),
         ),
         plot_lr_schedule(os.path.join(out_dir, "lr_schedule.png")),
-        *reverse_figure(args.checkpoint_dir, out_dir),
-        *anomaly_figures(args.checkpoint_dir, args.data_dir, out_dir),
     ]
+    if not args.synthetic:  # the reverse task has no synthetic run
+        made += reverse_figure(args.checkpoint_dir, out_dir)
+    test_images = open_test_images(args.data_dir, args.synthetic)
+    if test_images is None:
+        where = os.path.abspath(args.data_dir)
+        skip("set-task figures", f"no CIFAR-100 in {where} (python train.py downloads it)")
+    else:
+        made += anomaly_figures(*test_images, run_folder, out_dir, args.synthetic)
+    made += training_curves_figure(run_folder, out_dir, command)
     for path in made:
         print(f"wrote {path}")
     return made

@@ -1,19 +1,93 @@
-"""visualize.py: every figure made from generated data, with its expected pixel size; the skip
-notes."""
+"""visualize.py: every figure made from generated data, with its expected pixel size; the training
+curves read back from TensorBoard logs; the skip notes."""
+
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
 
+import features
 import visualize
-from model import ReversePredictor
+from model import AnomalyPredictor, ReversePredictor
+from synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
+from test_train import HANG_GUARD_S, ROOT
 
 
 def png_size(path):
     with Image.open(path) as image:
         assert image.format == "PNG"
         return image.size
+
+
+def names(paths):
+    return sorted(os.path.basename(str(p)) for p in paths)
+
+
+def save_checkpoint(path, model_class, hparams, **extra):
+    """A Lightning checkpoint of a randomly initialised model, as train.py saves its best one."""
+    checkpoint = {
+        "state_dict": model_class(**hparams).state_dict(),
+        "hyper_parameters": hparams,
+        "pytorch-lightning_version": "2.0.0",
+        **extra,
+    }
+    torch.save(checkpoint, path)
+
+
+REVERSE_HPARAMS = dict(
+    input_dim=10, model_dim=16, num_classes=10, num_heads=2, num_layers=2, lr=5e-4, warmup=5,
+    max_iters=10,
+)  # fmt: skip
+SET_HPARAMS = dict(
+    input_dim=512, model_dim=16, num_classes=1, num_heads=2, num_layers=2, lr=5e-4, warmup=5,
+    max_iters=10,
+)  # fmt: skip
+
+
+def write_events(folder, events, first_wall_time=0.0):
+    """One new TensorBoard event file in folder holding events [(tag, step, value)], in that order,
+    a second apart."""
+    with SummaryWriter(str(folder)) as writer:
+        for i, (tag, step, value) in enumerate(events):
+            writer.add_scalar(tag, value, step, walltime=first_wall_time + i)
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory):
+    """A checkpoint folder as `train.py --synthetic` leaves it, made in-process in a moment: a set
+    model trained with sets of 5 (random weights), random test features of the generated test
+    images, and two epochs of TensorBoard logs."""
+    checkpoint_dir = tmp_path_factory.mktemp("models")
+    run_folder = checkpoint_dir / "synthetic"
+    run_folder.mkdir()
+    save_checkpoint(
+        run_folder / "SetAnomalyDetect.ckpt",
+        AnomalyPredictor,
+        SET_HPARAMS,
+        train_settings=dict(set_size=5),
+    )
+    cfg = SYNTHETIC
+    test = GeneratedImages(cfg["num_classes"], cfg["per_class"]["test"], None, cfg["seed"], "test")
+    torch.manual_seed(0)
+    features.save_cache(
+        str(run_folder / "test_set_features.tar"),
+        torch.randn(len(test), 512),
+        torch.tensor(test.targets),
+        synthetic_meta("test"),
+    )
+    events = []
+    for step in range(6):  # 2 epochs of 3 steps
+        events += [("train_loss", step, 2.3 - 0.1 * step), ("epoch", step, step // 3)]
+        if step % 3 == 2:
+            events += [("val_acc", step, 0.1 * step), ("train_acc", step, 0.05 * step)]
+    write_events(run_folder / "SetAnomalyDetect" / "lightning_logs" / "version_0", events)
+    return checkpoint_dir
 
 
 def test_positional_encoding_figures(tmp_path):
@@ -36,6 +110,48 @@ def test_image_rows_figure(tmp_path, with_probs):
     assert png_size(path) == (1200, 580)  # 1.2 in per image, 1.3 in per row + 0.6 in for the title
 
 
+def runs(mask):
+    """(first, last) index of each run of True in a 1-D mask."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2] - 1, strict=True))
+
+
+def red_and_grey(path):
+    """Masks of a PNG's pure red pixels and of its mid-grey ones."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+    return red, (np.abs(pixels - 128) <= 1).all(axis=-1)
+
+
+@pytest.mark.parametrize("predicted", [0, 3])
+def test_the_predicted_image_is_framed_in_red(tmp_path, predicted):
+    # Grey images on white: the only red is the mark, around the predicted image and no other.
+    probs = np.full((1, 5), 0.1)
+    probs[0, predicted] = 0.6
+    images = np.full((1, 5, 8, 8, 3), 0.5)
+    red, grey = red_and_grey(visualize.plot_image_rows(tmp_path / "p.png", images, "", probs))
+    image_columns = runs(grey.sum(axis=0) > 20)  # text antialiasing greys a few pixels at most
+    assert len(image_columns) == 5
+    red_x = np.nonzero(red)[1]
+    framed = [i for i, (a, b) in enumerate(image_columns) if red_x.min() < a and b < red_x.max()]
+    assert framed == [predicted]
+    red, _ = red_and_grey(visualize.plot_image_rows(tmp_path / "plain.png", images, ""))
+    assert not red.any()
+
+
+def test_probabilities_print_with_enough_digits_to_rank_them():
+    assert visualize.probability_texts([0.5, 0.25, 0.25]) == ["0.50", "0.25", "0.25"]
+    assert visualize.probability_texts([0.1234, 0.1237, 0.7529]) == ["0.123", "0.124", "0.753"]
+    assert visualize.probability_texts(np.array([0.10046, 0.10012, 0.79942], dtype=np.float32)) == [
+        "0.1005",
+        "0.1001",
+        "0.7994",
+    ]
+    # Closer than 6 decimals tell apart: 6 decimals, no more.
+    third = 1 / 3
+    assert visualize.probability_texts([third, third + 1e-9, third - 2e-9]) == ["0.333333"] * 3
+
+
 def test_set_prediction_figure(tmp_path):
     rng = np.random.default_rng(0)
     # 4 layers of [Head, Query, Key]
@@ -54,41 +170,64 @@ def test_reverse_attention_figure(tmp_path):
     assert png_size(path) == (500, 560)
 
 
-def test_denormalise_inverts_the_transform():
-    from PIL import Image as PILImage
+def test_training_curves_are_read_back_as_logged(tmp_path):
+    logs = tmp_path / "SetAnomalyDetect" / "lightning_logs"
+    write_events(logs / "version_0", [("train_loss", 0, 9.0), ("epoch", 0, 0)])  # an older run
+    # The newest training run, 2 steps an epoch: stopped in its second epoch after step 2, then
+    # resumed from the end of the first, into the same folder: step 2 again, then step 3.
+    first = [("train_loss", 0, 2.5), ("epoch", 0, 0), ("train_loss", 1, 2.25), ("epoch", 1, 0)]
+    first += [("val_acc", 1, 0.5), ("train_acc", 1, 0.25), ("epoch", 1, 0)]
+    first += [("train_loss", 2, 2.0), ("epoch", 2, 1)]
+    resumed = [("train_loss", 2, 1.75), ("epoch", 2, 1), ("train_loss", 3, 1.5), ("epoch", 3, 1)]
+    resumed += [("val_acc", 3, 0.75), ("train_acc", 3, 0.5), ("epoch", 3, 1)]
+    write_events(logs / "version_1", first, first_wall_time=100)
+    write_events(logs / "version_1", resumed, first_wall_time=200)
+    write_events(logs / "version_2", [("test_acc", 0, 0.5), ("epoch", 0, 0)])  # evaluation only
 
-    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    normalised = visualize.image_transform(32)(PILImage.fromarray(pixels))
-    np.testing.assert_allclose(visualize.denormalise(normalised[None])[0], pixels / 255, atol=1e-5)
+    folder, scalars = visualize.newest_training_logs(str(logs))
+    assert folder == str(logs / "version_1")
+    assert scalars == {
+        "train_loss": {0: 2.5, 1: 2.25, 2: 1.75, 3: 1.5},
+        "epoch": {0: 0.0, 1: 0.0, 2: 1.0, 3: 1.0},
+        "val_acc": {1: 0.5, 3: 0.75},
+        "train_acc": {1: 0.25, 3: 0.5},
+    }
+    epochs, loss = visualize.per_epoch(scalars, "train_loss")
+    assert epochs.tolist() == [1, 2] and loss.tolist() == [(2.5 + 2.25) / 2, (1.75 + 1.5) / 2]
+    epochs, acc = visualize.per_epoch(scalars, "val_acc")
+    assert epochs.tolist() == [1, 2] and acc.tolist() == [0.5, 0.75]
+
+    made = visualize.training_curves_figure(str(tmp_path), str(tmp_path / "figures"))
+    assert names(made) == ["training_curves.png"] and png_size(made[0]) == (1000, 400)
+
+
+@pytest.mark.parametrize(
+    "spoil, note",
+    [
+        ("garbage", "no TensorBoard logs of training in"),
+        ("folder", "cannot be read (IsADirectoryError)"),
+    ],
+)
+def test_unreadable_logs_are_skipped_with_a_note(tmp_path, capsys, spoil, note):
+    folder = tmp_path / "SetAnomalyDetect" / "lightning_logs" / "version_0"
+    folder.mkdir(parents=True)
+    if spoil == "garbage":
+        (folder / "events.out.tfevents.1.host").write_bytes(b"not an event file" * 10)
+    else:
+        (folder / "events.out.tfevents.1.host").mkdir()
+    assert visualize.training_curves_figure(str(tmp_path), str(tmp_path / "figures")) == []
+    out = capsys.readouterr().out
+    assert out.startswith("skipped training curves: ") and note in out and out.count("\n") == 1
 
 
 def test_main_makes_what_it_can_and_says_what_it_skips(tmp_path, capsys):
     checkpoint_dir = tmp_path / "models"
-    hparams = dict(
-        input_dim=10,
-        model_dim=16,
-        num_classes=10,
-        num_heads=2,
-        num_layers=2,
-        lr=5e-4,
-        warmup=5,
-        max_iters=10,
-    )
-    model = ReversePredictor(**hparams)
     checkpoint_dir.mkdir()
-    torch.save(
-        {
-            "state_dict": model.state_dict(),
-            "hyper_parameters": hparams,
-            "pytorch-lightning_version": "2.0.0",
-        },
-        checkpoint_dir / "ReverseTask.ckpt",
-    )
+    save_checkpoint(checkpoint_dir / "ReverseTask.ckpt", ReversePredictor, REVERSE_HPARAMS)
     made = visualize.main(
         ["--checkpoint-dir", str(checkpoint_dir), "--data-dir", str(tmp_path / "no_data")]
     )
-    names = sorted(p.rsplit("/", 1)[-1] for p in map(str, made))
-    assert names == [
+    assert names(made) == [
         "lr_schedule.png",
         "positional_encoding.png",
         "positional_encoding_dims.png",
@@ -98,55 +237,141 @@ def test_main_makes_what_it_can_and_says_what_it_skips(tmp_path, capsys):
     assert png_size(checkpoint_dir / "figures" / "reverse_attention.png") == (1000, 1060)
     out = capsys.readouterr().out
     assert "skipped set-task figures: no CIFAR-100" in out
+    assert "skipped training curves: no TensorBoard logs" in out
 
 
 def test_set_task_figures_from_generated_cifar(tmp_path, monkeypatch, capsys):
     # CIFAR-100 replaced by 100 generated images in 10 classes, with a feature cache and a model to
     # match.
-    import features
-    from model import AnomalyPredictor
-    from synthetic import GeneratedImages
-
     monkeypatch.setattr(
         visualize,
         "CIFAR100",
-        lambda root, train, download, transform: GeneratedImages(
-            num_classes=10, per_class=10, transform=transform, seed=0, split="test"
-        ),
+        lambda root, train, download: GeneratedImages(10, 10, None, seed=0, split="test"),
     )
     monkeypatch.setitem(features.CIFAR100_SIZES, "test", 100)
-    images = GeneratedImages(num_classes=10, per_class=10, transform=None, seed=0, split="test")
+    images, labels = visualize.open_test_images(str(tmp_path / "data"), synthetic=False)
+    assert images.shape == (100, 32, 32, 3) and images.dtype == np.uint8
     features.save_cache(
         str(tmp_path / "test_set_features.tar"),
         torch.randn(100, 512),
-        torch.tensor(images.targets),
+        labels,
         features.cifar100_meta("test"),
     )
-    hparams = dict(
-        input_dim=512,
-        model_dim=16,
-        num_classes=1,
-        num_heads=2,
-        num_layers=3,
-        lr=5e-4,
-        warmup=5,
-        max_iters=10,
-    )
-    torch.save(
-        {
-            "state_dict": AnomalyPredictor(**hparams).state_dict(),
-            "hyper_parameters": hparams,
-            "pytorch-lightning_version": "2.0.0",
-        },
-        tmp_path / "SetAnomalyDetect.ckpt",
+    save_checkpoint(
+        tmp_path / "SetAnomalyDetect.ckpt", AnomalyPredictor, dict(SET_HPARAMS, num_layers=3)
     )
     made = visualize.anomaly_figures(
-        str(tmp_path), str(tmp_path / "data"), str(tmp_path / "figures"), num_mistakes=3
+        images, labels, str(tmp_path), str(tmp_path / "figures"), num_mistakes=3
     )
-    sizes = {str(p).rsplit("/", 1)[-1]: png_size(p) for p in made}
+    sizes = {os.path.basename(str(p)): png_size(p) for p in made}
     assert sizes == {
         "anomaly_example_sets.png": (1200, 580),  # 4 sets of 10
         "anomaly_prediction.png": (1200, 980),  # 10 images over 3 layers
-        "anomaly_mistakes.png": (1200, 450),
-    }  # 3 sets of 10
+        "anomaly_mistakes.png": (1200, 450),  # 3 sets of 10
+    }
     assert "skipped" not in capsys.readouterr().out
+
+
+def test_synthetic_mode_makes_every_kind_of_figure(synthetic_run, capsys):
+    made = visualize.main(["--synthetic", "--checkpoint-dir", str(synthetic_run)])
+    assert all(
+        os.path.dirname(str(p)) == str(synthetic_run / "synthetic" / "figures") for p in made
+    )
+    sizes = {os.path.basename(str(p)): png_size(p) for p in made}
+    # The sets have the checkpoint's size, 5: 1.2 in per image; the model has 2 layers of 2 heads.
+    assert sizes == {
+        "positional_encoding.png": (800, 400),
+        "positional_encoding_dims.png": (800, 600),
+        "lr_schedule.png": (600, 400),
+        "anomaly_example_sets.png": (600, 580),  # 4 sets
+        "anomaly_prediction.png": (600, 720),  # 2 in for the images + 2.6 in per layer
+        "anomaly_mistakes.png": (600, 710),  # 5 sets
+        "training_curves.png": (1000, 400),
+    }
+    assert "skipped" not in capsys.readouterr().out
+
+
+def test_synthetic_mode_without_a_run_names_the_synthetic_command(tmp_path, capsys):
+    made = visualize.main(["--synthetic", "--checkpoint-dir", str(tmp_path)])
+    # The generated images need no run: the example sets are drawn all the same.
+    assert names(made) == [
+        "anomaly_example_sets.png",
+        "lr_schedule.png",
+        "positional_encoding.png",
+        "positional_encoding_dims.png",
+    ]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped")]
+    assert [note.split(":")[0] for note in notes] == [
+        "skipped set-task prediction figures",
+        "skipped training curves",
+    ]
+    assert all("(python train.py --synthetic makes" in note for note in notes)
+
+
+def spoil_truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def spoil_other_task(path):
+    save_checkpoint(path, ReversePredictor, REVERSE_HPARAMS)
+
+
+@pytest.mark.parametrize(
+    "spoil, note",
+    [
+        (spoil_truncate, "SetAnomalyDetect.ckpt cannot be read"),
+        (spoil_other_task, "is a model of another task"),
+    ],
+)
+def test_a_bad_set_model_is_skipped_and_the_rest_made(synthetic_run, tmp_path, capsys, spoil, note):
+    shutil.copytree(synthetic_run, tmp_path / "models")
+    spoil(tmp_path / "models" / "synthetic" / "SetAnomalyDetect.ckpt")
+    made = visualize.main(["--synthetic", "--checkpoint-dir", str(tmp_path / "models")])
+    assert "anomaly_example_sets.png" in names(made) and "training_curves.png" in names(made)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped")]
+    assert len(notes) == 1 and notes[0].startswith("skipped set-task prediction figures: ")
+    assert note in notes[0] and "python train.py --synthetic --retrain" in notes[0]
+
+
+def test_a_corrupt_reverse_model_is_one_note_and_exit_0(tmp_path):
+    path = tmp_path / "ReverseTask.ckpt"
+    save_checkpoint(path, ReversePredictor, REVERSE_HPARAMS)
+    spoil_truncate(path)
+    command = ["visualize.py", "--checkpoint-dir", str(tmp_path), "--data-dir", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, *command], capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S
+    )
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("skipped reverse")]
+    assert len(notes) == 1 and notes[0].startswith(
+        f"skipped reverse attention map: {path} cannot be read"
+    )
+    assert notes[0].endswith("(python train.py --task reverse --retrain makes a new one)")
+    assert sorted(os.listdir(tmp_path / "figures")) == [
+        "lr_schedule.png",
+        "positional_encoding.png",
+        "positional_encoding_dims.png",
+    ]
+
+
+@pytest.mark.parametrize(
+    "model_class, hparams, weights_of, note",
+    [
+        (AnomalyPredictor, SET_HPARAMS, AnomalyPredictor, "is a model of another task"),
+        (ReversePredictor, REVERSE_HPARAMS, AnomalyPredictor, "cannot be loaded as a Reverse"),
+    ],
+)
+def test_a_reverse_model_of_another_kind_is_skipped(
+    tmp_path, capsys, model_class, hparams, weights_of, note
+):
+    checkpoint = {
+        "state_dict": weights_of(**SET_HPARAMS).state_dict(),
+        "hyper_parameters": hparams,
+        "pytorch-lightning_version": "2.0.0",
+    }
+    torch.save(checkpoint, tmp_path / "ReverseTask.ckpt")
+    assert visualize.reverse_figure(str(tmp_path), str(tmp_path / "figures")) == []
+    out = capsys.readouterr().out
+    assert out.startswith("skipped reverse attention map: ") and out.count("\n") == 1
+    assert note in out
