@@ -146,8 +146,8 @@ def probability(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0.0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0, got {value}")
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {value}")
     return value
 
 

@@ -106,6 +106,8 @@ def test_defaults_are_the_posts_run():
         ["--dropout", "-0.1"],
         ["--input-dropout", "1.5"],
         ["--lr", "0"],
+        ["--lr", "inf"],
+        ["--gradient-clip-val", "nan"],
         ["--batch-size", "0"],
         ["--task", "other"],
         ["--num-workers", "-1"],
