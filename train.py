@@ -655,7 +655,9 @@ def published_model(checkpoint_dir, task):
         print(f"Downloading {url} to {path}")
 
         def download(tmp):
-            with download_timeout(), urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+            # A new opener reads the proxy settings now; urlopen's is built once per process.
+            opener = urllib.request.build_opener()
+            with download_timeout(), opener.open(url) as response, open(tmp, "wb") as f:
                 shutil.copyfileobj(response, f)
             found = git_blob_id(tmp)
             if found != expected:
