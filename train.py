@@ -151,6 +151,13 @@ def positive_float(text):
     return value
 
 
+def seed(text):
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32) as numpy's seeds are, got {value}")
+    return value
+
+
 def set_size(text):
     value = int(text)
     if value < 2:
@@ -202,7 +209,7 @@ def make_parser():
             type=kind,
             help=f"{what} (default: {task_defaults_text(name)})",
         )
-    add("--seed", type=int, default=42, help="random seed (default: %(default)s)")
+    add("--seed", type=seed, default=42, help="random seed (default: %(default)s)")
     add("--data-dir", default="datasets", help="where CIFAR-100 is or goes (default: %(default)s)")
     add(
         "--checkpoint-dir",
@@ -295,6 +302,11 @@ def parse_args(argv=None):
     for name, value in task_defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.fast_dev_run and args.resume:
+        p.error("--fast-dev-run checks one batch of a new model; it cannot --resume a training")
+    for flag, folder in (("--checkpoint-dir", args.checkpoint_dir), ("--data-dir", args.data_dir)):
+        if not folder or (os.path.exists(folder) and not os.path.isdir(folder)):
+            p.error(f"{flag} must name a folder (made if missing), got {folder!r}")
     if args.model_dim % args.num_heads != 0:
         p.error(f"--model-dim {args.model_dim} must be divisible by --num-heads {args.num_heads}")
     if args.num_workers < 0:
@@ -497,7 +509,10 @@ def make_trainer(args, root_dir, callbacks, **overrides):
         gradient_clip_val=args.gradient_clip_val,
         fast_dev_run=args.fast_dev_run,
     )
-    return pl.Trainer(**dict(settings, **overrides))
+    try:
+        return pl.Trainer(**dict(settings, **overrides))
+    except Exception as error:  # Lightning refuses settings it cannot use, e.g. an unknown strategy
+        sys.exit(f"error: {error}")
 
 
 def fast_parts(args):
@@ -585,7 +600,7 @@ def train_model(args, model_class, hparams, loaders, run_folder, seconds):
     if not trained:
         hint = "Run with --retrain to train a new model in its place, or another --checkpoint-dir."
         check_saved_model(saved, hparams, args, hint)
-        print(f"Found pretrained model {saved}, loading...")
+        print(f"Found the saved model {saved}, loading it...")
         model = model_class.load_from_checkpoint(saved, fast=fast_parts(args))
     else:
         checkpoints = os.path.dirname(last_path)
@@ -750,6 +765,12 @@ def main(argv=None):
             "Run without --resume to start anew."
         )
     device = pick_device(args.accelerator)
+    try:  # every output goes here: find out now, not after hours of work, that it cannot
+        os.makedirs(run_folder, exist_ok=True)
+        if not os.access(run_folder, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as error:
+        sys.exit(f"error: --checkpoint-dir: cannot write to {run_folder} ({error}).")
     if args.pretrained:  # fetched and verified first: the features may take long
         published, blob_id = published_model(args.checkpoint_dir, args.task)
 

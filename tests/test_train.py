@@ -111,6 +111,12 @@ def test_defaults_are_the_posts_run():
         ["--batch-size", "0"],
         ["--task", "other"],
         ["--num-workers", "-1"],
+        ["--seed", "-1"],
+        ["--seed", str(2**32)],
+        ["--fast-dev-run", "--resume"],
+        ["--checkpoint-dir", ""],
+        ["--checkpoint-dir", __file__],
+        ["--data-dir", __file__],
     ],
 )
 def test_invalid_values_get_an_argparse_error(argv, capsys):
@@ -148,7 +154,7 @@ def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run):
     mtime = os.path.getmtime(ckpt)
     proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Found pretrained model" in proc.stdout and "Epoch" not in proc.stdout + proc.stderr
+    assert "Found the saved model" in proc.stdout and "Epoch" not in proc.stdout + proc.stderr
     results = read_results(checkpoint_dir)
     assert results["trained"] is False and os.path.getmtime(ckpt) == mtime
     # All three evaluations are on fixed sets, so the same model scores the same on them.
@@ -528,3 +534,16 @@ def test_compiled_synthetic_run(synthetic_run, tmp_path, fast):
     results = read_results(checkpoint_dir)
     assert results["settings"]["compile"] is True
     assert all(0 <= results[key] <= 1 for key in ("train_acc", "val_acc", "test_acc"))
+
+
+def test_an_unwritable_checkpoint_dir_or_a_strategy_lightning_refuses_is_one_line(tmp_path):
+    under_a_file = tmp_path / "file"
+    under_a_file.write_text("")
+    proc = run_train("--task", "reverse", "--checkpoint-dir", str(under_a_file / "models"))
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --checkpoint-dir: cannot write")
+    assert proc.stderr.count("\n") == 1
+    proc = run_train(
+        "--task", "reverse", "--strategy", "nonsense", "--checkpoint-dir", str(tmp_path)
+    )
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "nonsense" in proc.stderr
+    assert "Traceback" not in proc.stderr
