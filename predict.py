@@ -75,29 +75,41 @@ def load_image(path):
     return image.crop((left, top, left + side, top + side)).resize((32, 32), Image.BICUBIC)
 
 
-def load_model(path, device):
-    """The AnomalyPredictor saved at path; exits with a message if it is missing or unusable."""
+def train_command(args):
+    """The train.py command that makes what this run of predict.py reads, as a user types it."""
+    synthetic = " --synthetic" if args.synthetic else ""
+    folder = (
+        "" if args.checkpoint_dir == "saved_models" else f" --checkpoint-dir {args.checkpoint_dir}"
+    )
+    return f"`python train.py{synthetic}{folder}`"
+
+
+def load_model(path, device, command="`python train.py`"):
+    """The AnomalyPredictor saved at path; exits with a message if it is missing or unusable.
+    command: the train.py command that makes the model."""
+    if os.path.isdir(path):
+        sys.exit(f"error: --ckpt {path} is a folder; give the SetAnomalyDetect.ckpt file in it.")
     if not os.path.isfile(path):
         sys.exit(
-            f"error: no trained model at {path}. `python train.py` trains one and saves it there "
-            "(`--checkpoint-dir` for another folder), or point --ckpt at a SetAnomalyDetect.ckpt."
+            f"error: no trained model at {path}. {command} trains one and saves it there, or "
+            "point --ckpt at a SetAnomalyDetect.ckpt."
         )
     try:
         hparams = read_checkpoint(path)["hyper_parameters"]
     except ValueError as error:
-        sys.exit(f"error: {error}; use the SetAnomalyDetect.ckpt that `python train.py` writes.")
+        sys.exit(f"error: {error}; use the SetAnomalyDetect.ckpt that {command} writes.")
     if hparams.get("num_classes") != 1 or hparams.get("input_dim") != features.FEATURE_DIM:
         sys.exit(
             f"error: {path} is a model of another task (input_dim={hparams.get('input_dim')}, "
             f"num_classes={hparams.get('num_classes')}), not the set-anomaly model; use the "
-            "SetAnomalyDetect.ckpt that `python train.py` writes."
+            f"SetAnomalyDetect.ckpt that {command} writes."
         )
     try:
         return AnomalyPredictor.load_from_checkpoint(path, map_location=device).eval()
     except Exception as error:  # wrong shapes, missing keys or hyper-parameters: not a usable model
         sys.exit(
             f"error: {path} does not hold a usable set-anomaly model ({type(error).__name__}); "
-            "train one with `python train.py`."
+            f"train one with {command}."
         )
 
 
@@ -158,7 +170,7 @@ def make_parser():
 def set_size_accuracies(args, run_folder, model, device):
     """{set size: accuracy} of model on the cached test features, printed; exits without them."""
     meta = synthetic.synthetic_meta if args.synthetic else features.cifar100_meta
-    command = "`python train.py --synthetic`" if args.synthetic else "`python train.py`"
+    command = train_command(args)
     cache = features.cached_test_features(run_folder, meta("test"), f"{command} rebuilds it")
     if cache is None:
         sys.exit(f"error: no valid test feature cache in {run_folder}; {command} makes it.")
@@ -179,6 +191,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     ckpt = args.ckpt or model_file(run_folder)
+    if args.figure is not None and args.set_sizes:
+        p.error("--figure draws a prediction for images; --set-sizes makes none")
+    if args.figure == "":
+        p.error("--figure needs a file name ending in .png")
+    if args.figure and os.path.isfile(os.path.dirname(os.path.abspath(args.figure))):
+        p.error(f"--figure {args.figure}: {os.path.dirname(args.figure)} is a file, not a folder")
     if args.figure and os.path.isdir(args.figure):
         p.error(f"--figure {args.figure} is a folder: name the PNG file, e.g. --figure odd.png")
     if args.figure and not args.figure.lower().endswith(".png"):
@@ -189,14 +207,15 @@ def main(argv=None):
             p.error("--set-sizes measures on the test features; give no images with it")
         if min(args.set_sizes) < 2:
             p.error("a set needs at least 2 images")
-        return set_size_accuracies(args, run_folder, load_model(ckpt, device), device)
+        model = load_model(ckpt, device, train_command(args))
+        return set_size_accuracies(args, run_folder, model, device)
 
     files = image_files(args.images)
     if len(files) < 2:
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
     # [N, 32, 32, 3] uint8, as CIFAR-100's .data
     images = np.stack([np.asarray(load_image(f)) for f in files])
-    model = load_model(ckpt, device)
+    model = load_model(ckpt, device, train_command(args))
     get_backbone = synthetic.synthetic_backbone if args.synthetic else features.imagenet_resnet34
     try:
         backbone = get_backbone()
@@ -225,4 +244,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("\nInterrupted; nothing was written.")

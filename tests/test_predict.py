@@ -176,7 +176,9 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path, offline_backbone):
     os.makedirs(tmp_path / "empty")
     exits_with("holds no image files", *synthetic, tmp_path / "empty")
     files = [tmp_path / "set" / n for n in names]
-    exits_with("`python train.py` trains one", "--checkpoint-dir", tmp_path / "none", *files)
+    command = f"`python train.py --checkpoint-dir {tmp_path / 'none'}` trains one"
+    exits_with(command, "--checkpoint-dir", tmp_path / "none", *files)
+    exits_with("is a folder", "--ckpt", tmp_path, *files)
     reverse = tmp_path / "ReverseTask.ckpt"
     hparams = dict(
         input_dim=10,
@@ -255,3 +257,20 @@ def test_set_size_accuracy_on_cached_test_features(trained, tmp_path, capsys):
     accuracies = run(trained, "--set-sizes", 2, 10)
     assert set(accuracies) == {2, 10} and accuracies[10] > 0.9
     assert "set size  10: accuracy" in capsys.readouterr().out
+
+
+def test_a_figure_that_cannot_be_a_png_file_is_refused_first(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for figure, says in [
+        (str(tmp_path), "is a folder"),
+        ("odd.txt", "ending in .png"),
+        ("", "ending in .png"),
+        (str(a_file / "odd.png"), "is a file, not a folder"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main(["a.png", "b.png", "--figure", figure])
+        assert exit_info.value.code == 2 and says in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--set-sizes", "5", "--figure", "odd.png"])
+    assert exit_info.value.code == 2 and "--set-sizes" in capsys.readouterr().err
