@@ -329,9 +329,22 @@ def print_report(report, keys):
 def main(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
-    if args.steps < 50 or args.warmup < 1 or args.rounds < 1:
-        p.error("--steps must be at least 50, --warmup and --rounds at least 1")
-    device = torch.device(args.device)
+    if args.steps < 50 or args.warmup < 1 or args.rounds < 1 or args.images < 1:
+        p.error("--steps must be at least 50, --warmup, --rounds and --images at least 1")
+    if args.min_seconds < 0:
+        p.error("--min-seconds must be 0 or more")
+    if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        p.error(f"--out {args.out}: give a file name in an existing folder")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device}: not a device name; use cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda"):
+        p.error(f"--device {args.device}: bench.py measures cpu or cuda")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        p.error(
+            f"--device {args.device}: PyTorch sees {torch.cuda.device_count()} CUDA devices here"
+        )
     if args.ablation:
         return ablation(device, args.steps, args.warmup)
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
@@ -382,4 +395,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("\nInterrupted; no results were written.")

@@ -14,6 +14,7 @@ kind of picture of the real run, with no download.
 
 import argparse
 import os
+import sys
 
 import matplotlib
 
@@ -429,6 +430,12 @@ def main(argv=None):
     args = p.parse_args(argv)
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     out_dir = os.path.join(run_folder, "figures")
+    try:  # every figure goes here: find out first that it can
+        os.makedirs(out_dir, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as error:
+        sys.exit(f"error: cannot write the figures to {out_dir} ({error}); see --checkpoint-dir.")
     command = "python train.py --synthetic" if args.synthetic else "python train.py"
     made = [
         *plot_positional_encoding(
@@ -452,4 +459,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("\nInterrupted; the figures written so far are whole.")

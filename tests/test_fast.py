@@ -294,3 +294,19 @@ def test_dispatched_ops_counts_operators_not_views():
         y = x.view(16).add(1).reshape(4, 4).t()  # one operator, add, and three views
         F.linear(y, x)  # one operator, whatever it calls inside
     assert bench.dispatched_ops(profiler.events()) == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--device", "foo"],
+        ["--device", "mps"],
+        ["--device", "cuda:99"],
+        ["--images", "0"],
+        ["--out", "/"],
+    ],
+)
+def test_bench_refuses_what_it_cannot_measure_before_measuring(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2 and "error: " in capsys.readouterr().err

@@ -375,3 +375,13 @@ def test_a_reverse_model_of_another_kind_is_skipped(
     out = capsys.readouterr().out
     assert out.startswith("skipped reverse attention map: ") and out.count("\n") == 1
     assert note in out
+
+
+def test_a_checkpoint_dir_that_cannot_hold_figures_is_one_line(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        visualize.main(["--checkpoint-dir", str(a_file)])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: cannot write the figures to {a_file}")
+    assert "\n" not in message
