@@ -331,8 +331,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.steps < 50 or args.warmup < 1 or args.rounds < 1 or args.images < 1:
         p.error("--steps must be at least 50, --warmup, --rounds and --images at least 1")
-    if args.min_seconds < 0:
-        p.error("--min-seconds must be 0 or more")
+    if not 0 <= args.min_seconds < float("inf"):
+        p.error("--min-seconds must be a finite number, 0 or more")
     if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         p.error(f"--out {args.out}: give a file name in an existing folder")
     try:

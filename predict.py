@@ -211,6 +211,15 @@ def main(argv=None):
         return set_size_accuracies(args, run_folder, model, device)
 
     files = image_files(args.images)
+    if args.figure:  # the figure must never replace a picture, nor join a folder's pictures
+        figure = os.path.abspath(args.figure)
+        if figure in map(os.path.abspath, files) or (
+            os.path.isdir(args.images[0])
+            and os.path.dirname(figure) == os.path.abspath(args.images[0])
+        ):
+            p.error(
+                f"--figure {args.figure} would write over or among the pictures; put it elsewhere"
+            )
     if len(files) < 2:
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
     # [N, 32, 32, 3] uint8, as CIFAR-100's .data

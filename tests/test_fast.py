@@ -304,6 +304,7 @@ def test_dispatched_ops_counts_operators_not_views():
         ["--device", "cuda:99"],
         ["--images", "0"],
         ["--out", "/"],
+        ["--min-seconds", "inf"],
     ],
 )
 def test_bench_refuses_what_it_cannot_measure_before_measuring(argv, capsys):

@@ -274,3 +274,22 @@ def test_a_figure_that_cannot_be_a_png_file_is_refused_first(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         predict.main(["--set-sizes", "5", "--figure", "odd.png"])
     assert exit_info.value.code == 2 and "--set-sizes" in capsys.readouterr().err
+
+
+def test_a_figure_never_replaces_or_joins_the_pictures(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        Image.new("RGB", (8, 8), (100 * i, 0, 0)).save(photos / f"{i}.png")
+    before = (photos / "0.png").read_bytes()
+    for argv in (
+        [str(photos / "0.png"), str(photos / "1.png"), "--figure", str(photos / "0.png")],
+        [str(photos), "--figure", str(photos / "odd.png")],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main(argv)
+        assert exit_info.value.code == 2 and "over or among" in capsys.readouterr().err
+    assert (photos / "0.png").read_bytes() == before and sorted(os.listdir(photos)) == [
+        "0.png",
+        "1.png",
+    ]
