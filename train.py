@@ -117,6 +117,15 @@ def read_checkpoint(path):
     return ckpt
 
 
+def io_mismatch(hparams, io_dims):
+    """Where a saved model's hyper-parameters differ from io_dims, the task's inputs and outputs
+    (input_dim, num_classes), as "name saved (needs wanted)": a model of another task differs."""
+    hparams = hparams if isinstance(hparams, dict) else {}
+    return [
+        f"{k} {hparams.get(k)!r} (needs {v})" for k, v in io_dims.items() if hparams.get(k) != v
+    ]
+
+
 def save_json(path, obj):
     def write(tmp):
         with open(tmp, "w") as f:
@@ -702,9 +711,7 @@ def load_published(path, model_class, io_dims, args):
         hparams = read_checkpoint(path)["hyper_parameters"]
     except ValueError as error:
         sys.exit(f"error: {error}. Delete it and run again to download the published model.")
-    differ = [
-        f"{k} {hparams.get(k)!r} (needs {v})" for k, v in io_dims.items() if hparams.get(k) != v
-    ]
+    differ = io_mismatch(hparams, io_dims)
     if differ:
         sys.exit(f"error: {path} is not a model for --task {args.task}: {', '.join(differ)}.")
     try:

@@ -30,7 +30,15 @@ from data import ReverseDataset, SetAnomalyDataset
 from features import FEATURE_DIM, cached_test_features, cifar100_meta, save_atomically
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
 from synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
-from train import NUM_CATEGORIES, TASK_DEFAULTS, model_file, read_checkpoint, run_dir, task_dir
+from train import (
+    NUM_CATEGORIES,
+    TASK_DEFAULTS,
+    io_mismatch,
+    model_file,
+    read_checkpoint,
+    run_dir,
+    task_dir,
+)
 
 DPI = 100  # a figure of w×h inches is a PNG of (100·w)×(100·h) pixels
 
@@ -287,8 +295,7 @@ def load_model(path, model_class, io_dims):
     ValueError says why it cannot be used: unreadable, its input and output sizes other than
     io_dims (a model of another task), or weights that do not load."""
     ckpt = read_checkpoint(path)
-    hp = ckpt["hyper_parameters"] if isinstance(ckpt["hyper_parameters"], dict) else {}
-    wrong = [f"{k} {hp.get(k)} (needs {v})" for k, v in io_dims.items() if hp.get(k) != v]
+    wrong = io_mismatch(ckpt["hyper_parameters"], io_dims)
     if wrong:
         raise ValueError(f"{path} is a model of another task: {', '.join(wrong)}")
     try:
