@@ -30,6 +30,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+import cli
 import train
 from data import anomaly_datasets
 from features import (
@@ -44,9 +45,10 @@ from features import (
     resnet34_backbone,
 )
 from model import FAST_PARTS, AnomalyPredictor
+from runlog import quiet_lightning
 
 # The post's run (train.py's defaults) on CIFAR-100's shapes: 100 classes, 60 000 images in all.
-POST = train.parse_args([])
+POST = cli.parse_args([])
 NUM_CLASSES, ALL_IMAGES = 100, sum(CIFAR100_SIZES.values())
 IO_DIMS = dict(input_dim=FEATURE_DIM, num_classes=1)
 # The post's model has 2.3 M parameters; a step of 64 sets of 10 feeds 640 tokens through them.
@@ -132,7 +134,7 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
     train."""
     parts = set(PARTS if fast else ()) if parts is None else set(parts)
     flags = ["--accelerator", device.type] + (["--fast"] if "sampler" in parts else [])
-    args = train.parse_args(flags)
+    args = cli.parse_args(flags)
     if "no dropout" in parts:
         args.dropout = args.input_dropout = 0.0
     pl.seed_everything(0)
@@ -326,9 +328,9 @@ def print_report(report, keys):
     )
 
 
-def main(argv=None):
-    p = make_parser()
-    args = p.parse_args(argv)
+def checked_device(p, args):
+    """The device to measure on, once every flag is shown usable; argparse's error otherwise,
+    before any measuring."""
     if args.steps < 50 or args.warmup < 1 or args.rounds < 1 or args.images < 1:
         p.error("--steps must be at least 50, --warmup, --rounds and --images at least 1")
     if not 0 <= args.min_seconds < float("inf"):
@@ -345,6 +347,14 @@ def main(argv=None):
         p.error(
             f"--device {args.device}: PyTorch sees {torch.cuda.device_count()} CUDA devices here"
         )
+    return device
+
+
+def main(argv=None):
+    p = make_parser()
+    args = p.parse_args(argv)
+    device = checked_device(p, args)
+    quiet_lightning()
     if args.ablation:
         return ablation(device, args.steps, args.warmup)
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
@@ -374,7 +384,7 @@ def main(argv=None):
     mean = faithful_feats.mean(dim=0)
     cosine = F.cosine_similarity(faithful_feats - mean, runs["fast"][0]["feats"] - mean)
     report = {
-        "device": train.device_name(device),
+        "device": runs.device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": " ".join(["python", "bench.py"] + (argv if argv is not None else sys.argv[1:])),
@@ -389,7 +399,7 @@ def main(argv=None):
         faithful, fast = results["faithful"][key], results["fast"][key]
         report[key] = {"faithful": faithful, "fast": fast, "fast/faithful": fast / faithful}
     print_report(report, results["faithful"])
-    train.save_json(args.out, report)
+    runs.save_json(args.out, report)
     print(f"written to {args.out}")
     return report
 

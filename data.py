@@ -146,6 +146,10 @@ def anomaly_datasets(train_feats, train_labels, test_feats, test_labels, set_siz
     }
 
 
+# The sequence tasks' data, as in the tutorial: 10 categories, length 16, 50 000 / 1 000 / 10 000.
+NUM_CATEGORIES, SEQ_LEN, SEQ_SIZES = 10, 16, {"train": 50000, "val": 1000, "test": 10000}
+
+
 class ReverseDataset(data.Dataset):
     """The tutorial's sequence task: size random sequences of seq_len integers in
     [0, num_categories); the label of each is the same sequence reversed.

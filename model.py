@@ -21,9 +21,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.optim as optim
 
-TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
-
-
 # --------------------------------------------------------------------------------------------------
 # 1. 嵌入表示层 / embedding layer: positional encoding
 # --------------------------------------------------------------------------------------------------
@@ -67,7 +64,8 @@ def scaled_dot_product(q, k, v, mask=None):
     d_k = q.size(-1)
     attn_logits = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(d_k)
     if mask is not None:
-        # The post fills with -9e15, -inf in float16; the dtype's own minimum never overflows.
+        # The post fills with -9e15, which float16 cannot hold (masked_fill raises); the dtype's
+        # own minimum fits every dtype and still gives a weight of 0.
         attn_logits = attn_logits.masked_fill(mask == 0, torch.finfo(attn_logits.dtype).min)
     attention = F.softmax(attn_logits, dim=-1)
     values = torch.matmul(attention, v)
@@ -287,8 +285,7 @@ class TransformerPredictor(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["fast"])
         self._create_model()
-        self.fast_parts = set(FAST_PARTS if fast is True else fast or ())
-        use_fast_path(self, self.fast_parts)
+        use_fast_path(self, fast)
 
     def _create_model(self):
         hp = self.hparams
@@ -334,17 +331,8 @@ class TransformerPredictor(pl.LightningModule):
         return self.transformer.get_attention_maps(x, mask=mask)
 
     def configure_optimizers(self):
-        # The fast path's Adam updates all parameters in one kernel (on a CPU from PyTorch 2.4 on);
-        # not under mixed precision, where Lightning refuses to clip a fused optimizer's gradients.
-        fused = (
-            "adam" in self.fast_parts
-            and (
-                self.device.type == "cuda"
-                or (self.device.type == "cpu" and TORCH_VERSION >= (2, 4))
-            )
-            and "mixed" not in str(self.trainer.precision)
-        )
-        optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused or None)
+        fused = fused_adam(self) or None  # the fast path's Adam, where it can run
+        optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused)
         self.lr_scheduler = CosineWarmupScheduler(
             optimizer, warmup=self.hparams.warmup, max_iters=self.hparams.max_iters
         )
@@ -612,6 +600,28 @@ class ReversePredictor(TransformerPredictor):
 # --------------------------------------------------------------------------------------------------
 
 FAST_PARTS = ("dropout", "attention", "adam")  # the parts inside the model
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
+
+def fast_parts(fast, compiled=False):
+    """The parts of the fast path inside the model for train.py's flags: all with --fast, except
+    that --compile keeps PyTorch's dropout, since the CPU's bit masks are drawn by numpy, outside
+    any compiled graph."""
+    if not fast:
+        return ()
+    return tuple(part for part in FAST_PARTS if not (compiled and part == "dropout"))
+
+
+def fused_adam(model):
+    """Whether model's Adam updates all parameters in one kernel: with the fast path's "adam", on
+    CUDA, or on a CPU from PyTorch 2.4 on; not under mixed precision, where Lightning refuses to
+    clip a fused optimizer's gradients."""
+    device = model.device.type
+    return (
+        "adam" in model.fast_parts
+        and (device == "cuda" or (device == "cpu" and TORCH_VERSION >= (2, 4)))
+        and "mixed" not in str(model.trainer.precision)
+    )
 
 
 class BitMaskDropout(nn.Dropout):
@@ -646,18 +656,34 @@ class BitMaskDropout(nn.Dropout):
 
 
 def use_fast_path(model, parts=FAST_PARTS):
-    """Puts the fast path's parts into model, in place (TransformerPredictor does when made).
+    """Puts the fast path's parts into model, in place, and notes them as model.fast_parts
+    (TransformerPredictor does when made). parts: True for all, or some of FAST_PARTS by name.
 
     "dropout" replaces every nn.Dropout by a BitMaskDropout of the same p, "attention" lets every
     MultiheadAttention use the fused kernel; "adam" is read by TransformerPredictor's
-    configure_optimizers, which then chooses fused Adam.
+    configure_optimizers, which then chooses fused Adam (fused_adam).
     """
-    unknown = set(parts) - set(FAST_PARTS)
+    parts = set(FAST_PARTS if parts is True else parts or ())
+    unknown = parts - set(FAST_PARTS)
     if unknown:
         raise ValueError(f"unknown parts of the fast path: {sorted(unknown)}; known: {FAST_PARTS}")
+    model.fast_parts = parts
     for module in list(model.modules()):
         if isinstance(module, MultiheadAttention):
             module.fused = "attention" in parts
         for name, child in module.named_children():
             if "dropout" in parts and type(child) is nn.Dropout:
                 setattr(module, name, BitMaskDropout(child.p))
+
+
+def compile_training_forward(model, device, backend="inductor"):
+    """Compiles model's forward for training with torch.compile (train.py --compile): the forward as
+    one graph (fullgraph: a graph break is an error), whose backward AOT autograd derives as a
+    second; on CUDA with CUDA graphs (mode reduce-overhead), which launch a step's many small
+    kernels at once. Evaluation keeps the eager forward: it runs once an
+    epoch, with batches of other sizes, each of which would cost a compilation."""
+    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
+    compiled = torch.compile(model.forward, fullgraph=True, mode=mode, backend=backend)
+    eager = model.forward
+    model.forward = lambda *args, **kwargs: (compiled if model.training else eager)(*args, **kwargs)
+    return model

@@ -25,7 +25,7 @@ import features
 import synthetic
 from data import SetAnomalyDataset
 from model import AnomalyPredictor
-from train import model_file, pick_device, read_checkpoint, run_dir
+from runs import load_model, model_file, pick_device, run_dir
 
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
@@ -84,7 +84,7 @@ def train_command(args):
     return f"`python train.py{synthetic}{folder}`"
 
 
-def load_model(path, device, command="`python train.py`"):
+def load_set_model(path, device, command="`python train.py`"):
     """The AnomalyPredictor saved at path; exits with a message if it is missing or unusable.
     command: the train.py command that makes the model."""
     if os.path.isdir(path):
@@ -94,23 +94,11 @@ def load_model(path, device, command="`python train.py`"):
             f"error: no trained model at {path}. {command} trains one and saves it there, or "
             "point --ckpt at a SetAnomalyDetect.ckpt."
         )
+    io_dims = dict(input_dim=features.FEATURE_DIM, num_classes=1)
     try:
-        hparams = read_checkpoint(path)["hyper_parameters"]
+        return load_model(path, AnomalyPredictor, io_dims, device)[0]
     except ValueError as error:
         sys.exit(f"error: {error}; use the SetAnomalyDetect.ckpt that {command} writes.")
-    if hparams.get("num_classes") != 1 or hparams.get("input_dim") != features.FEATURE_DIM:
-        sys.exit(
-            f"error: {path} is a model of another task (input_dim={hparams.get('input_dim')}, "
-            f"num_classes={hparams.get('num_classes')}), not the set-anomaly model; use the "
-            f"SetAnomalyDetect.ckpt that {command} writes."
-        )
-    try:
-        return AnomalyPredictor.load_from_checkpoint(path, map_location=device).eval()
-    except Exception as error:  # wrong shapes, missing keys or hyper-parameters: not a usable model
-        sys.exit(
-            f"error: {path} does not hold a usable set-anomaly model ({type(error).__name__}); "
-            f"train one with {command}."
-        )
 
 
 @torch.no_grad()
@@ -186,45 +174,55 @@ def set_size_accuracies(args, run_folder, model, device):
     return accuracies
 
 
+def check_figure(p, args, files=()):
+    """Refuses, with argparse's error, a --figure that cannot be a new PNG file: with --set-sizes,
+    empty, under a file, a folder, not .png; given files, one that would replace a picture or join
+    a folder's pictures."""
+    figure = args.figure
+    if figure is not None and args.set_sizes:
+        p.error("--figure draws a prediction for images; --set-sizes makes none")
+    if figure == "":
+        p.error("--figure needs a file name ending in .png")
+    if not figure:
+        return
+    if os.path.isfile(os.path.dirname(os.path.abspath(figure))):
+        p.error(f"--figure {figure}: {os.path.dirname(figure)} is a file, not a folder")
+    if os.path.isdir(figure):
+        p.error(f"--figure {figure} is a folder: name the PNG file, e.g. --figure odd.png")
+    if not figure.lower().endswith(".png"):
+        p.error(f"--figure writes a PNG image: give a name ending in .png, not {figure}")
+    path = os.path.abspath(figure)
+    if path in map(os.path.abspath, files) or (
+        files
+        and os.path.isdir(args.images[0])
+        and os.path.dirname(path) == os.path.abspath(args.images[0])
+    ):
+        p.error(f"--figure {figure} would write over or among the pictures; put it elsewhere")
+
+
 def main(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     ckpt = args.ckpt or model_file(run_folder)
-    if args.figure is not None and args.set_sizes:
-        p.error("--figure draws a prediction for images; --set-sizes makes none")
-    if args.figure == "":
-        p.error("--figure needs a file name ending in .png")
-    if args.figure and os.path.isfile(os.path.dirname(os.path.abspath(args.figure))):
-        p.error(f"--figure {args.figure}: {os.path.dirname(args.figure)} is a file, not a folder")
-    if args.figure and os.path.isdir(args.figure):
-        p.error(f"--figure {args.figure} is a folder: name the PNG file, e.g. --figure odd.png")
-    if args.figure and not args.figure.lower().endswith(".png"):
-        p.error(f"--figure writes a PNG image: give a name ending in .png, not {args.figure}")
+    check_figure(p, args)
     device = pick_device("auto")
     if args.set_sizes:
         if args.images:
             p.error("--set-sizes measures on the test features; give no images with it")
         if min(args.set_sizes) < 2:
             p.error("a set needs at least 2 images")
-        model = load_model(ckpt, device, train_command(args))
+        model = load_set_model(ckpt, device, train_command(args))
         return set_size_accuracies(args, run_folder, model, device)
 
     files = image_files(args.images)
-    if args.figure:  # the figure must never replace a picture, nor join a folder's pictures
-        figure = os.path.abspath(args.figure)
-        if figure in map(os.path.abspath, files) or (
-            os.path.isdir(args.images[0])
-            and os.path.dirname(figure) == os.path.abspath(args.images[0])
-        ):
-            p.error(
-                f"--figure {args.figure} would write over or among the pictures; put it elsewhere"
-            )
+    if args.figure:
+        check_figure(p, args, files)
     if len(files) < 2:
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
     # [N, 32, 32, 3] uint8, as CIFAR-100's .data
     images = np.stack([np.asarray(load_image(f)) for f in files])
-    model = load_model(ckpt, device, train_command(args))
+    model = load_set_model(ckpt, device, train_command(args))
     get_backbone = synthetic.synthetic_backbone if args.synthetic else features.imagenet_resnet34
     try:
         backbone = get_backbone()

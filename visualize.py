@@ -26,19 +26,12 @@ from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import CIFAR100
 
-from data import ReverseDataset, SetAnomalyDataset
+from cli import TASK_DEFAULTS
+from data import NUM_CATEGORIES, ReverseDataset, SetAnomalyDataset
 from features import FEATURE_DIM, cached_test_features, cifar100_meta, save_atomically
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
+from runs import load_model, model_file, run_dir, task_dir
 from synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
-from train import (
-    NUM_CATEGORIES,
-    TASK_DEFAULTS,
-    io_mismatch,
-    model_file,
-    read_checkpoint,
-    run_dir,
-    task_dir,
-)
 
 DPI = 100  # a figure of w×h inches is a PNG of (100·w)×(100·h) pixels
 
@@ -288,22 +281,6 @@ def plot_training_curves(path, scalars, title):
 def skip(what, why):
     print(f"skipped {what}: {why}")
     return []
-
-
-def load_model(path, model_class, io_dims):
-    """(model_class's model from the checkpoint at path, in eval mode; the checkpoint dict).
-    ValueError says why it cannot be used: unreadable, its input and output sizes other than
-    io_dims (a model of another task), or weights that do not load."""
-    ckpt = read_checkpoint(path)
-    wrong = io_mismatch(ckpt["hyper_parameters"], io_dims)
-    if wrong:
-        raise ValueError(f"{path} is a model of another task: {', '.join(wrong)}")
-    try:
-        model = model_class.load_from_checkpoint(path, map_location="cpu")
-    except Exception as error:  # weights of another shape or of another model
-        why = f"{path} cannot be loaded as a {model_class.__name__} ({type(error).__name__})"
-        raise ValueError(why) from None
-    return model.eval(), ckpt
 
 
 def reverse_figure(checkpoint_dir, out_dir):

@@ -7,7 +7,9 @@ import torch.nn.functional as F
 import torch.utils.data as data
 
 import bench
+import cli
 import train
+from conftest import SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 from data import SetAnomalyDataset, SetBatches, anomaly_datasets
 from features import (
     extract_features,
@@ -24,7 +26,6 @@ from model import (
     causal_mask,
 )
 from synthetic import GeneratedImages
-from test_model import SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 
 POST = dict(
     input_dim=512,
@@ -238,7 +239,7 @@ def test_set_batches_move_to_the_device_only_when_drawn():
 def test_fast_with_several_devices_samples_on_the_device():
     feats, labels = clustered_features(10, 50, 4, seed=0)  # 5 per class for validation
     datasets = anomaly_datasets(feats, labels, feats, labels, set_size=5)
-    args = train.parse_args(["--fast", "--devices", "2", "--strategy", "ddp"])
+    args = cli.parse_args(["--fast", "--devices", "2", "--strategy", "ddp"])
     loaders = train.make_loaders(args, datasets, torch.device("cpu"))
     assert all(isinstance(loader, SetBatches) for loader in loaders.values())
 

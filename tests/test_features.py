@@ -10,6 +10,7 @@ import torch.nn as nn
 from PIL import Image
 
 import features
+from conftest import spoil_truncate
 from features import (
     DATA_MEANS,
     DATA_STD,
@@ -113,11 +114,6 @@ def test_cache_is_computed_once_then_reused(tmp_path):
         torch.testing.assert_close(first[split][0], second[split][0])
         assert second[split][1].tolist() == [0, 1, 2, 0, 1, 2]
         assert first[split][0].shape == (6, 512)
-
-
-def spoil_truncate(path):
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
 
 
 def spoil_bare_tensor(path):

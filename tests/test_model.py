@@ -8,6 +8,16 @@ import pytorch_lightning as pl
 import torch
 import torch.utils.data as data
 
+from conftest import (
+    SMALL_SET_MODEL,
+    TUTORIAL_KEYS,
+    clustered_features,
+    layer_norm,
+    quiet_trainer,
+    randomise,
+    reference_attention,
+    reference_multihead,
+)
 from data import SetAnomalyDataset
 from model import (
     AnomalyPredictor,
@@ -20,21 +30,6 @@ from model import (
     expand_mask,
     scaled_dot_product,
 )
-
-
-def reference_attention(q, k, v, mask=None):
-    """softmax(q·kᵀ/√d)·v for one head, in float64 numpy, masked keys left out of the softmax
-    entirely."""
-    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
-    out, weights = np.zeros((len(q), v.shape[1])), np.zeros((len(q), len(k)))
-    for i in range(len(q)):
-        allowed = [j for j in range(len(k)) if mask is None or mask[i][j]]
-        scores = np.array([q[i] @ k[j] / math.sqrt(q.shape[1]) for j in allowed])
-        w = np.exp(scores - scores.max())
-        w /= w.sum()
-        weights[i, allowed] = w
-        out[i] = w @ v[allowed]
-    return out, weights
 
 
 def test_scaled_dot_product_matches_formula():
@@ -84,22 +79,6 @@ def test_masking_is_safe_in_float16():
     assert attention[0, 0, 1, 2].item() == 0.0
 
 
-def reference_multihead(x, w_qkv, b_qkv, w_o, b_o, num_heads, mask=None):
-    """Multi-head attention with the post's per-head layout: head h owns rows [3dh, 3dh+d) of the
-    stacked projection for q, the next d rows for k, the next d for v."""
-    embed_dim = w_o.shape[0]
-    d = embed_dim // num_heads
-    outs, maps = [], []
-    for h in range(num_heads):
-        block = slice(3 * d * h, 3 * d * (h + 1))
-        qkv = x @ w_qkv[block].T + b_qkv[block]
-        q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
-        o, w = reference_attention(q, k, v, mask)
-        outs.append(o)
-        maps.append(w)
-    return np.concatenate(outs, axis=1) @ w_o.T + b_o, np.stack(maps)
-
-
 def test_multihead_attention_matches_per_head_formula():
     torch.manual_seed(0)
     attn = MultiheadAttention(input_dim=6, embed_dim=8, num_heads=2)
@@ -138,14 +117,6 @@ def test_multihead_attention_rejects_indivisible_heads():
         MultiheadAttention(input_dim=8, embed_dim=10, num_heads=4)
 
 
-def layer_norm(x, norm):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(
-        var + norm.eps
-    ) * norm.weight.detach().numpy() + norm.bias.detach().numpy()
-
-
 def reference_encoder_block(x, block, mask=None):
     """Post-LN encoder block in eval mode: LN(x + MHA(x)), then LN(x + W2·relu(W1·x + b1) + b2)."""
     p = lambda t: t.detach().numpy().astype(np.float64)
@@ -163,15 +134,6 @@ def reference_encoder_block(x, block, mask=None):
     l1, l2 = block.linear_net[0], block.linear_net[3]
     hidden = np.maximum(x @ p(l1.weight).T + p(l1.bias), 0)
     return layer_norm(x + hidden @ p(l2.weight).T + p(l2.bias), block.norm2), attn_map
-
-
-def randomise(module):
-    """Random values for every parameter, LayerNorm ones included, so nothing passes by being 0 or
-    1."""
-    with torch.no_grad():
-        for param in module.parameters():
-            param.normal_(0, 0.3)
-    return module
 
 
 def test_encoder_block_matches_formula():
@@ -246,38 +208,6 @@ HPARAMS = dict(
     max_iters=50,
     dropout=0.1,
     input_dropout=0.1,
-)
-
-# The tutorial's state_dict layout, written out: a checkpoint of the original code has exactly these
-# keys.
-TUTORIAL_KEYS = (
-    ["input_net.1.weight", "input_net.1.bias"]
-    + [
-        f"transformer.layers.{i}.{name}"
-        for i in range(2)
-        for name in (
-            "self_attn.qkv_proj.weight",
-            "self_attn.qkv_proj.bias",
-            "self_attn.o_proj.weight",
-            "self_attn.o_proj.bias",
-            "linear_net.0.weight",
-            "linear_net.0.bias",
-            "linear_net.3.weight",
-            "linear_net.3.bias",
-            "norm1.weight",
-            "norm1.bias",
-            "norm2.weight",
-            "norm2.bias",
-        )
-    ]
-    + [
-        "output_net.0.weight",
-        "output_net.0.bias",
-        "output_net.1.weight",
-        "output_net.1.bias",
-        "output_net.4.weight",
-        "output_net.4.bias",
-    ]
 )
 
 
@@ -380,30 +310,6 @@ def test_anomaly_loss_and_accuracy():
     assert acc.item() == pytest.approx(
         sum(int(logit.argmax() == y) for logit, y in zip(logits, labels, strict=True)) / 4
     )
-
-
-def clustered_features(num_classes, per_class, dim, seed):
-    """Features scattered tightly around one random centre per class: an easy anomaly task."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(num_classes, dim, generator=g)
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    return centres[labels] + 0.3 * torch.randn(len(labels), dim, generator=g), labels
-
-
-def quiet_trainer(**settings):
-    """A CPU Trainer for tests: no logs, no checkpoints, no progress bar or model summary."""
-    quiet = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**quiet, **settings)
-
-
-# A small set model that learns clustered features in a few hundred steps.
-SMALL_SET_MODEL = dict(model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3, warmup=10)
 
 
 def test_anomaly_predictor_learns_clustered_features():

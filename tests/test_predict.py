@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,14 +14,12 @@ from PIL import Image
 import features
 import predict
 import synthetic
+from conftest import SMALL_SET_MODEL, quiet_trainer, run_script
 from data import SetAnomalyDataset
 from features import extract_features, image_transform
 from model import AnomalyPredictor
 from synthetic import GeneratedImages
-from test_model import SMALL_SET_MODEL, quiet_trainer
-from test_train import HANG_GUARD_S
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = synthetic.SYNTHETIC["image_size"]
 
 
@@ -196,7 +192,7 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path, offline_backbone):
     torch.save(
         {"state_dict": {}, "hyper_parameters": dict(hparams, input_dim=512, num_classes=1)}, broken
     )
-    exits_with("does not hold a usable set-anomaly model", "--ckpt", broken, *files)
+    exits_with("does not load into AnomalyPredictor", "--ckpt", broken, *files)
 
 
 def test_missing_weights_offline_give_train_pys_message(trained, tmp_path):
@@ -204,13 +200,7 @@ def test_missing_weights_offline_give_train_pys_message(trained, tmp_path):
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[var] = "http://127.0.0.1:9"  # every download fails at once
     names = write_set(tmp_path / "set", 0, size=3)
-    run = lambda script, *args: subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        env=env,
-    )
+    run = lambda script, *args: run_script(script, *args, env=env)
     predicted = run(
         "predict.py",
         "--ckpt",
@@ -227,18 +217,7 @@ def test_missing_weights_offline_give_train_pys_message(trained, tmp_path):
 
 
 def test_exit_code_and_no_traceback(tmp_path):
-    proc = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "predict.py"),
-            "--checkpoint-dir",
-            str(tmp_path),
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-    )
+    proc = run_script("predict.py", "--checkpoint-dir", tmp_path, tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
 

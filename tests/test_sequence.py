@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data as data
 
-from data import ReverseDataset, SortDataset
-from model import CrossAttention, DecoderBlock, ReversePredictor, Seq2SeqPredictor, causal_mask
-from test_model import (
+from conftest import (
     TUTORIAL_KEYS,
     layer_norm,
     quiet_trainer,
@@ -18,6 +16,8 @@ from test_model import (
     reference_attention,
     reference_multihead,
 )
+from data import ReverseDataset, SortDataset
+from model import CrossAttention, DecoderBlock, ReversePredictor, Seq2SeqPredictor, causal_mask
 
 
 def test_reverse_dataset_labels_are_the_sequences_reversed():

@@ -3,7 +3,6 @@ errors."""
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -13,46 +12,22 @@ import numpy as np
 import pytest
 import torch
 
+from cli import parse_args
+from conftest import (
+    HANG_GUARD_S,
+    ROOT,
+    SMALL_SET_MODEL,
+    copy_caches,
+    randomise,
+    read_results,
+    run_train,
+)
 from data import SetAnomalyDataset, split_train_val
-from model import AnomalyPredictor
-from test_model import SMALL_SET_MODEL, randomise
-from train import SeedEachProcess, compile_training_forward, fast_parts, parse_args, pick_device
+from model import AnomalyPredictor, compile_training_forward, fast_parts
+from runs import pick_device
+from train import SeedEachProcess
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
 SPLITS = ("train", "val", "test")
-
-
-def run_train(*args, env=None):
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        env=env,
-        cwd=ROOT,
-    )
-
-
-def read_results(checkpoint_dir):
-    with open(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "results.json")) as f:
-        return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def synthetic_run(tmp_path_factory):
-    """One `python train.py --synthetic` run, exactly as a newcomer starts it, its output (stderr
-    too) going to a file; shared by the tests that look at what it leaves."""
-    checkpoint_dir = str(tmp_path_factory.mktemp("run"))
-    command = [sys.executable, "train.py", "--synthetic", "--checkpoint-dir", checkpoint_dir]
-    with open(os.path.join(checkpoint_dir, "..", "log"), "w+") as log:
-        proc = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=HANG_GUARD_S
-        )
-        log.seek(0)
-        proc.stdout, proc.stderr = log.read(), ""
-    assert proc.returncode == 0, proc.stdout[-3000:]
-    return checkpoint_dir, proc
 
 
 def test_a_run_into_a_file_is_short_and_ends_with_its_results(synthetic_run):
@@ -71,59 +46,6 @@ def test_a_run_into_a_file_is_short_and_ends_with_its_results(synthetic_run):
         + ["Results"]
     )  # fmt: skip
     assert lines[3].startswith("Epoch 1/2: train acc ") and lines[4].startswith("Epoch 2/2: ")
-
-
-def test_defaults_are_the_posts_run():
-    args = parse_args([])
-    assert (
-        args.task,
-        args.set_size,
-        args.batch_size,
-        args.model_dim,
-        args.num_heads,
-        args.num_layers,
-    ) == ("anomaly", 10, 64, 256, 4, 4)
-    assert (
-        args.dropout,
-        args.input_dropout,
-        args.lr,
-        args.warmup,
-        args.epochs,
-        args.gradient_clip_val,
-    ) == (0.1, 0.1, 5e-4, 100, 100, 2.0)
-    assert (args.seed, args.data_dir, args.checkpoint_dir) == (42, "datasets", "saved_models")
-    # Feature extraction's workers: the post's 4, but never more than this machine's cores.
-    assert args.num_workers == min(4, len(os.sched_getaffinity(0)))
-
-
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["--epochs", "0"],
-        ["--set-size", "1"],
-        ["--model-dim", "10", "--num-heads", "4"],
-        ["--dropout", "1"],
-        ["--dropout", "-0.1"],
-        ["--input-dropout", "1.5"],
-        ["--lr", "0"],
-        ["--lr", "inf"],
-        ["--gradient-clip-val", "nan"],
-        ["--batch-size", "0"],
-        ["--task", "other"],
-        ["--num-workers", "-1"],
-        ["--seed", "-1"],
-        ["--seed", str(2**32)],
-        ["--fast-dev-run", "--resume"],
-        ["--checkpoint-dir", ""],
-        ["--checkpoint-dir", __file__],
-        ["--data-dir", __file__],
-    ],
-)
-def test_invalid_values_get_an_argparse_error(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        parse_args(argv)
-    assert exit_info.value.code == 2
-    assert "error:" in capsys.readouterr().err
 
 
 def test_synthetic_run_writes_results_and_a_loadable_model(synthetic_run):
@@ -181,16 +103,6 @@ def test_saved_model_with_other_settings_stops_with_a_message(synthetic_run):
     proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--model-dim", "128")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model_dim 256 (asked 128)" in proc.stderr and "--retrain" in proc.stderr
-
-
-def copy_caches(synthetic_run, tmp_path):
-    """A fresh checkpoint folder holding only the feature caches of the shared run."""
-    os.makedirs(tmp_path / "synthetic")
-    for name in ("train_set_features.tar", "test_set_features.tar"):
-        shutil.copy(
-            os.path.join(synthetic_run[0], "synthetic", name), tmp_path / "synthetic" / name
-        )
-    return str(tmp_path)
 
 
 def test_unreadable_saved_model_stops_with_a_message(synthetic_run, tmp_path):
@@ -271,30 +183,6 @@ def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "CIFAR-100" in proc.stderr and str(tmp_path / "data") in proc.stderr
     assert "resnet34-b627a593.pth" in proc.stderr and str(tmp_path / "torch") in proc.stderr
-
-
-def test_sequence_tasks_have_the_tutorials_defaults():
-    args = parse_args(["--task", "reverse"])
-    assert (
-        args.batch_size,
-        args.model_dim,
-        args.num_heads,
-        args.num_layers,
-        args.dropout,
-        args.lr,
-        args.warmup,
-        args.epochs,
-        args.gradient_clip_val,
-    ) == (128, 32, 1, 1, 0.0, 5e-4, 50, 10, 5.0)
-    assert parse_args(["--task", "seq2seq", "--epochs", "3"]).epochs == 3
-
-
-@pytest.mark.parametrize(
-    "argv", [["--task", "reverse", "--synthetic"], ["--task", "seq2seq", "--set-size", "5"]]
-)
-def test_anomaly_only_flags_are_refused_for_sequence_tasks(argv):
-    with pytest.raises(SystemExit):
-        parse_args(argv)
 
 
 @pytest.mark.parametrize("task, name", [("reverse", "ReverseTask"), ("seq2seq", "Seq2SeqTask")])
@@ -509,8 +397,8 @@ def compile_pair(fast, dropout=0.0):
 def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
     args = parse_args(flags)
     expected = {"attention", "adam"} if args.fast else set()  # --compile keeps PyTorch's dropout
-    assert set(fast_parts(args)) == expected
-    eager, compiled = compile_pair(fast_parts(args))
+    assert set(fast_parts(args.fast, args.compile)) == expected
+    eager, compiled = compile_pair(fast_parts(args.fast, args.compile))
     x, labels = torch.randn(4, 10, 16), torch.full((4,), 9)
     for model in (eager, compiled):
         model.train()

@@ -1,0 +1,218 @@
+"""train.py's command line: each task's defaults, the flags, and the checks that refuse a run
+before any work. `python train.py -h` shows them all.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import runs
+from pretrained import PUBLISHED
+from synthetic import SYNTHETIC
+
+DESCRIPTION = """\
+The post's experiment end to end (数据处理和模型训练, 模型训练和推理): CIFAR-100 features from a
+ResNet34, sets of 10 with one odd image, a 4-layer Transformer encoder that finds it; and two
+sequence tasks from the tutorial.
+
+    python train.py                  # the post's run; a second run loads the saved model, evaluates
+    python train.py --synthetic      # every stage offline on generated images, in seconds on a CPU
+    python train.py --task reverse   # the tutorial's sequence task: reverse a sequence (encoder)
+    python train.py --task seq2seq   # the decoder the post describes: sorting, token by token
+"""
+
+# Each task's defaults, the one place they are set: the post's run for anomaly, the tutorial's for
+# reverse. A flag overrides any of them.
+TASK_DEFAULTS = {
+    "anomaly": dict(set_size=10, batch_size=64, model_dim=256, num_heads=4, num_layers=4,
+                    dropout=0.1, input_dropout=0.1, lr=5e-4, warmup=100, epochs=100,
+                    gradient_clip_val=2.0),
+    "reverse": dict(set_size=None, batch_size=128, model_dim=32, num_heads=1, num_layers=1,
+                    dropout=0.0, input_dropout=0.0, lr=5e-4, warmup=50, epochs=10,
+                    gradient_clip_val=5.0),
+    "seq2seq": dict(set_size=None, batch_size=128, model_dim=64, num_heads=4, num_layers=2,
+                    dropout=0.0, input_dropout=0.0, lr=1e-3, warmup=100, epochs=10,
+                    gradient_clip_val=5.0),
+}  # fmt: skip
+
+# Feature extraction's DataLoader workers: one per core, at most the post's 4.
+DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def probability(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not 0.0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number greater than 0, got {value}")
+    return value
+
+
+def seed(text):
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32) as numpy's seeds are, got {value}")
+    return value
+
+
+def set_size(text):
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"a set needs the anomaly and at least one other image: at least 2, got {value}"
+        )
+    return value
+
+
+# The flags whose defaults depend on --task, with what each sets; TASK_DEFAULTS holds the values.
+TASK_FLAGS = [
+    ("set_size", set_size, "images per set, the anomaly included"),
+    ("batch_size", positive_int, "sets or sequences per batch"),
+    ("model_dim", positive_int, "features inside the Transformer"),
+    ("num_heads", positive_int, "attention heads"),
+    ("num_layers", positive_int, "encoder (and decoder) layers"),
+    ("dropout", probability, "dropout in the Transformer"),
+    ("input_dropout", probability, "dropout on the inputs"),
+    ("lr", positive_float, "Adam learning rate"),
+    ("warmup", positive_int, "warm-up steps of the learning-rate schedule"),
+    ("epochs", positive_int, "epochs"),
+    ("gradient_clip_val", positive_float, "gradient-norm clipping"),
+]
+
+# Every other flag: (name, argparse settings). "%(default)s" in a help shows the default.
+FLAGS = [
+    ("--seed", dict(type=seed, default=42, help="random seed (default: %(default)s)")),
+    ("--data-dir", dict(default="datasets",
+        help="where CIFAR-100 is or goes (default: %(default)s)")),
+    ("--checkpoint-dir", dict(default="saved_models",
+        help="feature caches, logs, models and results (default: %(default)s)")),
+    ("--accelerator", dict(choices=["auto", "cpu", "cuda", "gpu", "mps"], default="auto",
+        help="where to extract features, sample sets and train; auto: CUDA, then Apple's MPS, then "
+        "the CPU, as Lightning chooses (default: auto)")),
+    ("--precision", dict(choices=["32-true", "16-mixed", "bf16-mixed"], default="32-true",
+        help="Lightning's training precision; 16-mixed becomes bf16-mixed on a CPU "
+        "(default: %(default)s)")),
+    ("--devices", dict(type=positive_int, default=1, help="devices to train on (default: 1)")),
+    ("--strategy", dict(default="auto", help="Lightning strategy, e.g. ddp (default: auto)")),
+    ("--fast", dict(action="store_true",
+        help="the fast path: batched feature extraction, sets sampled on the device, fused "
+        "attention, cheaper dropout masks, fused Adam (see BENCHMARKS.md); the same model and "
+        "checkpoints")),
+    ("--num-workers", dict(type=int, default=DEFAULT_WORKERS,
+        help="DataLoader workers of the feature extraction (default: one per core, at most the "
+        "post's 4; here %(default)s)")),
+    ("--fast-dev-run", dict(action="store_true",
+        help="one training and one validation batch, then test that model; saves nothing")),
+    ("--compile", dict(action="store_true",
+        help="train through torch.compile: the forward as one graph, its backward derived by AOT "
+        "autograd (CUDA graphs on a GPU); for accelerators: slower than eager on a 2-core CPU")),
+    ("--retrain", dict(action="store_true", help="train anew even if a saved model exists")),
+    ("--pretrained", dict(action="store_true",
+        help="evaluate the tutorial author's trained model (anomaly and reverse) instead of "
+        "training one: downloaded once to <checkpoint-dir>/pretrained/ and verified; results in "
+        "<checkpoint-dir>/pretrained/<TaskName>/results.json")),
+    ("--resume", dict(action="store_true", help="continue an interrupted training")),
+    ("--synthetic", dict(action="store_true",
+        help="generated images and an untrained ResNet34 instead of CIFAR-100: offline, small, "
+        "fast; writes under <checkpoint-dir>/synthetic/")),
+]  # fmt: skip
+
+
+def task_defaults_text(name):
+    """A flag's defaults as the help shows them: 'anomaly; reverse; seq2seq' from TASK_DEFAULTS."""
+    values = [f"{d[name]:g}" for d in TASK_DEFAULTS.values() if d[name] is not None]
+    if name == "epochs":
+        values[0] += f" ({SYNTHETIC['epochs']} with --synthetic)"
+    return "; ".join(values)
+
+
+def make_parser():
+    p = argparse.ArgumentParser(
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Defaults given as 'a; b; c' are those of --task anomaly; reverse; seq2seq.",
+    )
+    p.add_argument(
+        "--task",
+        choices=list(TASK_DEFAULTS),
+        default="anomaly",
+        help="anomaly: the post's set anomaly detection (default); reverse: the tutorial's "
+        "sequence reversal; seq2seq: sorting with the encoder-decoder",
+    )
+    for name, kind, what in TASK_FLAGS:
+        flag, default = "--" + name.replace("_", "-"), task_defaults_text(name)
+        p.add_argument(flag, type=kind, help=f"{what} (default: {default})")
+    for flag, settings in FLAGS:
+        p.add_argument(flag, **settings)
+    return p
+
+
+def refuse_for_pretrained(p, args):
+    """--pretrained evaluates the published model as it is, trained with the tutorial's settings:
+    a flag that would change or train it is refused."""
+    if args.task not in PUBLISHED:
+        p.error(f"--pretrained: the tutorial publishes models for --task anomaly and reverse, "
+                f"not {args.task}")  # fmt: skip
+    given = [name for name, _, _ in TASK_FLAGS if getattr(args, name) is not None]
+    cannot = [n for n in given if n != "batch_size"] + ["devices"] * (args.devices > 1)
+    flags = ("retrain", "resume", "synthetic", "compile", "fast_dev_run")
+    cannot += [name for name in flags if getattr(args, name)]
+    if cannot:
+        flags = ", ".join("--" + name.replace("_", "-") for name in cannot)
+        p.error(f"--pretrained evaluates the published model as it is: it cannot take {flags}")
+
+
+def parse_args(argv=None):
+    """The run's settings: the flags given, each task's defaults (TASK_DEFAULTS) for the others."""
+    p = make_parser()
+    args = p.parse_args(argv)
+    if args.synthetic and args.task != "anomaly":
+        p.error("--synthetic replaces CIFAR-100 for --task anomaly; sequence tasks need no data")
+    if args.set_size is not None and args.task != "anomaly":
+        p.error("--set-size belongs to --task anomaly")
+    if args.pretrained:
+        refuse_for_pretrained(p, args)
+    task_defaults = dict(TASK_DEFAULTS[args.task])
+    if args.synthetic:
+        task_defaults["epochs"] = SYNTHETIC["epochs"]
+    for name, value in task_defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.fast_dev_run and args.resume:
+        p.error("--fast-dev-run checks one batch of a new model; it cannot --resume a training")
+    for flag, folder in (("--checkpoint-dir", args.checkpoint_dir), ("--data-dir", args.data_dir)):
+        if not folder or (os.path.exists(folder) and not os.path.isdir(folder)):
+            p.error(f"{flag} must name a folder (made if missing), got {folder!r}")
+    if args.model_dim % args.num_heads != 0:
+        p.error(f"--model-dim {args.model_dim} must be divisible by --num-heads {args.num_heads}")
+    if args.num_workers < 0:
+        p.error(f"--num-workers must be 0 or more, got {args.num_workers}")
+    return args
+
+
+def check_before_work(args):
+    """(run folder, device) of the run, once shown usable: exits with one line, before any work,
+    if --resume has nothing to continue from, the device is not here or the folder is not
+    writable."""
+    run_folder = runs.run_dir(args.checkpoint_dir, args.synthetic)
+    last = runs.last_checkpoint(run_folder, args.task)
+    if args.resume and not os.path.isfile(last):
+        sys.exit(
+            f"error: --resume found no {last} to continue from. Run without --resume to start anew."
+        )
+    device = runs.pick_device(args.accelerator)
+    runs.make_writable(run_folder)
+    return run_folder, device

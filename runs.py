@@ -1,0 +1,236 @@
+"""Where a run keeps its files, and reading them back: the run and task folders, the checkpoints,
+results.json, the one loader of a saved model, and the device a run uses. train.py, predict.py,
+visualize.py and bench.py share these.
+
+    <checkpoint-dir>/                      the post's CHECKPOINT_PATH, saved_models/ by default
+        train_set_features.tar, ...        feature caches (features.py)
+        SetAnomalyDetect.ckpt              a task's best model (model_file)
+        SetAnomalyDetect/                  a task's folder (task_dir)
+            checkpoints/last.ckpt          what --resume continues from (last_checkpoint)
+            lightning_logs/version_N/      TensorBoard logs
+            results.json                   the accuracies and the run's settings
+        synthetic/                         the same for --synthetic (run_dir)
+        pretrained/                        the tutorial author's models (pretrained.py)
+"""
+
+import json
+import os
+import platform
+import shutil
+import sys
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torchvision
+
+from features import save_atomically
+
+# Each task's folder (<name>/: logs, checkpoints, results.json) and best model (<name>.ckpt).
+TASK_NAMES = {"anomaly": "SetAnomalyDetect", "reverse": "ReverseTask", "seq2seq": "Seq2SeqTask"}
+
+
+def run_dir(checkpoint_dir, synthetic=False):
+    """The folder of a run's feature caches and models: <checkpoint-dir>, or for --synthetic its
+    synthetic/ sub-folder, apart from a real run's files."""
+    return os.path.join(checkpoint_dir, "synthetic") if synthetic else checkpoint_dir
+
+
+def task_dir(run_folder, task="anomaly"):
+    """A task's folder in a run folder: <TaskName>/, with its logs, checkpoints and results.json."""
+    return os.path.join(run_folder, TASK_NAMES[task])
+
+
+def last_checkpoint(run_folder, task="anomaly"):
+    """A task's full checkpoint (optimizer, scheduler, loop state), replaced after every epoch, that
+    --resume continues from: <TaskName>/checkpoints/last.ckpt, beside the best epoch's weights."""
+    return os.path.join(task_dir(run_folder, task), "checkpoints", "last.ckpt")
+
+
+def model_file(run_folder, task="anomaly"):
+    """A task's best model in a run folder: <TaskName>.ckpt (the post's SetAnomalyDetect.ckpt)."""
+    return task_dir(run_folder, task) + ".ckpt"
+
+
+def make_writable(folder):
+    """Makes folder if missing; exits with one line if it cannot hold the run's files. Every output
+    goes there: find out now, not after hours of work, that it cannot."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError("not writable")
+    except OSError as error:
+        sys.exit(f"error: --checkpoint-dir: cannot write to {folder} ({error}).")
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints: reading, loading a saved model, saving the best epoch
+# --------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path):
+    """The dict of the Lightning checkpoint at path; raises ValueError saying what is wrong."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(f"{path} cannot be read ({type(error).__name__})") from None
+    if not (isinstance(ckpt, dict) and "state_dict" in ckpt and "hyper_parameters" in ckpt):
+        raise ValueError(
+            f"{path} is not a Lightning checkpoint (the post's torch.save(model, ...) writes a "
+            "pickled module instead)"
+        )
+    return ckpt
+
+
+def io_mismatch(hparams, io_dims):
+    """Where a saved model's hyper-parameters differ from io_dims, the task's inputs and outputs
+    (input_dim, num_classes), as "name saved (needs wanted)": a model of another task differs."""
+    hparams = hparams if isinstance(hparams, dict) else {}
+    return [
+        f"{k} {hparams.get(k)!r} (needs {v})" for k, v in io_dims.items() if hparams.get(k) != v
+    ]
+
+
+def load_model(path, model_class, io_dims, device="cpu", **kwargs):
+    """(model_class's model saved at path, in eval mode, on device; the checkpoint dict), loaded
+    strictly with its own hyper-parameters; kwargs go to the model (e.g. fast). Raises ValueError
+    saying why it cannot be used: unreadable, not a Lightning checkpoint, its input and output sizes
+    other than io_dims (a model of another task), or weights that do not fit."""
+    ckpt = read_checkpoint(path)
+    wrong = io_mismatch(ckpt["hyper_parameters"], io_dims)
+    if wrong:
+        raise ValueError(f"{path} is a model of another task: {', '.join(wrong)}")
+    try:
+        model = model_class.load_from_checkpoint(path, map_location=device, strict=True, **kwargs)
+    except Exception as error:  # missing or misshapen weights, hyper-parameters it cannot take
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"{path} does not load into {model_class.__name__} "
+            f"({type(error).__name__}: {first_line})"
+        ) from None
+    return model.eval(), ckpt
+
+
+def run_settings(args):
+    """The run's settings that a saved model must match besides its hyper-parameters."""
+    settings = dict(
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        gradient_clip_val=args.gradient_clip_val,
+        seed=args.seed,
+    )
+    if args.task == "anomaly":
+        settings["set_size"] = args.set_size
+    return settings
+
+
+def refuse_other_settings(path, ckpt, hparams, args, hint):
+    """Exits with one line if the checkpoint at path (its dict ckpt) was trained with other
+    hyper-parameters or run settings than asked for."""
+    trained_with = ckpt.get("train_settings", {})
+    saved = dict(ckpt["hyper_parameters"], **trained_with)
+    asked = dict(hparams, **{k: v for k, v in run_settings(args).items() if k in trained_with})
+    differ = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in asked.items() if saved.get(k) != v]
+    if differ:
+        sys.exit(
+            f"error: {path} was trained with other settings than asked for: "
+            f"{', '.join(differ)}. {hint}"
+        )
+
+
+def load_saved_model(path, model_class, hparams, args, fast=()):
+    """train.py's saved model at path, once shown to be trained with the settings asked for;
+    exits with one line otherwise."""
+    hint = "Run with --retrain to train a new model in its place, or another --checkpoint-dir."
+    io_dims = {k: hparams[k] for k in ("input_dim", "num_classes")}
+    try:
+        model, ckpt = load_model(path, model_class, io_dims, fast=fast)
+    except ValueError as error:
+        sys.exit(f"error: {error}. {hint}")
+    refuse_other_settings(path, ckpt, hparams, args, hint)
+    return model
+
+
+def resume_from(args, hparams, last):
+    """With --resume, the last checkpoint, once its schedule and weights are shown to fit what is
+    asked; otherwise None, after clearing its folder (its checkpoints would be mistaken for this
+    run's)."""
+    if args.resume:
+        hint = "Resume with the settings of the interrupted run, or train anew without --resume."
+        try:
+            ckpt = read_checkpoint(last)
+        except ValueError as error:
+            sys.exit(f"error: {error}. {hint}")
+        refuse_other_settings(last, ckpt, hparams, args, hint)
+        return last
+    if not args.fast_dev_run:  # a fast dev run writes no checkpoint, so it clears none
+        shutil.rmtree(os.path.dirname(last), ignore_errors=True)
+    return None
+
+
+def save_model(best_checkpoint, path, args):
+    """Keeps the best epoch at path as a Lightning checkpoint with the run's settings (the post's
+    torch.save(model, ...) pickles the module, which load_from_checkpoint cannot read)."""
+    ckpt = read_checkpoint(best_checkpoint)
+    ckpt["train_settings"] = run_settings(args)
+    save_atomically(path, lambda tmp: torch.save(ckpt, tmp))
+
+
+def save_json(path, obj):
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    save_atomically(path, write)
+
+
+# --------------------------------------------------------------------------------------------------
+# The device
+# --------------------------------------------------------------------------------------------------
+
+
+def pick_device(accelerator):
+    """The device --accelerator names, chosen as Lightning chooses it for training (auto and gpu:
+    CUDA, then Apple's MPS; auto then the CPU); features and sets are made there too. Exits with
+    one line if there is no such device here."""
+    is_there = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    available = [kind for kind, there in is_there.items() if there]
+    if accelerator == "auto":
+        return torch.device((available + ["cpu"])[0])
+    wanted = ["cuda", "mps"] if accelerator == "gpu" else [accelerator]
+    found = [kind for kind in wanted if kind == "cpu" or kind in available]
+    if not found:
+        kinds = " or ".join(kind.upper() for kind in wanted)
+        sys.exit(
+            f"error: --accelerator {accelerator}: this machine has no {kinds} device that PyTorch "
+            "can use. Use --accelerator auto or cpu."
+        )
+    return torch.device(found[0])
+
+
+def device_name(device):
+    """The GPU's name, or the CPU's as the platform reports it: what results are measured on."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or "cpu"
+
+
+def results_record(result, args, device, seconds, **record):
+    """What results.json holds: the accuracies (result), what was tested (record: trained,
+    checkpoint, ...), the run's settings, the device and library versions, and the seconds."""
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pytorch_lightning": pl.__version__,
+        "numpy": np.__version__,
+    }
+    return dict(
+        result,
+        **record,
+        settings=vars(args),
+        device=device_name(device),
+        versions=versions,
+        seconds=seconds,
+    )
