@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import cli
+import runs
 import train
 from data import anomaly_datasets
 from features import (
@@ -364,25 +365,25 @@ def main(argv=None):
 
     # Times in this one process, the two paths taking turns; the best round of each counts, which
     # keeps a noisy machine from favouring either.
-    runs = {path: [] for path in ("faithful", "fast")}
+    turns = {path: [] for path in ("faithful", "fast")}
     for _ in range(args.rounds):
-        for path in runs:
+        for path in turns:
             fast = path == "fast"
             timed = time_training(fast, device, datasets, args.steps, args.warmup)
             step_s, steps_per_epoch, eval_rate, ops = timed
             extract = time_extraction(fast, device, backbone, images, args.min_seconds)
             extract_rate, feats = extract
-            runs[path].append(
+            turns[path].append(
                 dict(step_s=step_s, eval=eval_rate, extract=extract_rate, feats=feats, ops=ops)
             )
     results = {
         path: path_results(rounds, steps_per_epoch, device, args.images, path)
-        for path, rounds in runs.items()
+        for path, rounds in turns.items()
     }
     # Centred: with random weights every image's raw feature points nearly the same way.
-    faithful_feats = runs["faithful"][0]["feats"]
+    faithful_feats = turns["faithful"][0]["feats"]
     mean = faithful_feats.mean(dim=0)
-    cosine = F.cosine_similarity(faithful_feats - mean, runs["fast"][0]["feats"] - mean)
+    cosine = F.cosine_similarity(faithful_feats - mean, turns["fast"][0]["feats"] - mean)
     report = {
         "device": runs.device_name(device),
         "torch": torch.__version__,
