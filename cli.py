@@ -7,8 +7,11 @@ import math
 import os
 import sys
 
+import torch
+
 import runs
-from pretrained import PUBLISHED
+from features import CACHE_FILES, cache_file
+from pretrained import PUBLISHED, pretrained_dir
 from synthetic import SYNTHETIC
 
 DESCRIPTION = """\
@@ -203,10 +206,38 @@ def parse_args(argv=None):
     return args
 
 
-def check_before_work(args):
-    """(run folder, device) of the run, once shown usable: exits with one line, before any work,
-    if --resume has nothing to continue from, the device is not here or the folder is not
-    writable."""
+def outputs(args, run_folder):
+    """(files, folders) that the run writes: each must be of its kind, or be made."""
+    if args.pretrained:
+        name = PUBLISHED[args.task][0]
+        folder = pretrained_dir(args.checkpoint_dir, args.task)
+        files = [os.path.join(args.checkpoint_dir, "pretrained", name)]
+        return files + [os.path.join(folder, "results.json")], [folder]
+    folder = runs.task_dir(run_folder, args.task)
+    files = [runs.model_file(run_folder, args.task)]
+    files += [os.path.join(folder, name) for name in ("results.json", "evaluation.json")]
+    if args.task == "anomaly":
+        files += [cache_file(run_folder, split, {}, args.fast)[0] for split in CACHE_FILES]
+    folders = [folder, os.path.join(folder, "checkpoints"), os.path.join(folder, "lightning_logs")]
+    return files, [run_folder, *folders]
+
+
+def usable_devices(device):
+    """How many devices of device's kind this process may train on: its CPU cores (a process
+    each), the GPUs PyTorch sees, Apple's one MPS device."""
+    if device.type == "cuda":
+        return torch.cuda.device_count()
+    if device.type == "mps":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def check_before_work(args, lock=True):
+    """(run folder, device) of the run, once shown usable: exits with one line, before anything is
+    computed or deleted, if --resume has nothing to continue from, the device is not here or there
+    are fewer than --devices of it, an output is there as another kind (a folder for a file, or a
+    file for a folder), or the folder is not writable; then, with lock, takes the task's folder
+    for this process (runs.lock_folder). A run that Lightning's DDP started takes no lock."""
     run_folder = runs.run_dir(args.checkpoint_dir, args.synthetic)
     last = runs.last_checkpoint(run_folder, args.task)
     if args.resume and not os.path.isfile(last):
@@ -214,5 +245,20 @@ def check_before_work(args):
             f"error: --resume found no {last} to continue from. Run without --resume to start anew."
         )
     device = runs.pick_device(args.accelerator)
+    if args.devices > usable_devices(device):
+        sys.exit(
+            f"error: --devices {args.devices}: this machine has {usable_devices(device)} "
+            f"{'CPU cores' if device.type == 'cpu' else device.type.upper() + ' devices'} to train "
+            "on, a process each. Use fewer."
+        )
+    files, folders = outputs(args, run_folder)
+    for path, kind in [(f, "file") for f in files] + [(f, "folder") for f in folders]:
+        if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
+            sys.exit(
+                f"error: {path} is a {'file' if kind == 'folder' else 'folder'}, where the run "
+                f"keeps a {kind}. Move it away, or use another --checkpoint-dir."
+            )
     runs.make_writable(run_folder)
+    if lock:
+        runs.lock_folder(os.path.dirname(files[-1]) if args.pretrained else folders[1])
     return run_folder, device

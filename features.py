@@ -238,7 +238,7 @@ def cache_file(cache_dir, split, meta, fast=False):
     name = CACHE_FILES[split]
     if not fast:
         return os.path.join(cache_dir, name), meta
-    fast_meta = dict(meta, transform=meta["transform"] + " on float tensors (--fast)")
+    fast_meta = dict(meta, transform=meta.get("transform", "") + " on float tensors (--fast)")
     return os.path.join(cache_dir, name.replace(".tar", "_fast.tar")), fast_meta
 
 

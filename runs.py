@@ -13,8 +13,10 @@ visualize.py and bench.py share these.
         pretrained/                        the tutorial author's models (pretrained.py)
 """
 
+import inspect
 import json
 import os
+import pickle
 import platform
 import shutil
 import sys
@@ -23,6 +25,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torchvision
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 from features import save_atomically
 
@@ -63,18 +70,63 @@ def make_writable(folder):
         sys.exit(f"error: --checkpoint-dir: cannot write to {folder} ({error}).")
 
 
+HELD_LOCKS = []  # the folder locks this process holds: open until it ends, however it ends
+
+
+def lock_folder(folder):
+    """Takes folder for this process alone, before any work there: one run at a time writes a
+    task's model, checkpoints and results. The lock is <folder>/.lock, held with flock, which the
+    system releases when the process ends in any way, so a killed run never blocks the next. Exits
+    with one line naming the process that holds it."""
+    if fcntl is None:  # Windows: no flock; runs in one folder are not kept apart there
+        return
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        sys.exit(
+            f"error: {folder} is in use by {holder}. Wait for it to finish, or use another "
+            "--checkpoint-dir."
+        )
+    f.seek(0)
+    f.truncate()
+    f.write(f"process {os.getpid()} ({' '.join(['python', *sys.argv])})")
+    f.flush()
+    HELD_LOCKS.append(f)
+
+
 # --------------------------------------------------------------------------------------------------
 # Checkpoints: reading, loading a saved model, saving the best epoch
 # --------------------------------------------------------------------------------------------------
 
 
-def read_checkpoint(path):
-    """The dict of the Lightning checkpoint at path; raises ValueError saying what is wrong."""
+def read_checkpoint(path, trusted=False):
+    """The dict of the Lightning checkpoint at path, read as data only (torch.load's weights_only:
+    tensors, numbers, strings, lists and dicts), never as code that a file could carry. trusted: a
+    file verified otherwise (the published models, by their git blob id) may hold other Python
+    objects. Raises ValueError saying what is wrong."""
     try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" not in str(error):  # not a checkpoint at all
+            raise ValueError(f"{path} cannot be read (UnpicklingError)") from None
+        if not trusted:
+            found = str(error).split("Unsupported global: GLOBAL ")[-1].split()[0]
+            raise ValueError(
+                f"{path} holds a Python object ({found}) that loading would run as code; this "
+                "project reads only checkpoints of tensors, numbers, strings and dicts"
+            ) from None
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
         raise ValueError(f"{path} cannot be read ({type(error).__name__})") from None
-    if not (isinstance(ckpt, dict) and "state_dict" in ckpt and "hyper_parameters" in ckpt):
+    if not (
+        isinstance(ckpt, dict)
+        and isinstance(ckpt.get("state_dict"), dict)
+        and isinstance(ckpt.get("hyper_parameters"), dict)
+    ):
         raise ValueError(
             f"{path} is not a Lightning checkpoint (the post's torch.save(model, ...) writes a "
             "pickled module instead)"
@@ -91,28 +143,38 @@ def io_mismatch(hparams, io_dims):
     ]
 
 
-def load_model(path, model_class, io_dims, device="cpu", **kwargs):
-    """(model_class's model saved at path, in eval mode, on device; the checkpoint dict), loaded
-    strictly with its own hyper-parameters; kwargs go to the model (e.g. fast). Raises ValueError
-    saying why it cannot be used: unreadable, not a Lightning checkpoint, its input and output sizes
-    other than io_dims (a model of another task), or weights that do not fit."""
-    ckpt = read_checkpoint(path)
-    wrong = io_mismatch(ckpt["hyper_parameters"], io_dims)
+def load_model(path, model_class, io_dims=None, device="cpu", trusted=False, **kwargs):
+    """(model_class's model saved at path, in eval mode, on device; the checkpoint dict), made with
+    its own hyper-parameters and its weights loaded strictly; kwargs go to the model (e.g. fast).
+    Raises ValueError saying why it cannot be used: unreadable, not a Lightning checkpoint, its
+    input and output sizes other than io_dims (a model of another task), weights that are not
+    finite numbers or do not fit. trusted: as read_checkpoint's."""
+    ckpt = read_checkpoint(path, trusted)
+    hparams = ckpt["hyper_parameters"]
+    wrong = io_mismatch(hparams, io_dims or {})
     if wrong:
         raise ValueError(f"{path} is a model of another task: {', '.join(wrong)}")
+    state = ckpt["state_dict"]
+    bad = [k for k, v in state.items() if torch.is_tensor(v) and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path} holds weights that are not finite numbers ({', '.join(bad)})")
     try:
-        model = model_class.load_from_checkpoint(path, map_location=device, strict=True, **kwargs)
+        # As Lightning's load_from_checkpoint: the hyper-parameters the class takes.
+        takes = inspect.signature(model_class.__init__).parameters
+        model = model_class(**{k: v for k, v in hparams.items() if k in takes}, **kwargs)
+        model.load_state_dict(state, strict=True)
     except Exception as error:  # missing or misshapen weights, hyper-parameters it cannot take
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise ValueError(
             f"{path} does not load into {model_class.__name__} "
             f"({type(error).__name__}: {first_line})"
         ) from None
-    return model.eval(), ckpt
+    return model.to(device).eval(), ckpt
 
 
-def run_settings(args):
-    """The run's settings that a saved model must match besides its hyper-parameters."""
+def run_settings(args, resume=False):
+    """The run's settings that a saved model must match besides its hyper-parameters; with resume,
+    all that shape training, which --resume must match as well."""
     settings = dict(
         batch_size=args.batch_size,
         epochs=args.epochs,
@@ -121,15 +183,31 @@ def run_settings(args):
     )
     if args.task == "anomaly":
         settings["set_size"] = args.set_size
+    if resume:  # the same model may be loaded by any of these, but not trained on with others
+        settings.update(
+            precision=args.precision, fast=args.fast, compile=args.compile, devices=args.devices
+        )
     return settings
 
 
-def refuse_other_settings(path, ckpt, hparams, args, hint):
-    """Exits with one line if the checkpoint at path (its dict ckpt) was trained with other
-    hyper-parameters or run settings than asked for."""
+class KeepSettings(pl.Callback):
+    """Writes the run's settings that shape training into every checkpoint Lightning saves, so
+    that --resume can compare them with those asked for."""
+
+    def __init__(self, args):
+        self.settings = run_settings(args, resume=True)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["train_settings"] = self.settings
+
+
+def refuse_other_settings(path, ckpt, hparams, args, hint, resume=False):
+    """Exits with one line, listing each difference, if the checkpoint at path (its dict ckpt) was
+    trained with other hyper-parameters or run settings than asked for."""
     trained_with = ckpt.get("train_settings", {})
     saved = dict(ckpt["hyper_parameters"], **trained_with)
-    asked = dict(hparams, **{k: v for k, v in run_settings(args).items() if k in trained_with})
+    asked = run_settings(args, resume)
+    asked = dict(hparams, **{k: v for k, v in asked.items() if k in trained_with})
     differ = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in asked.items() if saved.get(k) != v]
     if differ:
         sys.exit(
@@ -152,20 +230,45 @@ def load_saved_model(path, model_class, hparams, args, fast=()):
 
 
 def resume_from(args, hparams, last):
-    """With --resume, the last checkpoint, once its schedule and weights are shown to fit what is
-    asked; otherwise None, after clearing its folder (its checkpoints would be mistaken for this
-    run's)."""
+    """With --resume, the last checkpoint, once its schedule, settings and weights are shown to fit
+    what is asked, and its paths moved to where the run folder is now; otherwise None, after
+    clearing its folder (its checkpoints would be mistaken for this run's)."""
     if args.resume:
         hint = "Resume with the settings of the interrupted run, or train anew without --resume."
         try:
             ckpt = read_checkpoint(last)
         except ValueError as error:
             sys.exit(f"error: {error}. {hint}")
-        refuse_other_settings(last, ckpt, hparams, args, hint)
+        refuse_other_settings(last, ckpt, hparams, args, hint, resume=True)
+        relocate(ckpt, last)
         return last
     if not args.fast_dev_run:  # a fast dev run writes no checkpoint, so it clears none
         shutil.rmtree(os.path.dirname(last), ignore_errors=True)
     return None
+
+
+def relocate(ckpt, last):
+    """Points the ModelCheckpoint states in last.ckpt (ckpt, its dict) at last's own folder and
+    writes it back. Lightning keeps absolute paths there: after the run folder was moved or copied
+    it would forget the best epoch, or follow the paths to the old folder."""
+    folder = os.path.realpath(os.path.dirname(last))  # as ModelCheckpoint keeps its dirpath
+    moved = lambda path: os.path.join(folder, os.path.basename(path)) if path else path
+    changed = False
+    for state in ckpt.get("callbacks", {}).values():
+        if not (isinstance(state, dict) and "dirpath" in state) or state["dirpath"] == folder:
+            continue
+        state["dirpath"], changed = folder, True
+        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+            state[key] = moved(state.get(key, ""))
+        state["best_k_models"] = {moved(p): v for p, v in state.get("best_k_models", {}).items()}
+        best = state["best_model_path"]
+        if best and not os.path.isfile(best):
+            sys.exit(
+                f"error: {last} continues from its best epoch {os.path.basename(best)}, which is "
+                f"not in {folder}: copy the whole run folder, or train anew without --resume."
+            )
+    if changed:
+        save_atomically(last, lambda tmp: torch.save(ckpt, tmp))
 
 
 def save_model(best_checkpoint, path, args):

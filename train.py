@@ -194,7 +194,7 @@ def train_anomaly(args, model_class, hparams, loaders, run_folder):
         last = ModelCheckpoint(folder, filename="last")  # what --resume continues from
         # Logged at least once an epoch, so that even a short run has training curves.
         every = min(50, hparams["max_iters"] // args.epochs)
-        callbacks = [log] if args.fast_dev_run else [log, best, last]
+        callbacks = [log] if args.fast_dev_run else [log, best, last, runs.KeepSettings(args)]
         trainer = make_trainer(args, root_dir, callbacks, log_every_n_steps=every)
         model = model_class(**hparams, fast=fast)
         if args.compile:
@@ -204,7 +204,7 @@ def train_anomaly(args, model_class, hparams, loaders, run_folder):
         if not trainer.is_global_zero:  # with several processes, the first alone saves and tests
             return None
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing: it tests the model it has
-            model = model_class.load_from_checkpoint(best.best_model_path, fast=fast)
+            model = runs.load_model(best.best_model_path, model_class, fast=fast)[0]
             runs.save_model(best.best_model_path, saved, args)
             score = f"val acc {100 * float(best.best_model_score):.2f}%"
             print(f"Saved the best epoch ({score}) as {saved}")
@@ -264,7 +264,7 @@ def main(argv=None):
     if rank_zero_only.rank > 0:  # a process that Lightning's DDP started: the first one prints
         sys.stdout = open(os.devnull, "w")
     start, seconds = time.time(), {}
-    run_folder, device = check_before_work(args)
+    run_folder, device = check_before_work(args, lock=rank_zero_only.rank == 0)
     if args.pretrained:  # fetched and verified first: the features may take long
         published = pretrained.published_model(args.checkpoint_dir, args.task)
     if args.task == "anomaly":
@@ -297,7 +297,9 @@ def main(argv=None):
     if args.fast_dev_run:  # a one-batch check must not replace a real run's results
         print("Fast dev run: results not saved.")
         return results
-    results_file = os.path.join(root_dir, "results.json")
+    # A rerun that only evaluates records itself apart: results.json stays the training's record.
+    evaluated = not (results["trained"] or args.pretrained)
+    results_file = os.path.join(root_dir, "evaluation.json" if evaluated else "results.json")
     runs.save_json(results_file, results)
     print(f"Results written to {results_file}")
     return results

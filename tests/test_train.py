@@ -3,6 +3,7 @@ errors."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,14 +74,21 @@ def test_synthetic_run_writes_results_and_a_loadable_model(synthetic_run):
 def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run):
     checkpoint_dir, first = synthetic_run
     ckpt = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt")
-    mtime = os.path.getmtime(ckpt)
+    mtime, training = os.path.getmtime(ckpt), read_results(checkpoint_dir)
     proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Found the saved model" in proc.stdout and "Epoch" not in proc.stdout + proc.stderr
-    results = read_results(checkpoint_dir)
-    assert results["trained"] is False and os.path.getmtime(ckpt) == mtime
+    assert os.path.getmtime(ckpt) == mtime
+    # results.json stays the training's record; the evaluation is recorded apart.
+    assert read_results(checkpoint_dir) == training and training["trained"] is True
+    evaluation = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "evaluation.json")
+    assert proc.stdout.splitlines()[-1] == f"Results written to {evaluation}"
+    with open(evaluation) as f:
+        evaluation = json.load(f)
+    assert evaluation["trained"] is False
     # All three evaluations are on fixed sets, so the same model scores the same on them.
     assert accuracy_lines(proc) == accuracy_lines(first)
+    assert all(evaluation[f"{s}_acc"] == training[f"{s}_acc"] for s in SPLITS)
     # And an evaluation adds nothing to the training's logs.
     logs = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "lightning_logs")
     assert os.listdir(logs) == ["version_0"]
@@ -118,28 +126,25 @@ def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path):
     proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast-dev-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Test accuracy:" in proc.stdout
-    written = [f for _, _, files in os.walk(checkpoint_dir) for f in files]
+    written = [f for _, _, files in os.walk(checkpoint_dir) for f in files if f != ".lock"]
     # No model, no results.
     assert sorted(written) == ["test_set_features.tar", "train_set_features.tar"]
 
 
-def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--resume")
-    assert proc.returncode != 0 and "no" in proc.stderr and "last.ckpt" in proc.stderr
-    # Interrupt a three-epoch run once its first epoch is saved, as Ctrl-C does.
+def interrupt_after_first_epoch(checkpoint_dir, *args):
+    """Starts `train.py --checkpoint-dir checkpoint_dir args` and sends it SIGINT, as Ctrl-C does,
+    once its first epoch is saved; returns (last.ckpt's path, the process with its output)."""
     last = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
-    args = [
-        "--synthetic",
-        "--checkpoint-dir",
-        checkpoint_dir,
-        "--epochs",
-        "3",
-        "--batch-size",
-        "16",
-    ]
     run = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--num-workers", "0", *args],
+        [
+            sys.executable,
+            "train.py",
+            "--num-workers",
+            "0",
+            "--checkpoint-dir",
+            checkpoint_dir,
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -150,27 +155,64 @@ def test_resume_continues_an_interrupted_run(synthetic_run, tmp_path):
         time.sleep(0.02)
     time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
     run.send_signal(signal.SIGINT)
-    _, stderr = run.communicate(timeout=HANG_GUARD_S)
-    assert run.returncode == 1 and "Traceback" not in stderr
-    assert stderr.strip() == (
+    run.stdout, run.stderr = run.communicate(timeout=HANG_GUARD_S)
+    return last, run
+
+
+def val_accuracies(output):
+    return [float(line.split("val acc ")[1].split("%")[0]) for line in output.splitlines()
+            if line.startswith("Epoch ")]  # fmt: skip
+
+
+def files_of(folder):
+    return {(path, os.path.getmtime(os.path.join(path, f)), f) for path, _, fs in os.walk(folder)
+            for f in fs}  # fmt: skip
+
+
+def test_resume_continues_an_interrupted_run_moved_or_copied(synthetic_run, tmp_path):
+    first = copy_caches(synthetic_run, tmp_path / "first")
+    proc = run_train("--synthetic", "--checkpoint-dir", first, "--resume")
+    assert proc.returncode != 0 and "no" in proc.stderr and "last.ckpt" in proc.stderr
+    args = ["--synthetic", "--epochs", "3", "--batch-size", "16"]
+    last, run = interrupt_after_first_epoch(first, *args)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip() == (
         f"Interrupted; {last} holds the run after its last finished epoch: run the same command "
         "with --resume to continue from there."
     )
     steps_per_epoch = 990 // 16  # 99 training images in each of 10 classes
-    assert torch.load(last, weights_only=False)["global_step"] == steps_per_epoch
-    assert not os.path.exists(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt"))
+    assert torch.load(last, weights_only=True)["global_step"] == steps_per_epoch
+    assert not os.path.exists(os.path.join(first, "synthetic", "SetAnomalyDetect.ckpt"))
+    # The run folder moves, and a copy of it is a run of its own that never touches the other.
+    moved, copy = str(tmp_path / "moved"), str(tmp_path / "copy")
+    shutil.move(first, moved)
+    shutil.copytree(moved, copy)
+    before = files_of(moved)
 
-    # Another schedule than the interrupted run's.
-    proc = run_train(*args, "--epochs", "2", "--resume")
+    # Settings other than the interrupted run's: each named.
+    proc = run_train(*args, "--checkpoint-dir", copy, "--epochs", "2", "--resume")
     assert proc.returncode != 0 and "max_iters" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_train(*args, "--resume")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    output = proc.stdout + proc.stderr
-    assert "epochs of 61 steps, from epoch 2" in output  # it went on at the second epoch
-    assert "Epoch 1/3:" not in output and "Epoch 2/3:" in output and "Epoch 3/3:" in output
-    assert "warning" not in output.lower()
-    assert torch.load(last, weights_only=False)["global_step"] == 3 * steps_per_epoch
-    assert read_results(checkpoint_dir)["trained"] is True
+    proc = run_train(*args, "--checkpoint-dir", copy, "--seed", "7", "--gradient-clip-val", "1",
+                     "--resume")  # fmt: skip
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert "seed 42 (asked 7)" in proc.stderr and "gradient_clip_val 2.0 (asked 1.0)" in proc.stderr
+
+    resumed = {copy: run_train(*args, "--checkpoint-dir", copy, "--resume")}
+    assert files_of(moved) == before  # the copy read and wrote nothing of the run it came from
+    resumed[moved] = run_train(*args, "--checkpoint-dir", moved, "--resume")
+    for folder, proc in resumed.items():
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        output = proc.stdout + proc.stderr
+        assert "epochs of 61 steps, from epoch 2" in output  # it went on at the second epoch
+        assert "Epoch 1/3:" not in output and "Epoch 2/3:" in output and "Epoch 3/3:" in output
+        assert "warning" not in output.lower()
+        # The best epoch is the best of all three, the one before the interruption included.
+        best = max(val_accuracies(run.stdout) + val_accuracies(proc.stdout))
+        assert f"Saved the best epoch (val acc {best:.2f}%)" in proc.stdout
+        checkpoints = os.path.join(folder, "synthetic", "SetAnomalyDetect", "checkpoints")
+        assert len(os.listdir(checkpoints)) == 2  # last.ckpt and the best epoch's, no last-v1
+        assert read_results(folder)["trained"] is True
+    assert accuracy_lines(resumed[copy]) == accuracy_lines(resumed[moved])
 
 
 def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
