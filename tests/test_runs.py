@@ -1,0 +1,155 @@
+"""What a run folder promises (runs.py, cli.check_before_work): one run at a time, whatever runs
+beside it; every input checked before anything is computed or deleted; checkpoints read as data,
+never as code."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import runs
+import train
+from conftest import HANG_GUARD_S, ROOT, SMALL_SET_MODEL, copy_caches, read_results, run_train
+from model import AnomalyPredictor
+
+SMALL = ["--model-dim", "32", "--num-heads", "1", "--num-layers", "1", "--batch-size", "8"]
+
+
+def start_train(checkpoint_dir, *args, log):
+    """train.py --synthetic started in the background, its output going to the file log."""
+    command = [sys.executable, "train.py", "--synthetic", "--num-workers", "0"]
+    with open(log, "w") as out:
+        return subprocess.Popen(
+            [*command, "--checkpoint-dir", checkpoint_dir, *SMALL, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+
+def wait_for(condition, process):
+    deadline = time.time() + HANG_GUARD_S
+    while not condition() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert process.poll() is None, "the first run ended before the second started"
+
+
+def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_nothing(
+    synthetic_run, tmp_path
+):
+    folder = copy_caches(synthetic_run, tmp_path)
+    task = os.path.join(folder, "synthetic", "SetAnomalyDetect")
+    log = tmp_path / "first.log"
+    first = start_train(folder, "--epochs", "50", "--seed", "1", log=log)
+    try:
+        wait_for(lambda: "Epoch 1/50:" in log.read_text(), first)
+        second = run_train("--synthetic", "--checkpoint-dir", folder, *SMALL, "--retrain",
+                           "--seed", "2")  # fmt: skip
+        assert first.poll() is None  # the refusal came while the first run trained
+    finally:
+        first.send_signal(signal.SIGKILL)  # as a crash or `kill -9` would end it
+        first.wait(timeout=HANG_GUARD_S)
+    assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
+    assert f"{task} is in use by process {first.pid} (python train.py --synthetic" in second.stderr
+    assert "Loaded" not in second.stdout  # refused before any work
+    # Only the first run's last.ckpt and best epoch: no last-v1.ckpt of a second.
+    assert sorted(os.listdir(os.path.join(task, "checkpoints")))[-1] == "last.ckpt"
+    assert len(os.listdir(os.path.join(task, "checkpoints"))) <= 2
+
+    # The killed run's lock went with it: the next run goes ahead and trains with its own seed.
+    proc = run_train("--synthetic", "--checkpoint-dir", folder, *SMALL, "--epochs", "1",
+                     "--retrain", "--seed", "2")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_results(folder)["settings"]["seed"] == 2
+
+
+def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted(
+    synthetic_run, tmp_path
+):
+    folder = copy_caches(synthetic_run, tmp_path)
+    kept = tmp_path / "synthetic" / "SetAnomalyDetect" / "checkpoints" / "last.ckpt"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"an interrupted run's")
+    proc = run_train("--synthetic", "--checkpoint-dir", folder, "--retrain", "--devices", "99999",
+                     "--accelerator", "cpu")  # fmt: skip
+    cores = len(os.sched_getaffinity(0))
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: --devices 99999: this machine has {cores} CPU cores to train on, a process each. "
+        "Use fewer.\n"
+    )
+    assert kept.read_bytes() == b"an interrupted run's"
+
+
+@pytest.mark.parametrize(
+    "path, kind",
+    [
+        ("synthetic/SetAnomalyDetect.ckpt", "folder"),
+        ("synthetic/SetAnomalyDetect/results.json", "folder"),
+        ("synthetic/train_set_features.tar", "folder"),
+        ("synthetic/SetAnomalyDetect", "file"),
+        ("synthetic/SetAnomalyDetect/checkpoints", "file"),
+    ],
+)
+def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, capsys, path, kind):
+    spoiled = tmp_path / path
+    spoiled.parent.mkdir(parents=True, exist_ok=True)
+    spoiled.mkdir() if kind == "folder" else spoiled.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--synthetic", "--checkpoint-dir", str(tmp_path), "--num-workers", "0"])
+    found, wanted = kind, "file" if kind == "folder" else "folder"
+    assert str(exit_info.value.code) == (
+        f"error: {spoiled} is a {found}, where the run keeps a {wanted}. Move it away, or use "
+        "another --checkpoint-dir."
+    )
+    assert capsys.readouterr().out == ""  # no features extracted, nothing else done
+
+
+class RunsCode:
+    """An object whose unpickling runs code: here, it creates the file named."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def small_checkpoint(path, **extra):
+    model = AnomalyPredictor(**SMALL_SET_MODEL, input_dim=512, max_iters=10)
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), **extra}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path):
+    marker = tmp_path / "code ran"
+    path = tmp_path / "SetAnomalyDetect.ckpt"
+    small_checkpoint(path, surprise=RunsCode(str(marker)))
+    code = r"holds a Python object \(io.open\) that loading would run as code"
+    with pytest.raises(ValueError, match=code):
+        runs.load_model(path, AnomalyPredictor)
+    assert not marker.exists()
+    # The whole script says it in one line.
+    proc = subprocess.run(
+        [sys.executable, "predict.py", "--ckpt", str(path), "--set-sizes", "5"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=HANG_GUARD_S,
+    )
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "io.open" in proc.stderr
+    assert not marker.exists()
+
+
+def test_weights_that_are_not_finite_are_refused(tmp_path):
+    path = tmp_path / "SetAnomalyDetect.ckpt"
+    ckpt = small_checkpoint(path)
+    assert runs.load_model(path, AnomalyPredictor)[0].hparams.model_dim == 32  # loads as it is
+    ckpt["state_dict"]["output_net.4.bias"][0] = float("nan")
+    torch.save(ckpt, path)
+    with pytest.raises(ValueError, match=r"not finite numbers \(output_net.4.bias\)"):
+        runs.load_model(path, AnomalyPredictor)
