@@ -15,6 +15,12 @@ step's matrix products alone set.
     python bench.py --ablation           # the training step only, each part of the fast path alone
 """
 
+import stops
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
+    stops.while_starting()
+
+
 import argparse
 import functools
 import json
@@ -406,7 +412,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("\nInterrupted; no results were written.")
+    stops.run_main(main, "no results were written.")

@@ -8,7 +8,9 @@ backbone, transform or data set, or a cut-off file, is noticed and rebuilt.
 
 import contextlib
 import copy
+import errno
 import os
+import shutil
 import socket
 
 import numpy as np
@@ -242,13 +244,33 @@ def cache_file(cache_dir, split, meta, fast=False):
     return os.path.join(cache_dir, name.replace(".tar", "_fast.tar")), fast_meta
 
 
+# What the system answers when a file cannot be written: no space, no quota, no permission.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission); the message names the file, the
+    cause and the space left. Nothing half-written is left behind."""
+
+
 def save_atomically(path, write):
-    """Calls write(tmp_path), then renames tmp_path to path: an interruption leaves no half file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Calls write(tmp_path), then renames tmp_path to path: an interruption leaves no half file.
+    Raises WriteError if it cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp_path)
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a full disk as a RuntimeError; other OSErrors (a download's) pass on.
+        if isinstance(error, OSError) and error.errno not in WRITE_ERRNOS:
+            raise
+        free = shutil.disk_usage(folder).free / 2**20
+        cause = (str(error).strip().splitlines() or [""])[0][:200]
+        raise WriteError(
+            f"cannot write {path} ({type(error).__name__}: {cause}; {free:.0f} MB free there)"
+        ) from None
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
@@ -277,18 +299,45 @@ def load_cache(path, meta, then="rebuilding it"):
         print(f"Feature cache {path} was made differently from this run ({found}); {then}.")
         return None
     feats, labels = cache.get("features"), cache.get("labels")
-    n = meta["num_images"]
-    if not (
-        torch.is_tensor(feats)
-        and feats.shape == (n, FEATURE_DIM)
-        and feats.is_floating_point()
-        and torch.is_tensor(labels)
-        and labels.shape == (n,)
-    ):
-        what = f"{n} features of {FEATURE_DIM} dims with their labels"
-        print(f"Feature cache {path} does not hold {what}; {then}.")
+    why = cache_fault(feats, labels, meta["num_images"])
+    if why:
+        print(f"Feature cache {path} {why}; {then}.")
         return None
     return feats, labels.long()
+
+
+def cache_fault(feats, labels, n):
+    """What is wrong with a cache's features and labels, or None: n float32 features of
+    FEATURE_DIM finite numbers, n integer labels of classes of equal size (as CIFAR-100's and the
+    generated images' are, which the post's split needs)."""
+    if not (torch.is_tensor(feats) and torch.is_tensor(labels)):
+        return f"does not hold {n} features of {FEATURE_DIM} dims with their labels"
+    if feats.shape != (n, FEATURE_DIM) or labels.shape != (n,):
+        return f"does not hold {n} features of {FEATURE_DIM} dims with their labels"
+    if feats.dtype != torch.float32 or not torch.isfinite(feats).all():
+        return f"holds features that are not finite float32 numbers ({feats.dtype})"
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        return f"holds labels that are not whole numbers ({labels.dtype})"
+    if labels.min() < 0 or labels.max() >= n:
+        return f"holds labels out of the range of classes [0, {n})"
+    sizes = torch.bincount(labels.long())
+    sizes = sizes[sizes > 0]
+    if len(sizes) < 2 or (sizes != sizes[0]).any():
+        return f"holds labels of {len(sizes)} classes of unequal or too few images"
+    return None
+
+
+def check_free_space(cache_dir, num_images, split):
+    """Raises ValueError, before any extraction, if cache_dir's disk cannot hold the cache of
+    num_images features (with a tenth to spare)."""
+    need = num_images * (FEATURE_DIM * 4 + 8) * 1.1 / 2**20
+    os.makedirs(cache_dir, exist_ok=True)
+    free = shutil.disk_usage(cache_dir).free / 2**20
+    if free < need:
+        raise ValueError(
+            f"the {split} feature cache needs {need:.0f} MB and {cache_dir} has {free:.0f} MB "
+            "free: free some space, or use another --checkpoint-dir"
+        )
 
 
 def cached_features(
@@ -305,6 +354,7 @@ def cached_features(
         path, meta = cache_file(cache_dir, split, meta, fast)
         cached = load_cache(path, meta)
         if cached is None:
+            check_free_space(cache_dir, meta["num_images"], split)
             sources = sources or open_sources()
             datasets, backbone = sources
             dataset, desc = datasets[split], f"{split} features"

@@ -11,6 +11,12 @@ Each image goes through the transform and the ImageNet ResNet34 of the training 
 trained on sets of 10, but its attention fixes no set size: any set of two or more images works.
 """
 
+import stops
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
+    stops.while_starting()
+
+
 import argparse
 import json
 import os
@@ -251,7 +257,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("\nInterrupted; nothing was written.")
+    stops.run_main(main, "nothing was written.")

@@ -4,6 +4,12 @@ one is loaded (train_anomaly), and it is tested on each split. `python train.py 
 commands and flags (cli.py); where a run keeps its files is runs.py, what it prints runlog.py.
 """
 
+import stops
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
+    stops.while_starting()
+
+
 import math
 import os
 import sys
@@ -306,7 +312,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # during training, RunLog says how to resume; files are never half
-        sys.exit("\nInterrupted; every file is whole: run the same command again to go on.")
+    stops.run_main(main, "every file is whole: run the same command again to go on.")

@@ -12,6 +12,12 @@ task's figures come from the generated images and the model of python train.py -
 kind of picture of the real run, with no download.
 """
 
+import stops
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
+    stops.while_starting()
+
+
 import argparse
 import os
 import sys
@@ -443,7 +449,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:
-        sys.exit("\nInterrupted; the figures written so far are whole.")
+    stops.run_main(main, "the figures written so far are whole.")

@@ -126,12 +126,29 @@ def spoil_shape(path):
     torch.save(cache, path)
 
 
+def spoiler(**change):
+    """A spoiler that changes the cache's features or labels by change: {key: function of it}."""
+
+    def spoil(path):
+        cache = torch.load(path)
+        for key, how in change.items():
+            cache[key] = how(cache[key])
+        torch.save(cache, path)
+
+    return spoil
+
+
 @pytest.mark.parametrize(
     "spoil, message",
     [
         (spoil_truncate, "cannot be read"),
         (spoil_bare_tensor, "bare tensor"),
         (spoil_shape, "does not hold 6 features"),
+        (spoiler(features=lambda f: f.half()), "not finite float32 numbers (torch.float16)"),
+        (spoiler(features=lambda f: f * float("nan")), "not finite float32 numbers"),
+        (spoiler(labels=lambda y: y.float()), "labels that are not whole numbers"),
+        (spoiler(labels=lambda y: y * 0), "labels of 1 classes of unequal or too few images"),
+        (spoiler(labels=lambda y: y * 10**6), "labels out of the range of classes [0, 6)"),
     ],
 )
 def test_a_bad_cache_is_reported_and_rebuilt(tmp_path, capsys, spoil, message):
@@ -142,6 +159,7 @@ def test_a_bad_cache_is_reported_and_rebuilt(tmp_path, capsys, spoil, message):
     rebuilt = extract(tmp_path, sources)
     out = capsys.readouterr().out
     assert message in out and "train_set_features.tar" in out
+    assert max(map(len, out.splitlines())) < 300  # one short line, however large the fault
     about_test = [line for line in out.splitlines() if "test_set_features.tar" in line]
     assert [line.split(" from ")[0] for line in about_test] == ["Loaded the test features"]
     assert sources.calls == 2

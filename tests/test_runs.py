@@ -153,3 +153,35 @@ def test_weights_that_are_not_finite_are_refused(tmp_path):
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match=r"not finite numbers \(output_net.4.bias\)"):
         runs.load_model(path, AnomalyPredictor)
+
+
+def test_sigterm_stops_training_as_ctrl_c_does(synthetic_run, tmp_path):
+    folder = copy_caches(synthetic_run, tmp_path)
+    last = os.path.join(folder, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
+    log = tmp_path / "run.log"
+    run = start_train(folder, "--epochs", "50", log=log)
+    wait_for(lambda: "Epoch 1/50:" in log.read_text() and os.path.isfile(last), run)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=HANG_GUARD_S) == 128 + signal.SIGTERM
+    output = log.read_text()
+    assert "Traceback" not in output and output.rstrip().splitlines()[-1] == (
+        f"Interrupted; {last} holds the run after its last finished epoch: run the same command "
+        "with --resume to continue from there."
+    )
+    assert torch.load(last, weights_only=True)["epoch"] >= 0  # whole, and --resume reads it
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "visualize.py"])
+def test_ctrl_c_while_the_libraries_load_is_one_line(script, tmp_path):
+    run = subprocess.Popen(
+        [sys.executable, script, "--checkpoint-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    time.sleep(0.5)  # torch alone takes seconds to load
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=HANG_GUARD_S)
+    assert run.returncode == 128 + signal.SIGINT
+    assert stderr == "\nInterrupted while starting; nothing was written.\n"

@@ -1,0 +1,47 @@
+"""How a command stops early: Ctrl-C or SIGTERM at any moment, or a file it cannot write, each as
+one line and a non-zero exit code, never a traceback. Only the standard library here, so that a
+script sets this up before the large libraries load (which takes seconds).
+"""
+
+import os
+import signal
+import sys
+
+
+def stop_while_starting(signum, frame):
+    print("\nInterrupted while starting; nothing was written.", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def while_starting():
+    """Until run_main: Ctrl-C or SIGTERM ends the process with one line and 128 + the signal."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop_while_starting)
+
+
+def run_main(main, note):
+    """Runs a script's main() as a user's command. Ctrl-C and SIGTERM stop it alike, as a
+    KeyboardInterrupt: one line (RunLog's during training, otherwise "Interrupted; " and note) and
+    the exit code 128 + the signal's number, 130 or 143. A file that cannot be written is one line,
+    exit code 1."""
+    from features import WriteError  # loaded by the script already
+
+    stopped = []
+
+    def stop(signum, frame):
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"\nInterrupted; {note}", file=sys.stderr)
+    except SystemExit:
+        if not stopped:  # an error's own line; after a stop, Lightning's exit once RunLog spoke
+            raise
+    except WriteError as error:
+        sys.exit(f"error: {error}")
+    if stopped:
+        sys.exit(128 + stopped[0])
