@@ -335,6 +335,16 @@ def print_report(report, keys):
     )
 
 
+def written_by_bench(path):
+    """Whether the file at path is a report of bench.py's, which a new one may replace."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):  # unreadable, or not JSON (UnicodeDecodeError is a ValueError)
+        return False
+    return isinstance(report, dict) and str(report.get("command")).startswith("python bench.py")
+
+
 def checked_device(p, args):
     """The device to measure on, once every flag is shown usable; argparse's error otherwise,
     before any measuring."""
@@ -344,6 +354,8 @@ def checked_device(p, args):
         p.error("--min-seconds must be a finite number, 0 or more")
     if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         p.error(f"--out {args.out}: give a file name in an existing folder")
+    if os.path.exists(args.out) and not written_by_bench(args.out):
+        p.error(f"--out {args.out}: that file was not written by bench.py; give another name")
     try:
         device = torch.device(args.device)
     except RuntimeError:

@@ -18,6 +18,7 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no 
 
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -71,7 +72,7 @@ def load_image(path):
                 image = Image.new("RGB", rgba.size, (255, 255, 255))
                 image.paste(rgba, mask=rgba.getchannel("A"))
             image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as error:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
         sys.exit(
             f"error: {path} is not a readable image ({type(error).__name__}). "
             "Remove it or give other files."
@@ -161,7 +162,7 @@ def make_parser():
     return p
 
 
-def set_size_accuracies(args, run_folder, model, device):
+def set_size_accuracies(args, run_folder, model, device, out=None):
     """{set size: accuracy} of model on the cached test features, printed; exits without them."""
     meta = synthetic.synthetic_meta if args.synthetic else features.cifar100_meta
     command = train_command(args)
@@ -173,7 +174,7 @@ def set_size_accuracies(args, run_folder, model, device):
     except ValueError as error:
         sys.exit(f"error: {error}")
     if args.json:
-        print(json.dumps(accuracies))
+        print(json.dumps(accuracies), file=out or sys.stdout)
     else:
         for n, acc in accuracies.items():
             print(f"set size {n:3d}: accuracy {100 * acc:6.2f}% (chance {100 / n:6.2f}%)")
@@ -209,6 +210,15 @@ def check_figure(p, args, files=()):
 def main(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
+    out = sys.stdout
+    # With --json stdout holds the JSON alone: every note (a cache rebuilt, say) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr if args.json else out):
+        return predict_or_measure(p, args, out)
+
+
+def predict_or_measure(p, args, out):
+    """What main does: the odd one out of args.images, or with --set-sizes the accuracies; the
+    JSON of --json is printed to out."""
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     ckpt = args.ckpt or model_file(run_folder)
     check_figure(p, args)
@@ -219,7 +229,7 @@ def main(argv=None):
         if min(args.set_sizes) < 2:
             p.error("a set needs at least 2 images")
         model = load_set_model(ckpt, device, train_command(args))
-        return set_size_accuracies(args, run_folder, model, device)
+        return set_size_accuracies(args, run_folder, model, device, out)
 
     files = image_files(args.images)
     if args.figure:
@@ -248,7 +258,7 @@ def main(argv=None):
     if args.json:
         probabilities = [float(q) for q in probs]
         result = dict(files=files, probabilities=probabilities, predicted_index=odd)
-        print(json.dumps(dict(result, predicted_file=files[odd]), indent=2))
+        print(json.dumps(dict(result, predicted_file=files[odd]), indent=2), file=out)
     else:
         for i in np.argsort(-probs, kind="stable"):
             print(f"{100 * probs[i]:6.2f}%  {files[i]}")

@@ -70,7 +70,7 @@ def make_writable(folder):
         sys.exit(f"error: --checkpoint-dir: cannot write to {folder} ({error}).")
 
 
-HELD_LOCKS = []  # the folder locks this process holds: open until it ends, however it ends
+HELD_LOCKS = {}  # the folders this process holds, with their open .lock: held until it ends
 
 
 def lock_folder(folder):
@@ -78,7 +78,7 @@ def lock_folder(folder):
     task's model, checkpoints and results. The lock is <folder>/.lock, held with flock, which the
     system releases when the process ends in any way, so a killed run never blocks the next. Exits
     with one line naming the process that holds it."""
-    if fcntl is None:  # Windows: no flock; runs in one folder are not kept apart there
+    if fcntl is None or os.path.realpath(folder) in HELD_LOCKS:  # Windows has no flock
         return
     os.makedirs(folder, exist_ok=True)
     f = open(os.path.join(folder, ".lock"), "a+")
@@ -95,7 +95,7 @@ def lock_folder(folder):
     f.truncate()
     f.write(f"process {os.getpid()} ({' '.join(['python', *sys.argv])})")
     f.flush()
-    HELD_LOCKS.append(f)
+    HELD_LOCKS[os.path.realpath(folder)] = f
 
 
 # --------------------------------------------------------------------------------------------------

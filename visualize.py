@@ -36,7 +36,7 @@ from cli import TASK_DEFAULTS
 from data import NUM_CATEGORIES, ReverseDataset, SetAnomalyDataset
 from features import FEATURE_DIM, cached_test_features, cifar100_meta, save_atomically
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
-from runs import load_model, model_file, run_dir, task_dir
+from runs import load_model, lock_folder, model_file, run_dir, task_dir
 from synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 
 DPI = 100  # a figure of w×h inches is a PNG of (100·w)×(100·h) pixels
@@ -426,6 +426,7 @@ def main(argv=None):
             raise PermissionError("not writable")
     except OSError as error:
         sys.exit(f"error: cannot write the figures to {out_dir} ({error}); see --checkpoint-dir.")
+    lock_folder(out_dir)  # one visualize.py at a time writes these figures
     command = "python train.py --synthetic" if args.synthetic else "python train.py"
     made = [
         *plot_positional_encoding(

@@ -1,5 +1,8 @@
 """The fast path (train.py --fast) computes what the faithful path computes."""
 
+import json
+import os
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -9,7 +12,7 @@ import torch.utils.data as data
 import bench
 import cli
 import train
-from conftest import SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
+from conftest import ROOT, SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 from data import SetAnomalyDataset, SetBatches, anomaly_datasets
 from features import (
     extract_features,
@@ -305,10 +308,23 @@ def test_dispatched_ops_counts_operators_not_views():
         ["--device", "cuda:99"],
         ["--images", "0"],
         ["--out", "/"],
+        ["--out", os.path.join(ROOT, "README.md")],  # a file bench.py did not write
         ["--min-seconds", "inf"],
     ],
 )
 def test_bench_refuses_what_it_cannot_measure_before_measuring(argv, capsys):
+    with open(os.path.join(ROOT, "README.md"), "rb") as f:
+        readme = f.read()
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     assert exit_info.value.code == 2 and "error: " in capsys.readouterr().err
+    with open(os.path.join(ROOT, "README.md"), "rb") as f:
+        assert f.read() == readme
+
+
+def test_bench_replaces_only_its_own_reports(tmp_path):
+    own, other = tmp_path / "bench.json", tmp_path / "notes.json"
+    own.write_text(json.dumps({"command": "python bench.py --device cpu"}))
+    other.write_text(json.dumps({"command": "something else"}))
+    assert bench.written_by_bench(own) and not bench.written_by_bench(other)
+    assert not bench.written_by_bench(tmp_path / "missing.json")

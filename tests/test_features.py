@@ -1,7 +1,9 @@
 """features.py: the transform, the backbone, streaming extraction, the cache and the offline
 message."""
 
+import errno
 import os
+import types
 
 import numpy as np
 import pytest
@@ -173,6 +175,44 @@ def test_a_cache_made_differently_is_rebuilt(tmp_path, capsys):
     extract(tmp_path, sources)
     extract(tmp_path, sources, metas(weights="other weights"))
     assert sources.calls == 2 and "made differently" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "failure, cause",
+    [
+        # What torch.save raises when the disk fills up.
+        (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+         "RuntimeError: [enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"),
+        (OSError(errno.ENOSPC, "No space left on device"),
+         "OSError: [Errno 28] No space left on device"),
+    ],
+)  # fmt: skip
+def test_a_failed_write_names_the_file_and_its_cause_and_leaves_nothing(tmp_path, failure, cause):
+    path = tmp_path / "SetAnomalyDetect.ckpt"
+
+    def write_then_fail(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"half")
+        raise failure
+
+    with pytest.raises(features.WriteError) as error:
+        save_atomically(str(path), write_then_fail)
+    assert str(error.value).startswith(f"cannot write {path} ({cause}; ")
+    assert str(error.value).endswith(" MB free there)") and os.listdir(tmp_path) == []
+    # Other errors, a download's say, are not about writing: they pass on as they are.
+    refused = OSError(errno.ECONNREFUSED, "Connection refused")
+    with pytest.raises(OSError) as error:
+        save_atomically(str(path), lambda tmp: (_ for _ in ()).throw(refused))
+    assert error.value is refused
+
+
+def test_extraction_needs_room_for_its_cache(tmp_path, monkeypatch):
+    one_mb_free = types.SimpleNamespace(free=2**20)
+    monkeypatch.setattr(features.shutil, "disk_usage", lambda _: one_mb_free)
+    sources = CountingSources(n=600)  # 600 features of 2 KiB each: 1.4 MB with a tenth to spare
+    with pytest.raises(ValueError, match=r"train feature cache needs 1 MB and .* has 1 MB free"):
+        cached_features(str(tmp_path), metas(n=600), sources, torch.device("cpu"), num_workers=0)
+    assert sources.calls == 0  # refused before the images and weights were even opened
 
 
 def test_interrupted_write_leaves_nothing_behind(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -272,3 +273,28 @@ def test_a_figure_never_replaces_or_joins_the_pictures(tmp_path, capsys):
         "0.png",
         "1.png",
     ]
+
+
+def test_json_keeps_stdout_for_the_json_alone(trained, tmp_path, capsys):
+    folder = tmp_path / "synthetic"
+    shutil.copytree(trained / "synthetic", folder)
+    images = GeneratedImages(10, 20, image_transform(IMAGE_SIZE), seed=0, split="test")
+    feats = extract_features(toy_backbone(), images, torch.device("cpu"), num_workers=0)
+    meta = synthetic.synthetic_meta("test")
+    path, fast_meta = features.cache_file(str(folder), "test", meta, fast=True)
+    features.save_cache(path, feats, torch.tensor(images.targets), fast_meta)
+    (folder / "test_set_features.tar").write_bytes(b"broken")  # its note goes to stderr
+    accuracies = run(tmp_path, "--set-sizes", 2, 10, "--json")
+    out, err = capsys.readouterr()
+    assert {int(n): a for n, a in json.loads(out).items()} == accuracies
+    assert "test_set_features.tar cannot be read" in err
+
+
+def test_an_image_too_large_to_open_safely_is_one_line(tmp_path, monkeypatch):
+    write_set(tmp_path / "set", 0, size=3)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # as a 20000×20000 image is to the default
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(tmp_path / "set")])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: {tmp_path / 'set' / 'a.png'} is not a readable image")
+    assert "DecompressionBombError" in message and "\n" not in message

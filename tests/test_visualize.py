@@ -1,6 +1,7 @@
 """visualize.py: every figure made from generated data, with its expected pixel size; the training
 curves read back from TensorBoard logs; the skip notes."""
 
+import glob
 import os
 import shutil
 
@@ -336,7 +337,7 @@ def test_a_corrupt_reverse_model_is_one_note_and_exit_0(tmp_path):
         f"skipped reverse attention map: {path} cannot be read"
     )
     assert notes[0].endswith("(python train.py --task reverse --retrain makes a new one)")
-    assert sorted(os.listdir(tmp_path / "figures")) == [
+    assert sorted(glob.glob("*", root_dir=tmp_path / "figures")) == [
         "lr_schedule.png",
         "positional_encoding.png",
         "positional_encoding_dims.png",
