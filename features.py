@@ -314,8 +314,10 @@ def cache_fault(feats, labels, n):
         return f"does not hold {n} features of {FEATURE_DIM} dims with their labels"
     if feats.shape != (n, FEATURE_DIM) or labels.shape != (n,):
         return f"does not hold {n} features of {FEATURE_DIM} dims with their labels"
-    if feats.dtype != torch.float32 or not torch.isfinite(feats).all():
-        return f"holds features that are not finite float32 numbers ({feats.dtype})"
+    if feats.dtype != torch.float32:
+        return f"holds features of {feats.dtype}, not torch.float32"
+    if not torch.isfinite(feats).all():
+        return f"holds {int((~torch.isfinite(feats)).sum())} features that are NaN or infinite"
     if labels.is_floating_point() or labels.dtype == torch.bool:
         return f"holds labels that are not whole numbers ({labels.dtype})"
     if labels.min() < 0 or labels.max() >= n:

@@ -111,10 +111,10 @@ def read_checkpoint(path, trusted=False):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Unsupported global" not in str(error):  # not a checkpoint at all
+        if "GLOBAL " not in str(error):  # not a checkpoint at all
             raise ValueError(f"{path} cannot be read (UnpicklingError)") from None
-        if not trusted:
-            found = str(error).split("Unsupported global: GLOBAL ")[-1].split()[0]
+        if not trusted:  # torch names the object: "... GLOBAL posix.system ..."
+            found = str(error).split("GLOBAL ")[1].split()[0]
             raise ValueError(
                 f"{path} holds a Python object ({found}) that loading would run as code; this "
                 "project reads only checkpoints of tensors, numbers, strings and dicts"

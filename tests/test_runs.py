@@ -109,13 +109,14 @@ def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, capsy
 
 
 class RunsCode:
-    """An object whose unpickling runs code: here, it creates the file named."""
+    """An object whose unpickling runs code: here, it creates the file named, by a function of the
+    standard library (open) or a shell command (os.system)."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, shell=False):
+        self.path, self.shell = path, shell
 
     def __reduce__(self):
-        return (open, (self.path, "w"))
+        return (os.system, (f"touch '{self.path}'",)) if self.shell else (open, (self.path, "w"))
 
 
 def small_checkpoint(path, **extra):
@@ -125,11 +126,12 @@ def small_checkpoint(path, **extra):
     return ckpt
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path):
+@pytest.mark.parametrize("shell, name", [(False, "io.open"), (True, "posix.system")])
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path, shell, name):
     marker = tmp_path / "code ran"
     path = tmp_path / "SetAnomalyDetect.ckpt"
-    small_checkpoint(path, surprise=RunsCode(str(marker)))
-    code = r"holds a Python object \(io.open\) that loading would run as code"
+    small_checkpoint(path, surprise=RunsCode(str(marker), shell))
+    code = rf"holds a Python object \({name}\) that loading would run as code"
     with pytest.raises(ValueError, match=code):
         runs.load_model(path, AnomalyPredictor)
     assert not marker.exists()
@@ -141,7 +143,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path):
         cwd=ROOT,
         timeout=HANG_GUARD_S,
     )
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "io.open" in proc.stderr
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and name in proc.stderr
     assert not marker.exists()
 
 
