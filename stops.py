@@ -4,6 +4,7 @@ script sets this up before the large libraries load (which takes seconds).
 """
 
 import os
+import shutil
 import signal
 import sys
 
@@ -24,7 +25,7 @@ def run_main(main, note):
     KeyboardInterrupt: one line (RunLog's during training, otherwise "Interrupted; " and note) and
     the exit code 128 + the signal's number, 130 or 143. A file that cannot be written is one line,
     exit code 1."""
-    from features import WriteError  # loaded by the script already
+    from features import WRITE_ERRNOS, WriteError  # loaded by the script already
 
     stopped = []
 
@@ -43,5 +44,14 @@ def run_main(main, note):
             raise
     except WriteError as error:
         sys.exit(f"error: {error}")
+    except OSError as error:  # a write of Lightning's (a checkpoint) on a full disk, say
+        if error.errno not in WRITE_ERRNOS:
+            raise
+        if error.filename2 and os.path.isfile(error.filename2):
+            os.remove(error.filename2)  # the end of a copy cut short: never to be trusted
+        where = error.filename2 or error.filename or "a file"
+        folder = os.path.dirname(os.path.abspath(where)) if where != "a file" else "."
+        free = shutil.disk_usage(folder).free / 2**20 if os.path.isdir(folder) else 0
+        sys.exit(f"error: cannot write {where} ({error.strerror}; {free:.0f} MB free there)")
     if stopped:
         sys.exit(128 + stopped[0])

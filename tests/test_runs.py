@@ -2,6 +2,7 @@
 beside it; every input checked before anything is computed or deleted; checkpoints read as data,
 never as code."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -187,3 +188,21 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(script, tmp_path):
     _, stderr = run.communicate(timeout=HANG_GUARD_S)
     assert run.returncode == 128 + signal.SIGINT
     assert stderr == "\nInterrupted while starting; nothing was written.\n"
+
+
+def test_a_write_on_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
+    """What a checkpoint that Lightning copies into place raises when the disk fills up."""
+    import stops
+
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # the test process keeps its handlers
+    half = tmp_path / "epoch=0-step=15.ckpt"
+    half.write_bytes(b"the first 454656 bytes")
+
+    def copy_fails():
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpz8y_l3tk", None, str(half))
+
+    with pytest.raises(SystemExit) as exit_info:
+        stops.run_main(copy_fails, "")
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: cannot write {half} (No space left on device; ")
+    assert message.endswith(" MB free there)") and not half.exists()
