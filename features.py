@@ -373,6 +373,12 @@ def cached_features(
         else:
             print(f"Loaded the {split} features from {path}")
         result[split] = cached
+    other = cache_file(cache_dir, split, meta, not fast)[0]
+    if os.path.isfile(other):  # the other path's run left its features: say why numbers differ
+        mine, theirs = ("--fast's", "the post's") if fast else ("the post's", "--fast's")
+        print(
+            f"These are {mine} features; {theirs}, in {other}, differ slightly, as may accuracies."
+        )
     return result
 
 

@@ -34,6 +34,9 @@ from data import SetAnomalyDataset
 from model import AnomalyPredictor
 from runs import load_model, model_file, pick_device, run_dir
 
+# The odd one out is declared only when it is this many times as likely as the next image: a model
+# that cannot tell gives every image about the same probability, and the top one is then chance.
+CLEAR_RATIO = 1.5
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -91,21 +94,43 @@ def train_command(args):
     return f"`python train.py{synthetic}{folder}`"
 
 
-def load_set_model(path, device, command="`python train.py`"):
+def synthetic_hint(args):
+    """Where no model was trained on CIFAR-100 but `python train.py --synthetic` left one: a
+    sentence that points to it."""
+    model = model_file(run_dir(args.checkpoint_dir, synthetic=True))
+    if args.synthetic or args.ckpt or not os.path.isfile(model):
+        return ""
+    return f" The model of `python train.py --synthetic` is at {model}: add --synthetic to use it."
+
+
+def load_set_model(path, device, command="`python train.py`", other=""):
     """The AnomalyPredictor saved at path; exits with a message if it is missing or unusable.
-    command: the train.py command that makes the model."""
+    command: the train.py command that makes the model; other: a hint to a model that is there."""
     if os.path.isdir(path):
         sys.exit(f"error: --ckpt {path} is a folder; give the SetAnomalyDetect.ckpt file in it.")
     if not os.path.isfile(path):
         sys.exit(
             f"error: no trained model at {path}. {command} trains one and saves it there, or "
-            "point --ckpt at a SetAnomalyDetect.ckpt."
+            f"point --ckpt at a SetAnomalyDetect.ckpt.{other}"
         )
     io_dims = dict(input_dim=features.FEATURE_DIM, num_classes=1)
     try:
         return load_model(path, AnomalyPredictor, io_dims, device)[0]
     except ValueError as error:
         sys.exit(f"error: {error}; use the SetAnomalyDetect.ckpt that {command} writes.")
+
+
+def is_clear(probs):
+    """Whether the most likely image is CLEAR_RATIO times as likely as the next one."""
+    top, runner_up = np.sort(probs)[::-1][:2]
+    return bool(top >= CLEAR_RATIO * runner_up)
+
+
+def visualize_texts(probs):
+    """Percentages with the decimals it takes to tell them apart (visualize.probability_texts)."""
+    import visualize  # matplotlib: loaded only here
+
+    return [f"{t}%" for t in visualize.probability_texts(100 * np.asarray(probs))]
 
 
 @torch.no_grad()
@@ -207,6 +232,27 @@ def check_figure(p, args, files=()):
         p.error(f"--figure {figure} would write over or among the pictures; put it elsewhere")
 
 
+def print_verdict(files, probs, clear, shown, json_out=None):
+    """Each file's probability, most likely first, then the odd one out, or that there is no clear
+    one; with json_out, all of it as JSON there. shown: the probabilities as text."""
+    odd = int(np.argmax(probs))
+    if json_out:
+        probabilities = [float(q) for q in probs]
+        result = dict(files=files, probabilities=probabilities, predicted_index=odd, clear=clear)
+        print(json.dumps(dict(result, predicted_file=files[odd]), indent=2), file=json_out)
+    else:
+        order = np.argsort(-probs, kind="stable")
+        for i in order:
+            print(f"{shown[i]:>7s}  {files[i]}")
+        if clear:
+            print(f"Odd one out: {files[odd]} ({shown[odd]})")
+        else:
+            print(
+                f"No clear odd one out: the most likely, {files[odd]} ({shown[odd]}), is not "
+                f"{CLEAR_RATIO:g} times as likely as the next ({shown[order[1]]})."
+            )
+
+
 def main(argv=None):
     p = make_parser()
     args = p.parse_args(argv)
@@ -228,7 +274,7 @@ def predict_or_measure(p, args, out):
             p.error("--set-sizes measures on the test features; give no images with it")
         if min(args.set_sizes) < 2:
             p.error("a set needs at least 2 images")
-        model = load_set_model(ckpt, device, train_command(args))
+        model = load_set_model(ckpt, device, train_command(args), synthetic_hint(args))
         return set_size_accuracies(args, run_folder, model, device, out)
 
     files = image_files(args.images)
@@ -238,7 +284,7 @@ def predict_or_measure(p, args, out):
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
     # [N, 32, 32, 3] uint8, as CIFAR-100's .data
     images = np.stack([np.asarray(load_image(f)) for f in files])
-    model = load_set_model(ckpt, device, train_command(args))
+    model = load_set_model(ckpt, device, train_command(args), synthetic_hint(args))
     get_backbone = synthetic.synthetic_backbone if args.synthetic else features.imagenet_resnet34
     try:
         backbone = get_backbone()
@@ -249,21 +295,16 @@ def predict_or_measure(p, args, out):
     names = [os.path.basename(f) for f in files]
     odd = int(np.argmax(probs))
 
+    clear, shown = is_clear(probs), visualize_texts(probs)
     if args.figure:
         import visualize  # matplotlib only when a figure is asked for
 
-        title = f"Odd one out: {names[odd]} (p={probs[odd]:.2f})"
+        verdict = "Odd one out" if clear else "No clear odd one out; most likely"
+        title = f"{verdict}: {names[odd]} ({shown[odd]})"
         visualize.plot_set_prediction(args.figure, images / 255, probs, maps, title, names)
         print(f"Figure written to {args.figure}", file=sys.stderr)
-    if args.json:
-        probabilities = [float(q) for q in probs]
-        result = dict(files=files, probabilities=probabilities, predicted_index=odd)
-        print(json.dumps(dict(result, predicted_file=files[odd]), indent=2), file=out)
-    else:
-        for i in np.argsort(-probs, kind="stable"):
-            print(f"{100 * probs[i]:6.2f}%  {files[i]}")
-        print(f"Odd one out: {files[odd]} ({100 * probs[odd]:.2f}%)")
-    return {"files": files, "probabilities": probs, "predicted_index": odd}
+    print_verdict(files, probs, clear, shown, out if args.json else None)
+    return {"files": files, "probabilities": probs, "predicted_index": odd, "clear": clear}
 
 
 if __name__ == "__main__":

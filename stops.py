@@ -15,9 +15,28 @@ def stop_while_starting(signum, frame):
 
 
 def while_starting():
-    """Until run_main: Ctrl-C or SIGTERM ends the process with one line and 128 + the signal."""
+    """Until run_main: Ctrl-C or SIGTERM ends the process with one line and 128 + the signal. And
+    for good: a torchvision built for another torch is one line, not a traceback from its import."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop_while_starting)
+    sys.excepthook = mismatched_torchvision
+
+
+def mismatched_torchvision(kind, error, traceback):
+    """sys.excepthook: the error that a torchvision of another build than torch's raises when it
+    loads (e.g. `operator torchvision::nms does not exist`, from a CPU torch beside a CUDA
+    torchvision) as one line with both versions and the fix; any other error as Python shows it."""
+    if not (issubclass(kind, RuntimeError) and "torchvision::" in str(error)):
+        return sys.__excepthook__(kind, error, traceback)
+    from importlib.metadata import version
+
+    print(
+        f"error: torchvision {version('torchvision')} does not fit torch {version('torch')} "
+        f"({str(error).strip().splitlines()[0]}). Install the two together: pip install "
+        "--force-reinstall torch torchvision (add --index-url "
+        "https://download.pytorch.org/whl/cpu for the CPU build).",
+        file=sys.stderr,
+    )
 
 
 def run_main(main, note):

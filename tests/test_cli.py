@@ -5,11 +5,12 @@ state."""
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
 
 from cli import parse_args
-from conftest import HANG_GUARD_S, ROOT
+from conftest import HANG_GUARD_S, ROOT, run_script
 
 
 def test_defaults_are_the_posts_run():
@@ -144,3 +145,20 @@ def test_importing_a_module_changes_no_logging_level_or_warning_filter():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "", proc.stdout  # the modules that changed them, and what they set
+
+
+def test_a_torchvision_of_another_build_is_one_line_naming_both(tmp_path):
+    """As a CPU torch beside a CUDA torchvision fails: on loading, an operator is missing."""
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = run_script("train.py", "--task", "reverse", "--checkpoint-dir", tmp_path, env=env)
+    torch, torchvision = version("torch"), version("torchvision")
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: torchvision {torchvision} does not fit torch {torch} (operator torchvision::nms "
+        "does not exist). Install the two together: pip install --force-reinstall torch "
+        "torchvision (add --index-url https://download.pytorch.org/whl/cpu for the CPU build).\n"
+    )

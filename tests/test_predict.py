@@ -110,6 +110,7 @@ def test_json_matches_the_text(trained, tmp_path, offline_backbone, capsys):
     run(trained, tmp_path / "set", "--json")
     result = json.loads(capsys.readouterr().out)
     assert result["predicted_index"] == 3 and result["predicted_file"] == result["files"][3]
+    assert result["clear"] is True
     for line in text[:-1]:
         percent, name = line.split()
         assert float(percent.rstrip("%")) == pytest.approx(
@@ -298,3 +299,27 @@ def test_an_image_too_large_to_open_safely_is_one_line(tmp_path, monkeypatch):
     message = str(exit_info.value.code)
     assert message.startswith(f"error: {tmp_path / 'set' / 'a.png'} is not a readable image")
     assert "DecompressionBombError" in message and "\n" not in message
+
+
+def test_a_set_of_like_images_has_no_clear_odd_one(trained, tmp_path, offline_backbone, capsys):
+    names = write_set(tmp_path / "set", odd_position=None, size=4)  # four images of one class
+    result = run(trained, tmp_path / "set")
+    probs = sorted(result["probabilities"], reverse=True)
+    assert result["clear"] is False and probs[0] < predict.CLEAR_RATIO * probs[1]
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith(f"No clear odd one out: the most likely, {tmp_path / 'set'}/")
+    assert out[-1].endswith(
+        f"is not {predict.CLEAR_RATIO:g} times as likely as the next ({out[1].split()[0]})."
+    )
+    # Printed with the decimals that rank them: no two of the four read alike.
+    assert len({line.split()[0] for line in out[:4]}) == 4 and len(names) == 4
+
+
+def test_without_a_cifar_model_the_synthetic_one_is_named(trained, tmp_path):
+    write_set(tmp_path / "set", 0, size=3)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--checkpoint-dir", str(trained), str(tmp_path / "set")])
+    model = trained / "synthetic" / "SetAnomalyDetect.ckpt"
+    assert str(exit_info.value.code).endswith(
+        f"The model of `python train.py --synthetic` is at {model}: add --synthetic to use it."
+    )
