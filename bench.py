@@ -374,6 +374,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = checked_device(p, args)
     quiet_lightning()
+    runs.use_cpu_threads("anomaly")  # as train.py chooses them for the set task
     if args.ablation:
         return ablation(device, args.steps, args.warmup)
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)

@@ -311,6 +311,24 @@ def pick_device(accelerator):
     return torch.device(found[0])
 
 
+def cpu_threads(task, devices=1):
+    """The CPU threads a run computes with: one for the sequence tasks, whose tiny steps gain next
+    to nothing from a second (BENCHMARKS.md: 47.0 s against 46.3 s) but lose much when another
+    process takes a core: PyTorch's threads spin while they wait for each other, so a step waits
+    for the thread that is not running (142.7 s beside one busy process, one thread 46.7 s). The
+    set task keeps the usable cores, shared between the run's processes. Chosen by the work, not
+    by the load of the moment: the same command trains the same model on every run."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return 1 if task != "anomaly" else max(1, cores // devices)
+
+
+def use_cpu_threads(task, devices=1):
+    """Sets torch's CPU threads to cpu_threads(task, devices), unless OMP_NUM_THREADS chooses (as
+    OMP_NUM_THREADS=1 does best for the set task on a busy machine)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads(task, devices))
+
+
 def device_name(device):
     """The GPU's name, or the CPU's as the platform reports it: what results are measured on."""
     device = torch.device(device)

@@ -271,6 +271,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     start, seconds = time.time(), {}
     run_folder, device = check_before_work(args, lock=rank_zero_only.rank == 0)
+    runs.use_cpu_threads(args.task, args.devices if device.type == "cpu" else 1)
     if args.pretrained:  # fetched and verified first: the features may take long
         published = pretrained.published_model(args.checkpoint_dir, args.task)
     if args.task == "anomaly":

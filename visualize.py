@@ -19,6 +19,7 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no 
 
 
 import argparse
+import json
 import os
 import sys
 
@@ -54,9 +55,15 @@ def plot_positional_encoding(path_table, path_curves, d_model=48, max_len=96):
     pe = PositionalEncoding(d_model=d_model, max_len=max_len).pe[0].numpy()  # [max_len, d_model]
     fig, ax = plt.subplots(figsize=(8, 4))
     image = ax.imshow(
-        pe.T, cmap="RdGy", aspect="auto", extent=(0.5, max_len + 0.5, d_model + 0.5, 0.5)
+        pe.T,
+        cmap="RdGy",
+        aspect="auto",
+        extent=(0.5, max_len + 0.5, d_model + 0.5, 0.5),
+        vmin=-1,
+        vmax=1,
     )
-    fig.colorbar(image, ax=ax, label="encoding value")
+    # sin and cos span [-1, 1]: the bar shows both ends and the middle.
+    fig.colorbar(image, ax=ax, label="encoding value", ticks=[-1, -0.5, 0, 0.5, 1])
     ax.set_title("Positional encoding over positions and hidden dimensions")
     ax.set_xlabel("Position in sequence")
     ax.set_ylabel("Hidden dimension")
@@ -131,8 +138,9 @@ def plot_image_rows(path, images, title, probs=None, row_label="Set"):
             if probs is None:
                 ax.set_xlabel("anomaly" if c == num_cols - 1 else f"image {c + 1}", fontsize=8)
                 continue
-            predicted = c == np.argmax(probs[r])
-            ax.set_xlabel(f"p={texts[c]}" + ("\npredicted" if predicted else ""), fontsize=8)
+            predicted, true = c == np.argmax(probs[r]), c == num_cols - 1
+            notes = ("\ntrue anomaly" if true else "") + ("\npredicted" if predicted else "")
+            ax.set_xlabel(f"p={texts[c]}{notes}", fontsize=8)
             if predicted:
                 mark_predicted(ax)
         axes[r, 0].set_ylabel(f"{row_label} {r + 1}", fontsize=8)
@@ -142,7 +150,9 @@ def plot_image_rows(path, images, title, probs=None, row_label="Set"):
 
 
 def plot_attention_grid(fig, attention_maps, tick_labels, axis_name):
-    """Draws every layer's and head's attention into fig, with one colour bar for all of them.
+    """Draws every layer's and head's attention into fig, each map from its own smallest to its
+    largest weight with a colour bar of its own: a map whose weights all lie near 1/SetSize shows
+    its differences as clearly as one that picks a single key shows that key.
 
     attention_maps - layers × [Head, Query, Key], each row a distribution over the keys
     """
@@ -151,7 +161,8 @@ def plot_attention_grid(fig, attention_maps, tick_labels, axis_name):
     for layer, maps in enumerate(attention_maps):
         for head in range(num_heads):
             ax = axes[layer, head]
-            image = ax.imshow(maps[head], origin="lower", vmin=0, vmax=1, cmap="viridis")
+            low, high = maps[head].min(), maps[head].max()
+            image = ax.imshow(maps[head], origin="lower", vmin=low if high > low else 0, vmax=high)
             ax.set_xticks(range(len(tick_labels)))
             ax.set_xticklabels(tick_labels, fontsize=7)
             ax.set_yticks(range(len(tick_labels)))
@@ -159,8 +170,9 @@ def plot_attention_grid(fig, attention_maps, tick_labels, axis_name):
             ax.set_xlabel(f"attended {axis_name} (key)", fontsize=8)
             ax.set_ylabel(f"{axis_name} (query)", fontsize=8)
             ax.set_title(f"Layer {layer + 1}, head {head + 1}", fontsize=9)
-    # Every map shares the scale 0..1 (vmin, vmax), so one bar reads them all.
-    fig.colorbar(image, ax=axes, label="attention weight", shrink=0.8)
+            bar = fig.colorbar(image, ax=ax, shrink=0.8)
+            bar.ax.tick_params(labelsize=7)
+            bar.set_label("attention weight", fontsize=7)
 
 
 def plot_set_prediction(path, images, probs, attention_maps, title=None, names=None):
@@ -259,10 +271,10 @@ def per_epoch(scalars, tag):
     return unique, np.array([values[epochs == e].mean() for e in unique])
 
 
-def plot_training_curves(path, scalars, title):
+def plot_training_curves(path, scalars, title, set_size=10):
     """The set task's loss and accuracy per epoch from a run's logs (read_scalars): the mean
     training loss of the steps logged in each epoch, validation loss, training and validation
-    accuracy, each where logged."""
+    accuracy, each where logged, with chance (1 / set_size) drawn for comparison."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     losses = {"train_loss": "training (mean of the logged steps)", "val_loss": "validation"}
     accuracies = {"train_acc": "training", "val_acc": "validation"}
@@ -274,6 +286,10 @@ def plot_training_curves(path, scalars, title):
             if tag in scalars:
                 epochs, values = per_epoch(scalars, tag)
                 ax.plot(epochs, scale * values, marker="o", markersize=4, label=label)
+        if scale == 100:
+            ax.axhline(
+                100 / set_size, color="grey", linestyle="--", label=f"chance (1 in {set_size})"
+            )
         ax.set_xlabel("Epoch")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -398,7 +414,17 @@ def training_curves_figure(run_folder, out_dir, command="python train.py"):
         return skip("training curves", why)
     folder, scalars = found
     title = f"Set task training curves ({os.path.basename(folder)})"
-    return [plot_training_curves(os.path.join(out_dir, "training_curves.png"), scalars, title)]
+    path = os.path.join(out_dir, "training_curves.png")
+    return [plot_training_curves(path, scalars, title, trained_set_size(run_folder))]
+
+
+def trained_set_size(run_folder):
+    """The set size the run trained with (its results.json), else the post's 10."""
+    try:
+        with open(os.path.join(task_dir(run_folder), "results.json")) as f:
+            return int(json.load(f)["settings"]["set_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return TASK_DEFAULTS["anomaly"]["set_size"]
 
 
 def main(argv=None):

@@ -374,3 +374,51 @@ def test_a_checkpoint_dir_that_cannot_hold_figures_is_one_line(tmp_path):
     message = str(exit_info.value.code)
     assert message.startswith(f"error: cannot write the figures to {a_file}")
     assert "\n" not in message
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The figures the plot functions make, kept open instead of saved, for their contents."""
+    made = []
+    monkeypatch.setattr(visualize, "save_figure", lambda fig, path: made.append(fig) or path)
+    yield made
+    visualize.plt.close("all")
+
+
+def colour_bars(fig):
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def test_each_attention_map_has_its_own_scale_and_colour_bar(figures):
+    # Layer 1 spreads every query evenly over 4 keys, layer 2 nearly so; layer 3 picks one key.
+    nearly = np.tile([0.2, 0.3, 0.25, 0.25], (2, 4, 1))
+    maps = [np.full((2, 4, 4), 0.25), nearly, np.repeat(np.eye(4)[None], 2, axis=0)]
+    visualize.plot_set_prediction("set.png", np.zeros((4, 8, 8, 3)), np.full(4, 0.25), maps)
+    panels = [im for ax in figures[0].axes for im in ax.get_images() if im.get_array().ndim == 2]
+    limits = [tuple(round(float(v), 6) for v in im.get_clim()) for im in panels]
+    assert limits == [(0, 0.25)] * 2 + [(0.2, 0.3)] * 2 + [(0, 1)] * 2
+    assert len(colour_bars(figures[0])) == 6
+
+
+def test_the_true_anomaly_column_is_labelled(figures):
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])  # the true anomaly is the last image
+    visualize.plot_image_rows("rows.png", np.zeros((2, 3, 8, 8, 3)), "worst", probs, "Test set")
+    labels = [[ax.get_xlabel() for ax in row] for row in np.reshape(figures[0].axes, (2, 3))]
+    assert all("true anomaly" in row[2] and "true anomaly" not in row[0] for row in labels)
+    assert "predicted" in labels[0][0] and "predicted" in labels[1][2]
+
+
+def test_accuracy_curves_show_chance(figures):
+    scalars = {"train_loss": {0: 2.0}, "epoch": {0: 0}, "val_acc": {0: 0.3}}
+    visualize.plot_training_curves("curves.png", scalars, "curves", set_size=10)
+    accuracy = figures[0].axes[1]
+    chance = [line for line in accuracy.lines if line.get_label() == "chance (1 in 10)"]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == [10, 10]
+
+
+def test_the_positional_encoding_colour_bar_spans_minus_one_to_one(figures):
+    visualize.plot_positional_encoding("pe.png", "pe_dims.png")
+    table = figures[0]
+    assert table.axes[0].get_images()[0].get_clim() == (-1, 1)
+    ticks = colour_bars(table)[0].get_yticks()
+    assert min(ticks) == -1 and max(ticks) == 1
