@@ -40,7 +40,7 @@ TASK_DEFAULTS = {
 }  # fmt: skip
 
 # Feature extraction's DataLoader workers: one per core, at most the post's 4.
-DEFAULT_WORKERS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 4)
+DEFAULT_WORKERS = min(4, runs.usable_cores())
 
 
 def positive_int(text):
@@ -229,7 +229,7 @@ def usable_devices(device):
         return torch.cuda.device_count()
     if device.type == "mps":
         return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return runs.usable_cores()
 
 
 def check_before_work(args, lock=True):

@@ -311,6 +311,11 @@ def pick_device(accelerator):
     return torch.device(found[0])
 
 
+def usable_cores():
+    """The CPU cores this process may run on (its affinity: a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def cpu_threads(task, devices=1):
     """The CPU threads a run computes with: one for the sequence tasks, whose tiny steps gain next
     to nothing from a second (BENCHMARKS.md: 47.0 s against 46.3 s) but lose much when another
@@ -318,8 +323,7 @@ def cpu_threads(task, devices=1):
     for the thread that is not running (142.7 s beside one busy process, one thread 46.7 s). The
     set task keeps the usable cores, shared between the run's processes. Chosen by the work, not
     by the load of the moment: the same command trains the same model on every run."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return 1 if task != "anomaly" else max(1, cores // devices)
+    return 1 if task != "anomaly" else max(1, usable_cores() // devices)
 
 
 def use_cpu_threads(task, devices=1):
