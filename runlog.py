@@ -24,6 +24,10 @@ def quiet_lightning():
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     # --resume goes on in the checkpoint folder it resumes from (a new run empties it first).
     warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+    # bench.py times training steps alone, with no validation to run.
+    warnings.filterwarnings(
+        "ignore", "You defined a `validation_step` but have no `val_dataloader`"
+    )
     # Lightning still uses a pytree class that newer torch deprecates.
     warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 

@@ -298,6 +298,7 @@ def test_anomaly_predictor_is_permutation_equivariant():
     assert not torch.allclose(model(x[:, perm])[:, :, 0], model(x)[:, perm, 0], atol=1e-3)
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here
 def test_anomaly_loss_and_accuracy():
     torch.manual_seed(0)
     model = AnomalyPredictor(**dict(HPARAMS, num_classes=1)).eval()

@@ -192,6 +192,7 @@ def test_greedy_generation_equals_teacher_forcing_where_it_is_right():
     assert acc == pytest.approx(right.float().mean().item())
 
 
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here
 def test_reverse_predictor_loss_is_cross_entropy_over_positions():
     torch.manual_seed(0)
     model = ReversePredictor(
