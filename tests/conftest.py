@@ -17,6 +17,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
 
+# train.py's flags for a small set model: for the runs whose assertions do not depend on its size.
+SMALL_RUN = ["--model-dim", "32", "--num-heads", "1", "--num-layers", "1"]
 # A small set model that learns clustered features in a few hundred steps.
 SMALL_SET_MODEL = dict(model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3, warmup=10)
 

@@ -14,10 +14,18 @@ import torch
 
 import runs
 import train
-from conftest import HANG_GUARD_S, ROOT, SMALL_SET_MODEL, copy_caches, read_results, run_train
+from conftest import (
+    HANG_GUARD_S,
+    ROOT,
+    SMALL_RUN,
+    SMALL_SET_MODEL,
+    copy_caches,
+    read_results,
+    run_train,
+)
 from model import AnomalyPredictor
 
-SMALL = ["--model-dim", "32", "--num-heads", "1", "--num-layers", "1", "--batch-size", "8"]
+SMALL = [*SMALL_RUN, "--batch-size", "8"]  # epochs of a second or more: time to act during one
 
 
 def start_train(checkpoint_dir, *args, log):

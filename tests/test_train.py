@@ -17,6 +17,7 @@ from cli import parse_args
 from conftest import (
     HANG_GUARD_S,
     ROOT,
+    SMALL_RUN,
     SMALL_SET_MODEL,
     copy_caches,
     randomise,
@@ -241,7 +242,7 @@ def test_sequence_task_runs_through_train_py(task, name, tmp_path):
 
 def test_fast_synthetic_run(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast")
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast", *SMALL_RUN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The post's features are there too: the run says why its numbers differ from theirs.
     faithful = os.path.join(checkpoint_dir, "synthetic", "test_set_features.tar")
@@ -268,8 +269,9 @@ def test_fast_synthetic_run(synthetic_run, tmp_path):
 def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_path, fast):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     ddp_args = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
+    fast_flag = ["--fast"] if fast else []
     proc = run_train(
-        "--synthetic", "--checkpoint-dir", checkpoint_dir, *ddp_args, *(["--fast"] if fast else [])
+        "--synthetic", "--checkpoint-dir", checkpoint_dir, *ddp_args, *fast_flag, *SMALL_RUN
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning" not in (proc.stdout + proc.stderr).lower()
@@ -417,7 +419,14 @@ def test_a_missing_accelerator_is_one_line(tmp_path, monkeypatch, accelerator):
 @pytest.mark.parametrize("fast", [False, True])
 def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path, fast):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
-    args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--precision", "bf16-mixed"]
+    args = [
+        "--synthetic",
+        "--checkpoint-dir",
+        checkpoint_dir,
+        "--precision",
+        "bf16-mixed",
+        *SMALL_RUN,
+    ]
     proc = run_train(*args, *(["--fast"] if fast else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on cpu in bf16-mixed precision: 2 epochs" in proc.stdout
@@ -461,7 +470,7 @@ def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
 @pytest.mark.parametrize("fast", [False, True])
 def test_compiled_synthetic_run(synthetic_run, tmp_path, fast):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
-    args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--compile"]
+    args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--compile", *SMALL_RUN]
     proc = run_train(*args, *(["--fast"] if fast else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = read_results(checkpoint_dir)
