@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+import train
 from cli import parse_args
 from conftest import (
     HANG_GUARD_S,
@@ -132,20 +133,18 @@ def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path):
     assert sorted(written) == ["test_set_features.tar", "train_set_features.tar"]
 
 
-def interrupt_after_first_epoch(checkpoint_dir, *args):
-    """Starts `train.py --checkpoint-dir checkpoint_dir args` and sends it SIGINT, as Ctrl-C does,
-    once its first epoch is saved; returns (last.ckpt's path, the process with its output)."""
-    last = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
+RESUMED = ["--synthetic", "--epochs", "3", "--batch-size", "16"]  # 61 steps an epoch
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(synthetic_run, tmp_path_factory):
+    """A `train.py --synthetic` run of three epochs stopped by SIGINT, as Ctrl-C stops it, once
+    its first epoch is saved: (its folder, the process with its output). Tests copy the folder
+    before they write to it."""
+    folder = copy_caches(synthetic_run, tmp_path_factory.mktemp("interrupted"))
+    last = os.path.join(folder, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
     run = subprocess.Popen(
-        [
-            sys.executable,
-            "train.py",
-            "--num-workers",
-            "0",
-            "--checkpoint-dir",
-            checkpoint_dir,
-            *args,
-        ],
+        [sys.executable, "train.py", "--num-workers", "0", "--checkpoint-dir", folder, *RESUMED],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -157,7 +156,11 @@ def interrupt_after_first_epoch(checkpoint_dir, *args):
     time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
     run.send_signal(signal.SIGINT)
     run.stdout, run.stderr = run.communicate(timeout=HANG_GUARD_S)
-    return last, run
+    return folder, run
+
+
+def last_of(folder):
+    return os.path.join(folder, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
 
 
 def val_accuracies(output):
@@ -170,50 +173,67 @@ def files_of(folder):
             for f in fs}  # fmt: skip
 
 
-def test_resume_continues_an_interrupted_run_moved_or_copied(synthetic_run, tmp_path):
-    first = copy_caches(synthetic_run, tmp_path / "first")
-    proc = run_train("--synthetic", "--checkpoint-dir", first, "--resume")
-    assert proc.returncode != 0 and "no" in proc.stderr and "last.ckpt" in proc.stderr
-    args = ["--synthetic", "--epochs", "3", "--batch-size", "16"]
-    last, run = interrupt_after_first_epoch(first, *args)
+def test_ctrl_c_in_training_keeps_the_last_epoch_and_says_how_to_resume(interrupted_run, tmp_path):
+    folder, run = interrupted_run
     assert run.returncode == 128 + signal.SIGINT and "Traceback" not in run.stderr
     assert run.stderr.strip() == (
-        f"Interrupted; {last} holds the run after its last finished epoch: run the same command "
-        "with --resume to continue from there."
+        f"Interrupted; {last_of(folder)} holds the run after its last finished epoch: run the "
+        "same command with --resume to continue from there."
     )
-    steps_per_epoch = 990 // 16  # 99 training images in each of 10 classes
-    assert torch.load(last, weights_only=True)["global_step"] == steps_per_epoch
-    assert not os.path.exists(os.path.join(first, "synthetic", "SetAnomalyDetect.ckpt"))
-    # The run folder moves, and a copy of it is a run of its own that never touches the other.
-    moved, copy = str(tmp_path / "moved"), str(tmp_path / "copy")
-    shutil.move(first, moved)
-    shutil.copytree(moved, copy)
-    before = files_of(moved)
+    assert torch.load(last_of(folder), weights_only=True)["global_step"] == 990 // 16
+    assert not os.path.exists(os.path.join(folder, "synthetic", "SetAnomalyDetect.ckpt"))
+    with pytest.raises(SystemExit, match="--resume found no .*last.ckpt to continue from"):
+        train.main(["--synthetic", "--checkpoint-dir", str(tmp_path), "--resume"])
 
-    # Settings other than the interrupted run's: each named.
-    proc = run_train(*args, "--checkpoint-dir", copy, "--epochs", "2", "--resume")
-    assert proc.returncode != 0 and "max_iters" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_train(*args, "--checkpoint-dir", copy, "--seed", "7", "--gradient-clip-val", "1",
-                     "--resume")  # fmt: skip
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
-    assert "seed 42 (asked 7)" in proc.stderr and "gradient_clip_val 2.0 (asked 1.0)" in proc.stderr
 
-    resumed = {copy: run_train(*args, "--checkpoint-dir", copy, "--resume")}
-    assert files_of(moved) == before  # the copy read and wrote nothing of the run it came from
-    resumed[moved] = run_train(*args, "--checkpoint-dir", moved, "--resume")
-    for folder, proc in resumed.items():
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        output = proc.stdout + proc.stderr
-        assert "epochs of 61 steps, from epoch 2" in output  # it went on at the second epoch
-        assert "Epoch 1/3:" not in output and "Epoch 2/3:" in output and "Epoch 3/3:" in output
-        assert "warning" not in output.lower()
-        # The best epoch is the best of all three, the one before the interruption included.
-        best = max(val_accuracies(run.stdout) + val_accuracies(proc.stdout))
-        assert f"Saved the best epoch (val acc {best:.2f}%)" in proc.stdout
-        checkpoints = os.path.join(folder, "synthetic", "SetAnomalyDetect", "checkpoints")
-        assert len(os.listdir(checkpoints)) == 2  # last.ckpt and the best epoch's, no last-v1
-        assert read_results(folder)["trained"] is True
-    assert accuracy_lines(resumed[copy]) == accuracy_lines(resumed[moved])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--epochs", "2"], ["max_iters 183 (asked 122)", "epochs 3 (asked 2)"]),
+        (["--seed", "7", "--gradient-clip-val", "1"],
+         ["gradient_clip_val 2.0 (asked 1.0)", "seed 42 (asked 7)"]),
+    ],
+)  # fmt: skip
+def test_resume_refuses_settings_other_than_the_interrupted_runs(
+    interrupted_run, tmp_path, flags, named
+):
+    folder = shutil.copytree(interrupted_run[0], tmp_path / "run")
+    with pytest.raises(SystemExit) as exit_info:
+        train.main([*RESUMED, "--checkpoint-dir", str(folder), "--num-workers", "0", *flags,
+                    "--resume"])  # fmt: skip
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: {last_of(folder)} was trained with other settings")
+    assert all(difference in message for difference in named) and "\n" not in message
+
+
+def check_resumed(proc, interrupted, folder):
+    """The resumed run went on at epoch 2, kept the best epoch of all three and its folder tidy."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "epochs of 61 steps, from epoch 2" in output
+    assert "Epoch 1/3:" not in output and "Epoch 2/3:" in output and "Epoch 3/3:" in output
+    assert "warning" not in output.lower()
+    best = max(val_accuracies(interrupted.stdout) + val_accuracies(proc.stdout))
+    assert f"Saved the best epoch (val acc {best:.2f}%)" in proc.stdout
+    checkpoints = os.path.dirname(last_of(folder))
+    assert len(os.listdir(checkpoints)) == 2  # last.ckpt and the best epoch's, no last-v1
+    assert torch.load(last_of(folder), weights_only=True)["global_step"] == 3 * (990 // 16)
+    assert read_results(folder)["trained"] is True
+
+
+def test_a_copied_run_resumes_on_its_own(interrupted_run, tmp_path):
+    original, interrupted = interrupted_run
+    copy = str(shutil.copytree(original, tmp_path / "copy"))
+    before = files_of(original)
+    check_resumed(run_train(*RESUMED, "--checkpoint-dir", copy, "--resume"), interrupted, copy)
+    assert files_of(original) == before  # it read and wrote nothing of the run it came from
+
+
+def test_a_moved_run_resumes_with_its_best_epoch(interrupted_run, tmp_path):
+    first, interrupted = interrupted_run
+    moved = str(tmp_path / "moved")
+    shutil.move(shutil.copytree(first, tmp_path / "first"), moved)
+    check_resumed(run_train(*RESUMED, "--checkpoint-dir", moved, "--resume"), interrupted, moved)
 
 
 def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
