@@ -10,7 +10,7 @@ import sys
 import torch
 
 import runs
-from features import CACHE_FILES, cache_file
+from features import CACHE_FILES, cache_path
 from pretrained import PUBLISHED, pretrained_dir
 from synthetic import SYNTHETIC
 
@@ -217,7 +217,7 @@ def outputs(args, run_folder):
     files = [runs.model_file(run_folder, args.task)]
     files += [os.path.join(folder, name) for name in ("results.json", "evaluation.json")]
     if args.task == "anomaly":
-        files += [cache_file(run_folder, split, {}, args.fast)[0] for split in CACHE_FILES]
+        files += [cache_path(run_folder, split, args.fast) for split in CACHE_FILES]
     folders = [folder, os.path.join(folder, "checkpoints"), os.path.join(folder, "lightning_logs")]
     return files, [run_folder, *folders]
 

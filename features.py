@@ -234,18 +234,28 @@ def cifar100_meta(split):
     return cache_meta("CIFAR-100", split, CIFAR100_SIZES[split], WEIGHTS.name, 224)
 
 
-def cache_file(cache_dir, split, meta, fast=False):
-    """(path, meta) of a split's feature cache: the post's file name, or with --fast, whose features
-    are computed differently, a file and a note of its own, so the two never replace each other."""
+def cache_path(cache_dir, split, fast=False):
+    """Where a split's feature cache is: the post's file name, or with --fast, whose features are
+    computed differently, a file of its own, so the two never replace each other."""
     name = CACHE_FILES[split]
+    return os.path.join(cache_dir, name.replace(".tar", "_fast.tar") if fast else name)
+
+
+def cache_file(cache_dir, split, meta, fast=False):
+    """(path, meta) of a split's feature cache (cache_path): --fast's has a note of its own."""
     if not fast:
-        return os.path.join(cache_dir, name), meta
-    fast_meta = dict(meta, transform=meta.get("transform", "") + " on float tensors (--fast)")
-    return os.path.join(cache_dir, name.replace(".tar", "_fast.tar")), fast_meta
+        return cache_path(cache_dir, split), meta
+    fast_meta = dict(meta, transform=meta["transform"] + " on float tensors (--fast)")
+    return cache_path(cache_dir, split, fast=True), fast_meta
 
 
 # What the system answers when a file cannot be written: no space, no quota, no permission.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def free_mb(folder):
+    """Megabytes free on folder's disk; 0 if there is no such folder."""
+    return shutil.disk_usage(folder).free / 2**20 if os.path.isdir(folder) else 0
 
 
 class WriteError(OSError):
@@ -266,10 +276,10 @@ def save_atomically(path, write):
         # torch.save reports a full disk as a RuntimeError; other OSErrors (a download's) pass on.
         if isinstance(error, OSError) and error.errno not in WRITE_ERRNOS:
             raise
-        free = shutil.disk_usage(folder).free / 2**20
         cause = (str(error).strip().splitlines() or [""])[0][:200]
         raise WriteError(
-            f"cannot write {path} ({type(error).__name__}: {cause}; {free:.0f} MB free there)"
+            f"cannot write {path} ({type(error).__name__}: {cause}; {free_mb(folder):.0f} MB "
+            "free there)"
         ) from None
     finally:
         if os.path.exists(tmp_path):
@@ -334,7 +344,7 @@ def check_free_space(cache_dir, num_images, split):
     num_images features (with a tenth to spare)."""
     need = num_images * (FEATURE_DIM * 4 + 8) * 1.1 / 2**20
     os.makedirs(cache_dir, exist_ok=True)
-    free = shutil.disk_usage(cache_dir).free / 2**20
+    free = free_mb(cache_dir)
     if free < need:
         raise ValueError(
             f"the {split} feature cache needs {need:.0f} MB and {cache_dir} has {free:.0f} MB "
@@ -373,7 +383,7 @@ def cached_features(
         else:
             print(f"Loaded the {split} features from {path}")
         result[split] = cached
-    other = cache_file(cache_dir, split, meta, not fast)[0]
+    other = cache_path(cache_dir, split, not fast)
     if os.path.isfile(other):  # the other path's run left its features: say why numbers differ
         mine, theirs = ("--fast's", "the post's") if fast else ("the post's", "--fast's")
         print(

@@ -680,8 +680,8 @@ def compile_training_forward(model, device, backend="inductor"):
     """Compiles model's forward for training with torch.compile (train.py --compile): the forward as
     one graph (fullgraph: a graph break is an error), whose backward AOT autograd derives as a
     second; on CUDA with CUDA graphs (mode reduce-overhead), which launch a step's many small
-    kernels at once. Evaluation keeps the eager forward: it runs once an
-    epoch, with batches of other sizes, each of which would cost a compilation."""
+    kernels at once. Evaluation keeps the eager forward: it runs once an epoch, with batches of
+    other sizes, each of which would cost a compilation."""
     mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
     compiled = torch.compile(model.forward, fullgraph=True, mode=mode, backend=backend)
     eager = model.forward

@@ -271,11 +271,11 @@ def relocate(ckpt, last):
         save_atomically(last, lambda tmp: torch.save(ckpt, tmp))
 
 
-def save_model(best_checkpoint, path, args):
-    """Keeps the best epoch at path as a Lightning checkpoint with the run's settings (the post's
-    torch.save(model, ...) pickles the module, which load_from_checkpoint cannot read)."""
-    ckpt = read_checkpoint(best_checkpoint)
-    ckpt["train_settings"] = run_settings(args)
+def save_model(ckpt, path, args):
+    """Keeps the best epoch's checkpoint dict ckpt at path as a Lightning checkpoint with the run's
+    settings (the post's torch.save(model, ...) pickles the module, which load_from_checkpoint
+    cannot read)."""
+    ckpt = dict(ckpt, train_settings=run_settings(args))
     save_atomically(path, lambda tmp: torch.save(ckpt, tmp))
 
 

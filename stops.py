@@ -4,7 +4,6 @@ script sets this up before the large libraries load (which takes seconds).
 """
 
 import os
-import shutil
 import signal
 import sys
 
@@ -44,7 +43,7 @@ def run_main(main, note):
     KeyboardInterrupt: one line (RunLog's during training, otherwise "Interrupted; " and note) and
     the exit code 128 + the signal's number, 130 or 143. A file that cannot be written is one line,
     exit code 1."""
-    from features import WRITE_ERRNOS, WriteError  # loaded by the script already
+    from features import WRITE_ERRNOS, WriteError, free_mb  # loaded by the script already
 
     stopped = []
 
@@ -68,9 +67,10 @@ def run_main(main, note):
             raise
         if error.filename2 and os.path.isfile(error.filename2):
             os.remove(error.filename2)  # the end of a copy cut short: never to be trusted
-        where = error.filename2 or error.filename or "a file"
-        folder = os.path.dirname(os.path.abspath(where)) if where != "a file" else "."
-        free = shutil.disk_usage(folder).free / 2**20 if os.path.isdir(folder) else 0
-        sys.exit(f"error: cannot write {where} ({error.strerror}; {free:.0f} MB free there)")
+        where = error.filename2 or error.filename
+        free = free_mb(os.path.dirname(os.path.abspath(where)) if where else ".")
+        sys.exit(
+            f"error: cannot write {where or 'a file'} ({error.strerror}; {free:.0f} MB free there)"
+        )
     if stopped:
         sys.exit(128 + stopped[0])

@@ -210,8 +210,8 @@ def train_anomaly(args, model_class, hparams, loaders, run_folder):
         if not trainer.is_global_zero:  # with several processes, the first alone saves and tests
             return None
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing: it tests the model it has
-            model = runs.load_model(best.best_model_path, model_class, fast=fast)[0]
-            runs.save_model(best.best_model_path, saved, args)
+            model, ckpt = runs.load_model(best.best_model_path, model_class, fast=fast)
+            runs.save_model(ckpt, saved, args)
             score = f"val acc {100 * float(best.best_model_score):.2f}%"
             print(f"Saved the best epoch ({score}) as {saved}")
     seconds = {"train": time.time() - start}
