@@ -14,6 +14,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+import runs
+import train
+from synthetic import synthetic_features
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
 
@@ -37,6 +41,29 @@ def run_script(script, *args, env=None):
 
 def run_train(*args, env=None):
     return run_script("train.py", "--num-workers", "0", *args, env=env)
+
+
+def train_in_process(capsys, *args):
+    """train.main(args) in the test's own process: what `python train.py args` prints and exits
+    with, as a CompletedProcess, without the seconds a new process spends loading torch and
+    Lightning. A message that stops the run is exit code 1 and that line on stderr, as Python makes
+    it; the folder locks the run took are let go and torch's threads put back, as a process's end
+    would. Where the process itself matters (signals, imports, DDP) the tests run the script."""
+    threads = torch.get_num_threads()
+    code = 0
+    try:
+        train.main(["--num-workers", "0", *map(str, args)])
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 1
+        if not isinstance(stop.code, int):
+            print(stop.code, file=sys.stderr)
+    finally:
+        torch.set_num_threads(threads)
+        for lock in runs.HELD_LOCKS.values():
+            lock.close()
+        runs.HELD_LOCKS.clear()
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["train.py", *args], code, out.out, out.err)
 
 
 def read_results(checkpoint_dir):
@@ -68,13 +95,26 @@ def synthetic_run(tmp_path_factory):
     return checkpoint_dir, proc
 
 
-def copy_caches(synthetic_run, tmp_path):
-    """A fresh checkpoint folder holding only the feature caches of the shared run."""
+@pytest.fixture(scope="session")
+def fast_caches(tmp_path_factory):
+    """A folder holding the --fast feature caches of the synthetic images, extracted once for the
+    tests whose --fast runs do not test the extraction (test_fast_synthetic_run does)."""
+    folder = tmp_path_factory.mktemp("fast_caches")
+    synthetic_features(str(folder), torch.device("cpu"), num_workers=0, fast=True)
+    return folder
+
+
+def copy_caches(synthetic_run, tmp_path, fast_caches=None):
+    """A fresh checkpoint folder holding only the feature caches of the shared run, and with
+    fast_caches (the fixture) the --fast ones too."""
     os.makedirs(tmp_path / "synthetic")
     for name in ("train_set_features.tar", "test_set_features.tar"):
         shutil.copy(
             os.path.join(synthetic_run[0], "synthetic", name), tmp_path / "synthetic" / name
         )
+        if fast_caches is not None:
+            name = name.replace(".tar", "_fast.tar")
+            shutil.copy(fast_caches / name, tmp_path / "synthetic" / name)
     return str(tmp_path)
 
 

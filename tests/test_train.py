@@ -3,6 +3,7 @@ errors."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 import train
@@ -24,8 +26,9 @@ from conftest import (
     randomise,
     read_results,
     run_train,
+    train_in_process,
 )
-from data import SetAnomalyDataset, split_train_val
+from data import SetAnomalyDataset, anomaly_datasets, split_train_val
 from model import AnomalyPredictor, compile_training_forward, fast_parts
 from runs import pick_device
 from train import SeedEachProcess
@@ -73,11 +76,11 @@ def test_synthetic_run_writes_results_and_a_loadable_model(synthetic_run):
     assert model.hparams.model_dim == 256 and model.hparams.num_layers == 4
 
 
-def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run):
+def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run, capsys):
     checkpoint_dir, first = synthetic_run
     ckpt = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt")
     mtime, training = os.path.getmtime(ckpt), read_results(checkpoint_dir)
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
+    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Found the saved model" in proc.stdout and "Epoch" not in proc.stdout + proc.stderr
     assert os.path.getmtime(ckpt) == mtime
@@ -100,32 +103,38 @@ def accuracy_lines(proc):
     return [line for line in proc.stdout.splitlines() if " accuracy:" in line]
 
 
-def test_a_run_is_the_same_whether_or_not_the_feature_caches_were_there(synthetic_run, tmp_path):
+def test_a_run_is_the_same_whether_or_not_the_feature_caches_were_there(
+    synthetic_run, tmp_path, capsys
+):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)  # the shared run extracted them first
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
+    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Loaded the train features" in proc.stdout
     assert accuracy_lines(proc) == accuracy_lines(synthetic_run[1])
 
 
-def test_saved_model_with_other_settings_stops_with_a_message(synthetic_run):
+def test_saved_model_with_other_settings_stops_with_a_message(synthetic_run, capsys):
     checkpoint_dir, _ = synthetic_run
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--model-dim", "128")
+    proc = train_in_process(
+        capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir, "--model-dim", "128"
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model_dim 256 (asked 128)" in proc.stderr and "--retrain" in proc.stderr
 
 
-def test_unreadable_saved_model_stops_with_a_message(synthetic_run, tmp_path):
+def test_unreadable_saved_model_stops_with_a_message(synthetic_run, tmp_path, capsys):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     (tmp_path / "synthetic" / "SetAnomalyDetect.ckpt").write_bytes(b"not a checkpoint")
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir)
+    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "SetAnomalyDetect.ckpt cannot be read" in proc.stderr and "--retrain" in proc.stderr
 
 
-def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path):
+def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path, capsys):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast-dev-run")
+    proc = train_in_process(
+        capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast-dev-run"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Test accuracy:" in proc.stdout
     written = [f for _, _, files in os.walk(checkpoint_dir) for f in files if f != ".lock"]
@@ -173,7 +182,9 @@ def files_of(folder):
             for f in fs}  # fmt: skip
 
 
-def test_ctrl_c_in_training_keeps_the_last_epoch_and_says_how_to_resume(interrupted_run, tmp_path):
+def test_ctrl_c_in_training_keeps_the_last_epoch_and_says_how_to_resume(
+    interrupted_run, tmp_path, capsys
+):
     folder, run = interrupted_run
     assert run.returncode == 128 + signal.SIGINT and "Traceback" not in run.stderr
     assert run.stderr.strip() == (
@@ -182,8 +193,9 @@ def test_ctrl_c_in_training_keeps_the_last_epoch_and_says_how_to_resume(interrup
     )
     assert torch.load(last_of(folder), weights_only=True)["global_step"] == 990 // 16
     assert not os.path.exists(os.path.join(folder, "synthetic", "SetAnomalyDetect.ckpt"))
-    with pytest.raises(SystemExit, match="--resume found no .*last.ckpt to continue from"):
-        train.main(["--synthetic", "--checkpoint-dir", str(tmp_path), "--resume"])
+    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", tmp_path, "--resume")
+    assert proc.returncode == 1
+    assert re.match("error: --resume found no .*last.ckpt to continue from", proc.stderr)
 
 
 @pytest.mark.parametrize(
@@ -195,15 +207,13 @@ def test_ctrl_c_in_training_keeps_the_last_epoch_and_says_how_to_resume(interrup
     ],
 )  # fmt: skip
 def test_resume_refuses_settings_other_than_the_interrupted_runs(
-    interrupted_run, tmp_path, flags, named
+    interrupted_run, tmp_path, capsys, flags, named
 ):
     folder = shutil.copytree(interrupted_run[0], tmp_path / "run")
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*RESUMED, "--checkpoint-dir", str(folder), "--num-workers", "0", *flags,
-                    "--resume"])  # fmt: skip
-    message = str(exit_info.value.code)
-    assert message.startswith(f"error: {last_of(folder)} was trained with other settings")
-    assert all(difference in message for difference in named) and "\n" not in message
+    proc = train_in_process(capsys, *RESUMED, "--checkpoint-dir", folder, *flags, "--resume")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert proc.stderr.startswith(f"error: {last_of(folder)} was trained with other settings")
+    assert all(difference in proc.stderr for difference in named)
 
 
 def check_resumed(proc, interrupted, folder):
@@ -221,19 +231,21 @@ def check_resumed(proc, interrupted, folder):
     assert read_results(folder)["trained"] is True
 
 
-def test_a_copied_run_resumes_on_its_own(interrupted_run, tmp_path):
+def test_a_copied_run_resumes_on_its_own(interrupted_run, tmp_path, capsys):
     original, interrupted = interrupted_run
     copy = str(shutil.copytree(original, tmp_path / "copy"))
     before = files_of(original)
-    check_resumed(run_train(*RESUMED, "--checkpoint-dir", copy, "--resume"), interrupted, copy)
+    resumed = train_in_process(capsys, *RESUMED, "--checkpoint-dir", copy, "--resume")
+    check_resumed(resumed, interrupted, copy)
     assert files_of(original) == before  # it read and wrote nothing of the run it came from
 
 
-def test_a_moved_run_resumes_with_its_best_epoch(interrupted_run, tmp_path):
+def test_a_moved_run_resumes_with_its_best_epoch(interrupted_run, tmp_path, capsys):
     first, interrupted = interrupted_run
     moved = str(tmp_path / "moved")
     shutil.move(shutil.copytree(first, tmp_path / "first"), moved)
-    check_resumed(run_train(*RESUMED, "--checkpoint-dir", moved, "--resume"), interrupted, moved)
+    resumed = train_in_process(capsys, *RESUMED, "--checkpoint-dir", moved, "--resume")
+    check_resumed(resumed, interrupted, moved)
 
 
 def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
@@ -249,8 +261,8 @@ def test_offline_run_fails_fast_and_names_what_is_missing(tmp_path):
 
 
 @pytest.mark.parametrize("task, name", [("reverse", "ReverseTask"), ("seq2seq", "Seq2SeqTask")])
-def test_sequence_task_runs_through_train_py(task, name, tmp_path):
-    proc = run_train("--task", task, "--checkpoint-dir", str(tmp_path), "--fast-dev-run")
+def test_sequence_task_runs_through_train_py(task, name, tmp_path, capsys):
+    proc = train_in_process(capsys, "--task", task, "--checkpoint-dir", tmp_path, "--fast-dev-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         "Val accuracy:" in proc.stdout
@@ -260,9 +272,11 @@ def test_sequence_task_runs_through_train_py(task, name, tmp_path):
     assert not os.path.exists(tmp_path / f"{name}.ckpt")
 
 
-def test_fast_synthetic_run(synthetic_run, tmp_path):
+def test_fast_synthetic_run(synthetic_run, tmp_path, capsys):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
-    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast", *SMALL_RUN)
+    proc = train_in_process(
+        capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast", *SMALL_RUN
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The post's features are there too: the run says why its numbers differ from theirs.
     faithful = os.path.join(checkpoint_dir, "synthetic", "test_set_features.tar")
@@ -286,8 +300,10 @@ def test_fast_synthetic_run(synthetic_run, tmp_path):
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_path, fast):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+def test_ddp_trains_on_two_processes_and_evaluates_on_one(
+    synthetic_run, fast_caches, tmp_path, fast
+):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_caches if fast else None)
     ddp_args = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
     fast_flag = ["--fast"] if fast else []
     proc = run_train(
@@ -331,58 +347,44 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_pat
         )
 
 
-# Run by test_each_process_draws_its_own_sets in two processes: Lightning's DDP starts this file
-# again for the second one. Each process writes its first training batch and its validation sets.
-DDP_SCRIPT = """
-import json, os, sys
-import pytorch_lightning as pl
-import torch
-import train
-from data import anomaly_datasets
-from model import AnomalyPredictor
-
-out_dir, fast = sys.argv[1], sys.argv[2] == "fast"
-args = train.parse_args(["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
-                         "--batch-size", "8"] + (["--fast"] if fast else []))
-pl.seed_everything(args.seed)
-g = torch.Generator().manual_seed(0)
-labels = torch.arange(10).repeat(100)
-feats = torch.randn(len(labels), 16, generator=g)
-datasets = anomaly_datasets(feats, labels, feats[:100], labels[:100], 10)
-loaders = train.make_loaders(args, datasets, torch.device("cpu"))
-by_label = datasets["train"].img_idx_by_label
-position = {int(i): p for row in by_label for p, i in enumerate(row)}
-
 class FirstBatch(pl.Callback):
-    def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        sets = batch[1]
-        record = dict(anomalies=sets[:, -1].tolist(),
-                      positions=[[position[int(i)] for i in row[:-1]] for row in sets],
-                      val_sets=datasets["val"].test_sets.tolist())
-        with open(os.path.join(out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
-            json.dump(record, f)
+    """Writes, in each process, what it trains on first: the anomalies of its first batch, each
+    other image's place in its class's list, and the validation sets."""
 
-model = AnomalyPredictor(**train.model_hparams(args, dict(input_dim=16, num_classes=1), 1))
-trainer = train.make_trainer(args, out_dir, [FirstBatch()], max_steps=1, limit_val_batches=0,
-                             enable_progress_bar=False, enable_model_summary=False, logger=False)
-trainer.fit(model, loaders["train"])
-"""
+    def __init__(self, out_dir, datasets):
+        self.out_dir, self.datasets = out_dir, datasets
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        by_label = self.datasets["train"].img_idx_by_label
+        position = {int(i): p for row in by_label for p, i in enumerate(row)}
+        sets = batch[1]
+        record = dict(
+            anomalies=sets[:, -1].tolist(),
+            positions=[[position[int(i)] for i in row[:-1]] for row in sets],
+            val_sets=self.datasets["val"].test_sets.tolist(),
+        )
+        with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
+            json.dump(record, f)
 
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_each_process_draws_its_own_sets(tmp_path, fast):
-    script = tmp_path / "ddp_first_batch.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), "fast" if fast else "faithful"],
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        env=env,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    flags = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--batch-size", "8"]
+    args = parse_args(flags + (["--fast"] if fast else []))
+    pl.seed_everything(args.seed, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat(100)
+    feats = torch.randn(len(labels), 16, generator=g)
+    datasets = anomaly_datasets(feats, labels, feats[:100], labels[:100], 10)
+    loaders = train.make_loaders(args, datasets, torch.device("cpu"))
+    model = AnomalyPredictor(**train.model_hparams(args, dict(input_dim=16, num_classes=1), 1))
+    # Two processes as train.py's DDP makes them, only forked from this one rather than started
+    # anew (which takes seconds of imports): the sets each draws are the same either way.
+    trainer = train.make_trainer(
+        args, tmp_path, [FirstBatch(tmp_path, datasets)], strategy="ddp_fork", max_steps=1,
+        limit_val_batches=0, logger=False,
+    )  # fmt: skip
+    trainer.fit(model, loaders["train"])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     # Each process has its own anomalies, and draws its own images around them: Lightning seeds
     # both processes alike, which would give the k-th set of each the same random positions.
@@ -422,23 +424,22 @@ def test_auto_device_follows_lightnings_order(monkeypatch):
 
 
 @pytest.mark.parametrize("accelerator", ["cuda", "gpu", "mps"])
-def test_a_missing_accelerator_is_one_line(tmp_path, monkeypatch, accelerator):
-    has_cuda = torch.cuda.is_available()
+def test_a_missing_accelerator_is_one_line(tmp_path, monkeypatch, capsys, accelerator):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
         pick_device(accelerator)
     message = str(exit_info.value.code)
     assert message.startswith("error: --accelerator") and "\n" not in message
-    if accelerator == "cuda" and not has_cuda:  # and the whole script says just that
-        proc = run_train("--accelerator", "cuda", "--checkpoint-dir", str(tmp_path))
-        assert proc.returncode == 1 and proc.stderr.strip() == message
-        assert os.listdir(tmp_path) == []
+    # And the whole run says just that, before it makes any folder.
+    proc = train_in_process(capsys, "--accelerator", accelerator, "--checkpoint-dir", tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip() == message and proc.stdout == ""
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path, fast):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+def test_bf16_mixed_precision_synthetic_run(synthetic_run, fast_caches, tmp_path, capsys, fast):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_caches if fast else None)
     args = [
         "--synthetic",
         "--checkpoint-dir",
@@ -447,7 +448,7 @@ def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path, fast):
         "bf16-mixed",
         *SMALL_RUN,
     ]
-    proc = run_train(*args, *(["--fast"] if fast else []))
+    proc = train_in_process(capsys, *args, *(["--fast"] if fast else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on cpu in bf16-mixed precision: 2 epochs" in proc.stdout
     results = read_results(checkpoint_dir)
@@ -488,24 +489,26 @@ def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_compiled_synthetic_run(synthetic_run, tmp_path, fast):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+def test_compiled_synthetic_run(synthetic_run, fast_caches, tmp_path, capsys, fast):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_caches if fast else None)
     args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--compile", *SMALL_RUN]
-    proc = run_train(*args, *(["--fast"] if fast else []))
+    proc = train_in_process(capsys, *args, *(["--fast"] if fast else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = read_results(checkpoint_dir)
     assert results["settings"]["compile"] is True
     assert all(0 <= results[key] <= 1 for key in ("train_acc", "val_acc", "test_acc"))
 
 
-def test_an_unwritable_checkpoint_dir_or_a_strategy_lightning_refuses_is_one_line(tmp_path):
+def test_an_unwritable_checkpoint_dir_or_a_strategy_lightning_refuses_is_one_line(tmp_path, capsys):
     under_a_file = tmp_path / "file"
     under_a_file.write_text("")
-    proc = run_train("--task", "reverse", "--checkpoint-dir", str(under_a_file / "models"))
+    proc = train_in_process(
+        capsys, "--task", "reverse", "--checkpoint-dir", under_a_file / "models"
+    )
     assert proc.returncode == 1 and proc.stderr.startswith("error: --checkpoint-dir: cannot write")
     assert proc.stderr.count("\n") == 1
-    proc = run_train(
-        "--task", "reverse", "--strategy", "nonsense", "--checkpoint-dir", str(tmp_path)
+    proc = train_in_process(
+        capsys, "--task", "reverse", "--strategy", "nonsense", "--checkpoint-dir", tmp_path
     )
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "nonsense" in proc.stderr
     assert "Traceback" not in proc.stderr
