@@ -197,10 +197,10 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path, offline_backbone):
     exits_with("does not load into AnomalyPredictor", "--ckpt", broken, *files)
 
 
-def test_missing_weights_offline_give_train_pys_message(trained, tmp_path):
+def test_offline_runs_fail_fast_and_name_what_is_missing(trained, tmp_path):
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        env[var] = "http://127.0.0.1:9"  # every download fails at once
+        env[var] = "http://127.0.0.1:9"  # every download fails at once, whatever the network
     names = write_set(tmp_path / "set", 0, size=3)
     run = lambda script, *args: run_script(script, *args, env=env)
     predicted = run(
@@ -213,6 +213,11 @@ def test_missing_weights_offline_give_train_pys_message(trained, tmp_path):
         "train.py", "--data-dir", tmp_path / "data", "--checkpoint-dir", tmp_path / "models"
     )
     assert predicted.returncode == 1 and trained_run.returncode == 1
+    assert "Traceback" not in predicted.stderr + trained_run.stderr
+    # train.py names both downloads it could not make, and where each would have gone.
+    assert "CIFAR-100" in trained_run.stderr and str(tmp_path / "data") in trained_run.stderr
+    assert "resnet34-b627a593.pth" in trained_run.stderr
+    # predict.py needs the weights alone, and says so with train.py's very line.
     weights_line = [line for line in predicted.stderr.splitlines() if "ResNet34 weights" in line]
     assert len(weights_line) == 1 and str(tmp_path / "torch") in weights_line[0]
     assert weights_line[0] in trained_run.stderr.splitlines()

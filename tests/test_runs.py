@@ -12,8 +12,8 @@ import time
 import pytest
 import torch
 
+import predict
 import runs
-import train
 from conftest import (
     HANG_GUARD_S,
     ROOT,
@@ -21,7 +21,7 @@ from conftest import (
     SMALL_SET_MODEL,
     copy_caches,
     read_results,
-    run_train,
+    train_in_process,
 )
 from model import AnomalyPredictor
 
@@ -48,7 +48,7 @@ def wait_for(condition, process):
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_nothing(
-    synthetic_run, tmp_path
+    synthetic_run, tmp_path, capsys
 ):
     folder = copy_caches(synthetic_run, tmp_path)
     task = os.path.join(folder, "synthetic", "SetAnomalyDetect")
@@ -56,8 +56,8 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_noth
     first = start_train(folder, "--epochs", "50", "--seed", "1", log=log)
     try:
         wait_for(lambda: "Epoch 1/50:" in log.read_text(), first)
-        second = run_train("--synthetic", "--checkpoint-dir", folder, *SMALL, "--retrain",
-                           "--seed", "2")  # fmt: skip
+        second = train_in_process(capsys, "--synthetic", "--checkpoint-dir", folder, *SMALL,
+                                  "--retrain", "--seed", "2")  # fmt: skip
         assert first.poll() is None  # the refusal came while the first run trained
     finally:
         first.send_signal(signal.SIGKILL)  # as a crash or `kill -9` would end it
@@ -70,21 +70,21 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_noth
     assert len(os.listdir(os.path.join(task, "checkpoints"))) <= 2
 
     # The killed run's lock went with it: the next run goes ahead and trains with its own seed.
-    proc = run_train("--synthetic", "--checkpoint-dir", folder, *SMALL, "--epochs", "1",
-                     "--retrain", "--seed", "2")  # fmt: skip
+    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", folder, *SMALL,
+                            "--epochs", "1", "--retrain", "--seed", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_results(folder)["settings"]["seed"] == 2
 
 
 def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted(
-    synthetic_run, tmp_path
+    synthetic_run, tmp_path, capsys
 ):
     folder = copy_caches(synthetic_run, tmp_path)
     kept = tmp_path / "synthetic" / "SetAnomalyDetect" / "checkpoints" / "last.ckpt"
     kept.parent.mkdir(parents=True)
     kept.write_bytes(b"an interrupted run's")
-    proc = run_train("--synthetic", "--checkpoint-dir", folder, "--retrain", "--devices", "99999",
-                     "--accelerator", "cpu")  # fmt: skip
+    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", folder, "--retrain",
+                            "--devices", "99999", "--accelerator", "cpu")  # fmt: skip
     cores = len(os.sched_getaffinity(0))
     assert proc.returncode == 1 and proc.stderr == (
         f"error: --devices 99999: this machine has {cores} CPU cores to train on, a process each. "
@@ -107,14 +107,13 @@ def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, capsy
     spoiled = tmp_path / path
     spoiled.parent.mkdir(parents=True, exist_ok=True)
     spoiled.mkdir() if kind == "folder" else spoiled.write_text("")
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(["--synthetic", "--checkpoint-dir", str(tmp_path), "--num-workers", "0"])
+    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", tmp_path)
     found, wanted = kind, "file" if kind == "folder" else "folder"
-    assert str(exit_info.value.code) == (
+    assert proc.returncode == 1 and proc.stderr == (
         f"error: {spoiled} is a {found}, where the run keeps a {wanted}. Move it away, or use "
-        "another --checkpoint-dir."
+        "another --checkpoint-dir.\n"
     )
-    assert capsys.readouterr().out == ""  # no features extracted, nothing else done
+    assert proc.stdout == ""  # no features extracted, nothing else done
 
 
 class RunsCode:
@@ -144,15 +143,11 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path, she
     with pytest.raises(ValueError, match=code):
         runs.load_model(path, AnomalyPredictor)
     assert not marker.exists()
-    # The whole script says it in one line.
-    proc = subprocess.run(
-        [sys.executable, "predict.py", "--ckpt", str(path), "--set-sizes", "5"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=HANG_GUARD_S,
-    )
-    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and name in proc.stderr
+    # And predict.py stops on it with that one line.
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--ckpt", str(path), "--set-sizes", "5"])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and name in message
     assert not marker.exists()
 
 
