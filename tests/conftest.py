@@ -1,222 +1,112 @@
-"""What the tests share, each defined once: the scripts run as a user runs them, one real
-`python train.py --synthetic` run for the tests that only read what it leaves, spoiling a file,
-and a small set model with data it learns quickly."""
+"""The suite's set-up: one CPU thread a test process, and the runs that the whole suite makes once
+and every test reads: `python train.py --synthetic` as a newcomer starts it, the same with --fast,
+and a run stopped by Ctrl-C. Kept light to import: pytest-xdist's controlling process loads this
+file and nothing else. The helpers the tests share are in helpers.py."""
 
-import json
-import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
-import numpy as np
 import pytest
-import pytorch_lightning as pl
-import torch
 
-import runs
-import train
-from synthetic import synthetic_features
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
-
-# train.py's flags for a small set model: for the runs whose assertions do not depend on its size.
-SMALL_RUN = ["--model-dim", "32", "--num-heads", "1", "--num-layers", "1"]
-# A small set model that learns clustered features in a few hundred steps.
-SMALL_SET_MODEL = dict(model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3, warmup=10)
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
-def run_script(script, *args, env=None):
-    """`python <script> args` in the repository, as a user runs it: its exit code and output."""
-    return subprocess.run(
-        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=HANG_GUARD_S,
-        env=env,
-        cwd=ROOT,
-    )
+def pytest_configure(config):
+    """One CPU thread for each test process and every script it starts, unless OMP_NUM_THREADS
+    says otherwise: the suite runs one process a core (pytest-xdist's -n auto, pytest.ini), and
+    threads that wait for a busy core spin (BENCHMARKS.md, "A shared machine")."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if "torch" in sys.modules:  # otherwise torch reads OMP_NUM_THREADS as it loads
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
-def run_train(*args, env=None):
-    return run_script("train.py", "--num-workers", "0", *args, env=env)
-
-
-def train_in_process(capsys, *args):
-    """train.main(args) in the test's own process: what `python train.py args` prints and exits
-    with, as a CompletedProcess, without the seconds a new process spends loading torch and
-    Lightning. A message that stops the run is exit code 1 and that line on stderr, as Python makes
-    it; the folder locks the run took are let go and torch's threads put back, as a process's end
-    would. Where the process itself matters (signals, imports, DDP) the tests run the script."""
-    threads = torch.get_num_threads()
-    code = 0
-    try:
-        train.main(["--num-workers", "0", *map(str, args)])
-    except SystemExit as stop:
-        code = stop.code if isinstance(stop.code, int) else 1
-        if not isinstance(stop.code, int):
-            print(stop.code, file=sys.stderr)
-    finally:
-        torch.set_num_threads(threads)
-        for lock in runs.HELD_LOCKS.values():
-            lock.close()
-        runs.HELD_LOCKS.clear()
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(["train.py", *args], code, out.out, out.err)
-
-
-def read_results(checkpoint_dir):
-    """results.json of the set task's --synthetic run in checkpoint_dir."""
-    with open(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "results.json")) as f:
-        return json.load(f)
-
-
-def spoil_truncate(path):
-    """Cuts the file at path to half its size, as an interrupted copy would."""
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+def run_once(tmp_path_factory, name, run):
+    """(folder, process) of run(folder): a run that leaves its files in folder and returns its
+    process with the output, made once for the whole test session. With pytest-xdist the first
+    test process that asks makes it while the others wait, and all read the same one. Its users
+    only read the folder; a test that writes copies it first."""
+    base = tmp_path_factory.getbasetemp()
+    # xdist's processes have their folders side by side in the session's; without flock, one each
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") and fcntl else base
+    made = shared / name
+    with open(shared / f"{name}.lock", "a") as lock:
+        if fcntl:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (made / "exit_code").exists():
+            shutil.rmtree(made, ignore_errors=True)
+            (made / "models").mkdir(parents=True)
+            proc = run(str(made / "models"))
+            (made / "stdout").write_text(proc.stdout)
+            (made / "stderr").write_text(proc.stderr or "")
+            (made / "exit_code").write_text(str(proc.returncode))  # written last: the run is whole
+    code, out, err = ((made / f).read_text() for f in ("exit_code", "stdout", "stderr"))
+    return str(made / "models"), subprocess.CompletedProcess(name, int(code), out, err)
 
 
 @pytest.fixture(scope="session")
 def synthetic_run(tmp_path_factory):
     """One `python train.py --synthetic` run, exactly as a newcomer starts it, its output (stderr
-    too) going to a file: (checkpoint folder, the finished process with the output as stdout).
-    Shared by every test that only reads what it leaves; a test that writes copies it first."""
-    checkpoint_dir = str(tmp_path_factory.mktemp("run"))
-    command = [sys.executable, "train.py", "--synthetic", "--checkpoint-dir", checkpoint_dir]
-    with open(os.path.join(checkpoint_dir, "..", "log"), "w+") as log:
-        proc = subprocess.run(
-            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=HANG_GUARD_S
-        )
-        log.seek(0)
-        proc.stdout, proc.stderr = log.read(), ""
+    too) going to a file: (checkpoint folder, the finished process with the output as stdout)."""
+
+    def run(folder):
+        from helpers import HANG_GUARD_S, ROOT
+
+        command = [sys.executable, "train.py", "--synthetic", "--checkpoint-dir", folder]
+        with open(os.path.join(folder, "..", "log"), "w+") as log:
+            proc = subprocess.run(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=HANG_GUARD_S
+            )
+            log.seek(0)
+            return subprocess.CompletedProcess(command, proc.returncode, log.read(), "")
+
+    folder, proc = run_once(tmp_path_factory, "synthetic_run", run)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    return checkpoint_dir, proc
+    return folder, proc
 
 
 @pytest.fixture(scope="session")
-def fast_caches(tmp_path_factory):
-    """A folder holding the --fast feature caches of the synthetic images, extracted once for the
-    tests whose --fast runs do not test the extraction (test_fast_synthetic_run does)."""
-    folder = tmp_path_factory.mktemp("fast_caches")
-    synthetic_features(str(folder), torch.device("cpu"), num_workers=0, fast=True)
-    return folder
+def fast_synthetic_run(synthetic_run, tmp_path_factory):
+    """`train.py --synthetic --fast` of the small model, run in process, begun with the shared
+    run's feature caches alone: (checkpoint folder, process). Its --fast feature caches serve the
+    other --fast runs (copy_caches), whose tests are not about extracting them."""
+
+    def run(folder):
+        from helpers import SMALL_RUN, copy_caches, train_in_process
+
+        copy_caches(synthetic_run, folder)
+        return train_in_process("--synthetic", "--checkpoint-dir", folder, "--fast", *SMALL_RUN)
+
+    folder, proc = run_once(tmp_path_factory, "fast_synthetic_run", run)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return folder, proc
 
 
-def copy_caches(synthetic_run, tmp_path, fast_caches=None):
-    """A fresh checkpoint folder holding only the feature caches of the shared run, and with
-    fast_caches (the fixture) the --fast ones too."""
-    os.makedirs(tmp_path / "synthetic")
-    for name in ("train_set_features.tar", "test_set_features.tar"):
-        shutil.copy(
-            os.path.join(synthetic_run[0], "synthetic", name), tmp_path / "synthetic" / name
-        )
-        if fast_caches is not None:
-            name = name.replace(".tar", "_fast.tar")
-            shutil.copy(fast_caches / name, tmp_path / "synthetic" / name)
-    return str(tmp_path)
+@pytest.fixture(scope="session")
+def interrupted_run(synthetic_run, tmp_path_factory):
+    """A `train.py --synthetic` run of three epochs (RESUMED) stopped by SIGINT, as Ctrl-C stops
+    it, once its first epoch is saved: (its folder, the process with its output)."""
 
+    def run(folder):
+        from helpers import HANG_GUARD_S, RESUMED, ROOT, copy_caches, last_of
 
-def randomise(module):
-    """Random values for every parameter, LayerNorm ones included, so nothing passes by being 0 or
-    1."""
-    with torch.no_grad():
-        for param in module.parameters():
-            param.normal_(0, 0.3)
-    return module
+        copy_caches(synthetic_run, folder)
+        command = [sys.executable, "train.py", "--num-workers", "0", "--checkpoint-dir", folder]
+        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        proc = subprocess.Popen([*command, *RESUMED], **pipes)
+        deadline = time.time() + HANG_GUARD_S
+        while not os.path.exists(last_of(folder)) and proc.poll() is None:
+            assert time.time() < deadline, "no epoch finished"
+            time.sleep(0.02)
+        time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
+        return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
-
-def clustered_features(num_classes, per_class, dim, seed):
-    """Features scattered tightly around one random centre per class: an easy anomaly task."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(num_classes, dim, generator=g)
-    labels = torch.arange(num_classes).repeat_interleave(per_class)
-    return centres[labels] + 0.3 * torch.randn(len(labels), dim, generator=g), labels
-
-
-def quiet_trainer(**settings):
-    """A CPU Trainer for tests: no logs, no checkpoints, no progress bar or model summary."""
-    quiet = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    return pl.Trainer(**quiet, **settings)
-
-
-# Reference computations of the model's maths, written out in numpy (test_model, test_sequence)
-
-
-def reference_attention(q, k, v, mask=None):
-    """softmax(q·kᵀ/√d)·v for one head, in float64 numpy, masked keys left out of the softmax
-    entirely."""
-    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
-    out, weights = np.zeros((len(q), v.shape[1])), np.zeros((len(q), len(k)))
-    for i in range(len(q)):
-        allowed = [j for j in range(len(k)) if mask is None or mask[i][j]]
-        scores = np.array([q[i] @ k[j] / math.sqrt(q.shape[1]) for j in allowed])
-        w = np.exp(scores - scores.max())
-        w /= w.sum()
-        weights[i, allowed] = w
-        out[i] = w @ v[allowed]
-    return out, weights
-
-
-def reference_multihead(x, w_qkv, b_qkv, w_o, b_o, num_heads, mask=None):
-    """Multi-head attention with the post's per-head layout: head h owns rows [3dh, 3dh+d) of the
-    stacked projection for q, the next d rows for k, the next d for v."""
-    embed_dim = w_o.shape[0]
-    d = embed_dim // num_heads
-    outs, maps = [], []
-    for h in range(num_heads):
-        block = slice(3 * d * h, 3 * d * (h + 1))
-        qkv = x @ w_qkv[block].T + b_qkv[block]
-        q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
-        o, w = reference_attention(q, k, v, mask)
-        outs.append(o)
-        maps.append(w)
-    return np.concatenate(outs, axis=1) @ w_o.T + b_o, np.stack(maps)
-
-
-def layer_norm(x, norm):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(
-        var + norm.eps
-    ) * norm.weight.detach().numpy() + norm.bias.detach().numpy()
-
-
-# The tutorial's state_dict layout, written out: a checkpoint of the original code has exactly these
-# keys.
-TUTORIAL_KEYS = (
-    ["input_net.1.weight", "input_net.1.bias"]
-    + [
-        f"transformer.layers.{i}.{name}"
-        for i in range(2)
-        for name in (
-            "self_attn.qkv_proj.weight",
-            "self_attn.qkv_proj.bias",
-            "self_attn.o_proj.weight",
-            "self_attn.o_proj.bias",
-            "linear_net.0.weight",
-            "linear_net.0.bias",
-            "linear_net.3.weight",
-            "linear_net.3.bias",
-            "norm1.weight",
-            "norm1.bias",
-            "norm2.weight",
-            "norm2.bias",
-        )
-    ]
-    + [
-        "output_net.0.weight",
-        "output_net.0.bias",
-        "output_net.1.weight",
-        "output_net.1.bias",
-        "output_net.4.weight",
-        "output_net.4.bias",
-    ]
-)
+    return run_once(tmp_path_factory, "interrupted_run", run)

@@ -10,7 +10,7 @@ from importlib.metadata import version
 import pytest
 
 from cli import parse_args
-from conftest import HANG_GUARD_S, ROOT, run_script
+from helpers import HANG_GUARD_S, ROOT, run_script
 
 
 def test_defaults_are_the_posts_run():

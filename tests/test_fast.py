@@ -12,7 +12,6 @@ import torch.utils.data as data
 import bench
 import cli
 import train
-from conftest import ROOT, SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 from data import SetAnomalyDataset, SetBatches, anomaly_datasets
 from features import (
     extract_features,
@@ -21,6 +20,7 @@ from features import (
     image_transform,
     resnet34_backbone,
 )
+from helpers import ROOT, SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 from model import (
     AnomalyPredictor,
     BitMaskDropout,

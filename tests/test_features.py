@@ -12,7 +12,6 @@ import torch.nn as nn
 from PIL import Image
 
 import features
-from conftest import spoil_truncate
 from features import (
     DATA_MEANS,
     DATA_STD,
@@ -25,6 +24,7 @@ from features import (
     resnet34_backbone,
     save_atomically,
 )
+from helpers import spoil_truncate
 from synthetic import GeneratedImages
 
 

@@ -8,7 +8,8 @@ import pytorch_lightning as pl
 import torch
 import torch.utils.data as data
 
-from conftest import (
+from data import SetAnomalyDataset
+from helpers import (
     SMALL_SET_MODEL,
     TUTORIAL_KEYS,
     clustered_features,
@@ -18,7 +19,6 @@ from conftest import (
     reference_attention,
     reference_multihead,
 )
-from data import SetAnomalyDataset
 from model import (
     AnomalyPredictor,
     CosineWarmupScheduler,

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 import pretrained
 import train
-from conftest import SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 from data import SEQ_SIZES, ReverseDataset, split_train_val
+from helpers import SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 from model import AnomalyPredictor, ReversePredictor
 from predict import set_size_accuracy
 

@@ -14,7 +14,7 @@ import torch
 
 import predict
 import runs
-from conftest import (
+from helpers import (
     HANG_GUARD_S,
     ROOT,
     SMALL_RUN,
@@ -48,15 +48,15 @@ def wait_for(condition, process):
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_nothing(
-    synthetic_run, tmp_path, capsys
+    synthetic_run, tmp_path
 ):
     folder = copy_caches(synthetic_run, tmp_path)
     task = os.path.join(folder, "synthetic", "SetAnomalyDetect")
-    log = tmp_path / "first.log"
+    last, log = os.path.join(task, "checkpoints", "last.ckpt"), tmp_path / "first.log"
     first = start_train(folder, "--epochs", "50", "--seed", "1", log=log)
     try:
-        wait_for(lambda: "Epoch 1/50:" in log.read_text(), first)
-        second = train_in_process(capsys, "--synthetic", "--checkpoint-dir", folder, *SMALL,
+        wait_for(lambda: "Epoch 1/50:" in log.read_text() and os.path.isfile(last), first)
+        second = train_in_process("--synthetic", "--checkpoint-dir", folder, *SMALL,
                                   "--retrain", "--seed", "2")  # fmt: skip
         assert first.poll() is None  # the refusal came while the first run trained
     finally:
@@ -70,20 +70,20 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_noth
     assert len(os.listdir(os.path.join(task, "checkpoints"))) <= 2
 
     # The killed run's lock went with it: the next run goes ahead and trains with its own seed.
-    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", folder, *SMALL,
+    proc = train_in_process("--synthetic", "--checkpoint-dir", folder, *SMALL,
                             "--epochs", "1", "--retrain", "--seed", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_results(folder)["settings"]["seed"] == 2
 
 
 def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted(
-    synthetic_run, tmp_path, capsys
+    synthetic_run, tmp_path
 ):
     folder = copy_caches(synthetic_run, tmp_path)
     kept = tmp_path / "synthetic" / "SetAnomalyDetect" / "checkpoints" / "last.ckpt"
     kept.parent.mkdir(parents=True)
     kept.write_bytes(b"an interrupted run's")
-    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", folder, "--retrain",
+    proc = train_in_process("--synthetic", "--checkpoint-dir", folder, "--retrain",
                             "--devices", "99999", "--accelerator", "cpu")  # fmt: skip
     cores = len(os.sched_getaffinity(0))
     assert proc.returncode == 1 and proc.stderr == (
@@ -103,11 +103,11 @@ def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted
         ("synthetic/SetAnomalyDetect/checkpoints", "file"),
     ],
 )
-def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, capsys, path, kind):
+def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, path, kind):
     spoiled = tmp_path / path
     spoiled.parent.mkdir(parents=True, exist_ok=True)
     spoiled.mkdir() if kind == "folder" else spoiled.write_text("")
-    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", tmp_path)
+    proc = train_in_process("--synthetic", "--checkpoint-dir", tmp_path)
     found, wanted = kind, "file" if kind == "folder" else "folder"
     assert proc.returncode == 1 and proc.stderr == (
         f"error: {spoiled} is a {found}, where the run keeps a {wanted}. Move it away, or use "

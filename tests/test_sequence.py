@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.data as data
 
-from conftest import (
+from data import ReverseDataset, SortDataset
+from helpers import (
     TUTORIAL_KEYS,
     layer_norm,
     quiet_trainer,
@@ -16,7 +17,6 @@ from conftest import (
     reference_attention,
     reference_multihead,
 )
-from data import ReverseDataset, SortDataset
 from model import CrossAttention, DecoderBlock, ReversePredictor, Seq2SeqPredictor, causal_mask
 
 

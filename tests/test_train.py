@@ -6,9 +6,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -17,18 +14,18 @@ import torch
 
 import train
 from cli import parse_args
-from conftest import (
-    HANG_GUARD_S,
-    ROOT,
+from data import SetAnomalyDataset, anomaly_datasets, split_train_val
+from helpers import (
+    RESUMED,
     SMALL_RUN,
     SMALL_SET_MODEL,
     copy_caches,
+    last_of,
     randomise,
     read_results,
     run_train,
     train_in_process,
 )
-from data import SetAnomalyDataset, anomaly_datasets, split_train_val
 from model import AnomalyPredictor, compile_training_forward, fast_parts
 from runs import pick_device
 from train import SeedEachProcess
@@ -76,11 +73,11 @@ def test_synthetic_run_writes_results_and_a_loadable_model(synthetic_run):
     assert model.hparams.model_dim == 256 and model.hparams.num_layers == 4
 
 
-def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run, capsys):
-    checkpoint_dir, first = synthetic_run
+def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run, tmp_path):
+    checkpoint_dir, first = shutil.copytree(synthetic_run[0], tmp_path / "run"), synthetic_run[1]
     ckpt = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt")
     mtime, training = os.path.getmtime(ckpt), read_results(checkpoint_dir)
-    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir)
+    proc = train_in_process("--synthetic", "--checkpoint-dir", checkpoint_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Found the saved model" in proc.stdout and "Epoch" not in proc.stdout + proc.stderr
     assert os.path.getmtime(ckpt) == mtime
@@ -103,73 +100,37 @@ def accuracy_lines(proc):
     return [line for line in proc.stdout.splitlines() if " accuracy:" in line]
 
 
-def test_a_run_is_the_same_whether_or_not_the_feature_caches_were_there(
-    synthetic_run, tmp_path, capsys
-):
+def test_a_run_is_the_same_whether_or_not_the_feature_caches_were_there(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)  # the shared run extracted them first
-    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir)
+    proc = train_in_process("--synthetic", "--checkpoint-dir", checkpoint_dir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Loaded the train features" in proc.stdout
     assert accuracy_lines(proc) == accuracy_lines(synthetic_run[1])
 
 
-def test_saved_model_with_other_settings_stops_with_a_message(synthetic_run, capsys):
-    checkpoint_dir, _ = synthetic_run
-    proc = train_in_process(
-        capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir, "--model-dim", "128"
-    )
+def test_saved_model_with_other_settings_stops_with_a_message(synthetic_run, tmp_path):
+    checkpoint_dir = shutil.copytree(synthetic_run[0], tmp_path / "run")
+    proc = train_in_process("--synthetic", "--checkpoint-dir", checkpoint_dir, "--model-dim", "128")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "model_dim 256 (asked 128)" in proc.stderr and "--retrain" in proc.stderr
 
 
-def test_unreadable_saved_model_stops_with_a_message(synthetic_run, tmp_path, capsys):
+def test_unreadable_saved_model_stops_with_a_message(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     (tmp_path / "synthetic" / "SetAnomalyDetect.ckpt").write_bytes(b"not a checkpoint")
-    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir)
+    proc = train_in_process("--synthetic", "--checkpoint-dir", checkpoint_dir)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "SetAnomalyDetect.ckpt cannot be read" in proc.stderr and "--retrain" in proc.stderr
 
 
-def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path, capsys):
+def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
-    proc = train_in_process(
-        capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast-dev-run"
-    )
+    proc = train_in_process("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast-dev-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Test accuracy:" in proc.stdout
     written = [f for _, _, files in os.walk(checkpoint_dir) for f in files if f != ".lock"]
     # No model, no results.
     assert sorted(written) == ["test_set_features.tar", "train_set_features.tar"]
-
-
-RESUMED = ["--synthetic", "--epochs", "3", "--batch-size", "16"]  # 61 steps an epoch
-
-
-@pytest.fixture(scope="module")
-def interrupted_run(synthetic_run, tmp_path_factory):
-    """A `train.py --synthetic` run of three epochs stopped by SIGINT, as Ctrl-C stops it, once
-    its first epoch is saved: (its folder, the process with its output). Tests copy the folder
-    before they write to it."""
-    folder = copy_caches(synthetic_run, tmp_path_factory.mktemp("interrupted"))
-    last = os.path.join(folder, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
-    run = subprocess.Popen(
-        [sys.executable, "train.py", "--num-workers", "0", "--checkpoint-dir", folder, *RESUMED],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    deadline = time.time() + HANG_GUARD_S
-    while not os.path.exists(last) and run.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
-    run.send_signal(signal.SIGINT)
-    run.stdout, run.stderr = run.communicate(timeout=HANG_GUARD_S)
-    return folder, run
-
-
-def last_of(folder):
-    return os.path.join(folder, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
 
 
 def val_accuracies(output):
@@ -182,9 +143,7 @@ def files_of(folder):
             for f in fs}  # fmt: skip
 
 
-def test_ctrl_c_in_training_keeps_the_last_epoch_and_says_how_to_resume(
-    interrupted_run, tmp_path, capsys
-):
+def test_ctrl_c_in_training_keeps_the_last_epoch_and_says_how_to_resume(interrupted_run, tmp_path):
     folder, run = interrupted_run
     assert run.returncode == 128 + signal.SIGINT and "Traceback" not in run.stderr
     assert run.stderr.strip() == (
@@ -193,7 +152,7 @@ def test_ctrl_c_in_training_keeps_the_last_epoch_and_says_how_to_resume(
     )
     assert torch.load(last_of(folder), weights_only=True)["global_step"] == 990 // 16
     assert not os.path.exists(os.path.join(folder, "synthetic", "SetAnomalyDetect.ckpt"))
-    proc = train_in_process(capsys, "--synthetic", "--checkpoint-dir", tmp_path, "--resume")
+    proc = train_in_process("--synthetic", "--checkpoint-dir", tmp_path, "--resume")
     assert proc.returncode == 1
     assert re.match("error: --resume found no .*last.ckpt to continue from", proc.stderr)
 
@@ -207,10 +166,10 @@ def test_ctrl_c_in_training_keeps_the_last_epoch_and_says_how_to_resume(
     ],
 )  # fmt: skip
 def test_resume_refuses_settings_other_than_the_interrupted_runs(
-    interrupted_run, tmp_path, capsys, flags, named
+    interrupted_run, tmp_path, flags, named
 ):
     folder = shutil.copytree(interrupted_run[0], tmp_path / "run")
-    proc = train_in_process(capsys, *RESUMED, "--checkpoint-dir", folder, *flags, "--resume")
+    proc = train_in_process(*RESUMED, "--checkpoint-dir", folder, *flags, "--resume")
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1
     assert proc.stderr.startswith(f"error: {last_of(folder)} was trained with other settings")
     assert all(difference in proc.stderr for difference in named)
@@ -231,26 +190,26 @@ def check_resumed(proc, interrupted, folder):
     assert read_results(folder)["trained"] is True
 
 
-def test_a_copied_run_resumes_on_its_own(interrupted_run, tmp_path, capsys):
+def test_a_copied_run_resumes_on_its_own(interrupted_run, tmp_path):
     original, interrupted = interrupted_run
     copy = str(shutil.copytree(original, tmp_path / "copy"))
     before = files_of(original)
-    resumed = train_in_process(capsys, *RESUMED, "--checkpoint-dir", copy, "--resume")
+    resumed = train_in_process(*RESUMED, "--checkpoint-dir", copy, "--resume")
     check_resumed(resumed, interrupted, copy)
     assert files_of(original) == before  # it read and wrote nothing of the run it came from
 
 
-def test_a_moved_run_resumes_with_its_best_epoch(interrupted_run, tmp_path, capsys):
+def test_a_moved_run_resumes_with_its_best_epoch(interrupted_run, tmp_path):
     first, interrupted = interrupted_run
     moved = str(tmp_path / "moved")
     shutil.move(shutil.copytree(first, tmp_path / "first"), moved)
-    resumed = train_in_process(capsys, *RESUMED, "--checkpoint-dir", moved, "--resume")
+    resumed = train_in_process(*RESUMED, "--checkpoint-dir", moved, "--resume")
     check_resumed(resumed, interrupted, moved)
 
 
 @pytest.mark.parametrize("task, name", [("reverse", "ReverseTask"), ("seq2seq", "Seq2SeqTask")])
-def test_sequence_task_runs_through_train_py(task, name, tmp_path, capsys):
-    proc = train_in_process(capsys, "--task", task, "--checkpoint-dir", tmp_path, "--fast-dev-run")
+def test_sequence_task_runs_through_train_py(task, name, tmp_path):
+    proc = train_in_process("--task", task, "--checkpoint-dir", tmp_path, "--fast-dev-run")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (
         "Val accuracy:" in proc.stdout
@@ -260,12 +219,8 @@ def test_sequence_task_runs_through_train_py(task, name, tmp_path, capsys):
     assert not os.path.exists(tmp_path / f"{name}.ckpt")
 
 
-def test_fast_synthetic_run(synthetic_run, tmp_path, capsys):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
-    proc = train_in_process(
-        capsys, "--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast", *SMALL_RUN
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_fast_synthetic_run(synthetic_run, fast_synthetic_run):
+    checkpoint_dir, proc = fast_synthetic_run  # begun with the faithful feature caches alone
     # The post's features are there too: the run says why its numbers differ from theirs.
     faithful = os.path.join(checkpoint_dir, "synthetic", "test_set_features.tar")
     assert f"These are --fast's features; the post's, in {faithful}, differ slightly" in proc.stdout
@@ -289,9 +244,9 @@ def test_fast_synthetic_run(synthetic_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("fast", [False, True])
 def test_ddp_trains_on_two_processes_and_evaluates_on_one(
-    synthetic_run, fast_caches, tmp_path, fast
+    synthetic_run, fast_synthetic_run, tmp_path, fast
 ):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_caches if fast else None)
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_synthetic_run if fast else None)
     ddp_args = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
     fast_flag = ["--fast"] if fast else []
     proc = run_train(
@@ -412,7 +367,7 @@ def test_auto_device_follows_lightnings_order(monkeypatch):
 
 
 @pytest.mark.parametrize("accelerator", ["cuda", "gpu", "mps"])
-def test_a_missing_accelerator_is_one_line(tmp_path, monkeypatch, capsys, accelerator):
+def test_a_missing_accelerator_is_one_line(tmp_path, monkeypatch, accelerator):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
@@ -420,14 +375,14 @@ def test_a_missing_accelerator_is_one_line(tmp_path, monkeypatch, capsys, accele
     message = str(exit_info.value.code)
     assert message.startswith("error: --accelerator") and "\n" not in message
     # And the whole run says just that, before it makes any folder.
-    proc = train_in_process(capsys, "--accelerator", accelerator, "--checkpoint-dir", tmp_path)
+    proc = train_in_process("--accelerator", accelerator, "--checkpoint-dir", tmp_path)
     assert proc.returncode == 1 and proc.stderr.strip() == message and proc.stdout == ""
     assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_bf16_mixed_precision_synthetic_run(synthetic_run, fast_caches, tmp_path, capsys, fast):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_caches if fast else None)
+def test_bf16_mixed_precision_synthetic_run(synthetic_run, fast_synthetic_run, tmp_path, fast):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_synthetic_run if fast else None)
     args = [
         "--synthetic",
         "--checkpoint-dir",
@@ -436,7 +391,7 @@ def test_bf16_mixed_precision_synthetic_run(synthetic_run, fast_caches, tmp_path
         "bf16-mixed",
         *SMALL_RUN,
     ]
-    proc = train_in_process(capsys, *args, *(["--fast"] if fast else []))
+    proc = train_in_process(*args, *(["--fast"] if fast else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "on cpu in bf16-mixed precision: 2 epochs" in proc.stdout
     results = read_results(checkpoint_dir)
@@ -456,6 +411,7 @@ def compile_pair(fast, dropout=0.0):
     return eager, compiled
 
 
+@pytest.mark.xdist_group("compile")  # one process pays for loading the compiler
 @pytest.mark.parametrize("flags", [["--compile"], ["--fast", "--compile"]])
 def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
     args = parse_args(flags)
@@ -476,27 +432,26 @@ def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
         with_bit_masks.train().anomaly_logits(x)
 
 
+@pytest.mark.xdist_group("compile")  # one process pays for loading the compiler
 @pytest.mark.parametrize("fast", [False, True])
-def test_compiled_synthetic_run(synthetic_run, fast_caches, tmp_path, capsys, fast):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_caches if fast else None)
+def test_compiled_synthetic_run(synthetic_run, fast_synthetic_run, tmp_path, fast):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_synthetic_run if fast else None)
     args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--compile", *SMALL_RUN]
-    proc = train_in_process(capsys, *args, *(["--fast"] if fast else []))
+    proc = train_in_process(*args, *(["--fast"] if fast else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = read_results(checkpoint_dir)
     assert results["settings"]["compile"] is True
     assert all(0 <= results[key] <= 1 for key in ("train_acc", "val_acc", "test_acc"))
 
 
-def test_an_unwritable_checkpoint_dir_or_a_strategy_lightning_refuses_is_one_line(tmp_path, capsys):
+def test_an_unwritable_checkpoint_dir_or_a_strategy_lightning_refuses_is_one_line(tmp_path):
     under_a_file = tmp_path / "file"
     under_a_file.write_text("")
-    proc = train_in_process(
-        capsys, "--task", "reverse", "--checkpoint-dir", under_a_file / "models"
-    )
+    proc = train_in_process("--task", "reverse", "--checkpoint-dir", under_a_file / "models")
     assert proc.returncode == 1 and proc.stderr.startswith("error: --checkpoint-dir: cannot write")
     assert proc.stderr.count("\n") == 1
     proc = train_in_process(
-        capsys, "--task", "reverse", "--strategy", "nonsense", "--checkpoint-dir", tmp_path
+        "--task", "reverse", "--strategy", "nonsense", "--checkpoint-dir", tmp_path
     )
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "nonsense" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import features
 import visualize
-from conftest import spoil_truncate
+from helpers import spoil_truncate
 from model import AnomalyPredictor, ReversePredictor
 from synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 

@@ -1,0 +1,208 @@
+"""What the tests share, each defined once: the scripts run as a user runs them or in the test's
+own process, spoiling a file, a small set model with data it learns quickly, and the model's maths
+written out in numpy. The runs that the whole suite shares are conftest.py's fixtures."""
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+import runs
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
+
+# train.py's flags for a small set model: for the runs whose assertions do not depend on its size.
+SMALL_RUN = ["--model-dim", "32", "--num-heads", "1", "--num-layers", "1"]
+# A small set model that learns clustered features in a few hundred steps.
+SMALL_SET_MODEL = dict(model_dim=32, num_classes=1, num_heads=2, num_layers=2, lr=1e-3, warmup=10)
+
+
+def run_script(script, *args, env=None):
+    """`python <script> args` in the repository, as a user runs it: its exit code and output."""
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, script), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        env=env,
+        cwd=ROOT,
+    )
+
+
+def run_train(*args, env=None):
+    return run_script("train.py", "--num-workers", "0", *args, env=env)
+
+
+def train_in_process(*args):
+    """train.main(args) in the test's own process: what `python train.py args` prints and exits
+    with, as a CompletedProcess, without the seconds a new process spends loading torch and
+    Lightning. A message that stops the run is exit code 1 and that line on stderr, as Python makes
+    it; the folder locks the run took are let go and torch's threads put back, as a process's end
+    would. Where the process itself matters (signals, imports, DDP) the tests run the script."""
+    threads, out, err = torch.get_num_threads(), io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            train.main(["--num-workers", "0", *map(str, args)])
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+            if not isinstance(stop.code, int):
+                print(stop.code, file=sys.stderr)
+        finally:
+            torch.set_num_threads(threads)
+            for lock in runs.HELD_LOCKS.values():
+                lock.close()
+            runs.HELD_LOCKS.clear()
+    return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
+
+
+RESUMED = ["--synthetic", "--epochs", "3", "--batch-size", "16"]  # 61 steps an epoch
+
+
+def last_of(folder):
+    """The checkpoint that --resume continues from, in the set task's --synthetic run folder."""
+    return os.path.join(folder, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
+
+
+def read_results(checkpoint_dir):
+    """results.json of the set task's --synthetic run in checkpoint_dir."""
+    with open(os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "results.json")) as f:
+        return json.load(f)
+
+
+def spoil_truncate(path):
+    """Cuts the file at path to half its size, as an interrupted copy would."""
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def copy_caches(synthetic_run, tmp_path, fast_run=None):
+    """A fresh checkpoint folder holding only the feature caches of the shared run, and with
+    fast_run (the fixture fast_synthetic_run) its --fast ones too."""
+    os.makedirs(os.path.join(tmp_path, "synthetic"))
+    for name in ("train_set_features.tar", "test_set_features.tar"):
+        shutil.copy(
+            os.path.join(synthetic_run[0], "synthetic", name),
+            os.path.join(tmp_path, "synthetic", name),
+        )
+        if fast_run is not None:
+            name = name.replace(".tar", "_fast.tar")
+            shutil.copy(
+                os.path.join(fast_run[0], "synthetic", name),
+                os.path.join(tmp_path, "synthetic", name),
+            )
+    return str(tmp_path)
+
+
+def randomise(module):
+    """Random values for every parameter, LayerNorm ones included, so nothing passes by being 0 or
+    1."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.normal_(0, 0.3)
+    return module
+
+
+def clustered_features(num_classes, per_class, dim, seed):
+    """Features scattered tightly around one random centre per class: an easy anomaly task."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g)
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    return centres[labels] + 0.3 * torch.randn(len(labels), dim, generator=g), labels
+
+
+def quiet_trainer(**settings):
+    """A CPU Trainer for tests: no logs, no checkpoints, no progress bar or model summary."""
+    quiet = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    return pl.Trainer(**quiet, **settings)
+
+
+# Reference computations of the model's maths, written out in numpy (test_model, test_sequence)
+
+
+def reference_attention(q, k, v, mask=None):
+    """softmax(q·kᵀ/√d)·v for one head, in float64 numpy, masked keys left out of the softmax
+    entirely."""
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    out, weights = np.zeros((len(q), v.shape[1])), np.zeros((len(q), len(k)))
+    for i in range(len(q)):
+        allowed = [j for j in range(len(k)) if mask is None or mask[i][j]]
+        scores = np.array([q[i] @ k[j] / math.sqrt(q.shape[1]) for j in allowed])
+        w = np.exp(scores - scores.max())
+        w /= w.sum()
+        weights[i, allowed] = w
+        out[i] = w @ v[allowed]
+    return out, weights
+
+
+def reference_multihead(x, w_qkv, b_qkv, w_o, b_o, num_heads, mask=None):
+    """Multi-head attention with the post's per-head layout: head h owns rows [3dh, 3dh+d) of the
+    stacked projection for q, the next d rows for k, the next d for v."""
+    embed_dim = w_o.shape[0]
+    d = embed_dim // num_heads
+    outs, maps = [], []
+    for h in range(num_heads):
+        block = slice(3 * d * h, 3 * d * (h + 1))
+        qkv = x @ w_qkv[block].T + b_qkv[block]
+        q, k, v = qkv[:, :d], qkv[:, d : 2 * d], qkv[:, 2 * d :]
+        o, w = reference_attention(q, k, v, mask)
+        outs.append(o)
+        maps.append(w)
+    return np.concatenate(outs, axis=1) @ w_o.T + b_o, np.stack(maps)
+
+
+def layer_norm(x, norm):
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(
+        var + norm.eps
+    ) * norm.weight.detach().numpy() + norm.bias.detach().numpy()
+
+
+# The tutorial's state_dict layout, written out: a checkpoint of the original code has exactly these
+# keys.
+TUTORIAL_KEYS = (
+    ["input_net.1.weight", "input_net.1.bias"]
+    + [
+        f"transformer.layers.{i}.{name}"
+        for i in range(2)
+        for name in (
+            "self_attn.qkv_proj.weight",
+            "self_attn.qkv_proj.bias",
+            "self_attn.o_proj.weight",
+            "self_attn.o_proj.bias",
+            "linear_net.0.weight",
+            "linear_net.0.bias",
+            "linear_net.3.weight",
+            "linear_net.3.bias",
+            "norm1.weight",
+            "norm1.bias",
+            "norm2.weight",
+            "norm2.bias",
+        )
+    ]
+    + [
+        "output_net.0.weight",
+        "output_net.0.bias",
+        "output_net.1.weight",
+        "output_net.1.bias",
+        "output_net.4.weight",
+        "output_net.4.bias",
+    ]
+)
