@@ -150,6 +150,9 @@ class SeedEachProcess(pl.Callback):
     def setup(self, trainer, pl_module, stage):
         if trainer.world_size > 1:
             pl.seed_everything(self.seed + trainer.global_rank, verbose=False)
+            # But Lightning's DistributedSampler shuffles with PL_GLOBAL_SEED, which must be the
+            # same in every process: otherwise their shares of an epoch overlap.
+            os.environ["PL_GLOBAL_SEED"] = str(self.seed)
 
 
 def make_trainer(args, root_dir, callbacks, **overrides):

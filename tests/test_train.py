@@ -2,6 +2,7 @@
 errors."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -199,14 +200,6 @@ def test_a_copied_run_resumes_on_its_own(interrupted_run, tmp_path):
     assert files_of(original) == before  # it read and wrote nothing of the run it came from
 
 
-def test_a_moved_run_resumes_with_its_best_epoch(interrupted_run, tmp_path):
-    first, interrupted = interrupted_run
-    moved = str(tmp_path / "moved")
-    shutil.move(shutil.copytree(first, tmp_path / "first"), moved)
-    resumed = train_in_process(*RESUMED, "--checkpoint-dir", moved, "--resume")
-    check_resumed(resumed, interrupted, moved)
-
-
 @pytest.mark.parametrize("task, name", [("reverse", "ReverseTask"), ("seq2seq", "Seq2SeqTask")])
 def test_sequence_task_runs_through_train_py(task, name, tmp_path):
     proc = train_in_process("--task", task, "--checkpoint-dir", tmp_path, "--fast-dev-run")
@@ -242,16 +235,12 @@ def test_fast_synthetic_run(synthetic_run, fast_synthetic_run):
     assert list(model.state_dict()) == list(AnomalyPredictor(**model.hparams).state_dict())
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_ddp_trains_on_two_processes_and_evaluates_on_one(
-    synthetic_run, fast_synthetic_run, tmp_path, fast
-):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_synthetic_run if fast else None)
+def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_path):
+    """The post's path on two processes, end to end; what each process of a --fast run trains on
+    is test_each_process_trains_on_its_half_and_draws_its_own_sets's."""
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     ddp_args = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"]
-    fast_flag = ["--fast"] if fast else []
-    proc = run_train(
-        "--synthetic", "--checkpoint-dir", checkpoint_dir, *ddp_args, *fast_flag, *SMALL_RUN
-    )
+    proc = run_train("--synthetic", "--checkpoint-dir", checkpoint_dir, *ddp_args, *SMALL_RUN)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "warning" not in (proc.stdout + proc.stderr).lower()
     # The first process alone prints; a second one took part, as the step count below shows.
@@ -267,10 +256,7 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(
     model = AnomalyPredictor.load_from_checkpoint(
         os.path.join(synthetic_dir, "SetAnomalyDetect.ckpt")
     ).eval()
-    suffix = "_fast" if fast else ""
-    load = lambda split: torch.load(
-        os.path.join(synthetic_dir, f"{split}_set_features{suffix}.tar")
-    )
+    load = lambda split: torch.load(os.path.join(synthetic_dir, f"{split}_set_features.tar"))
     train_feats, train_labels = load("train")["features"], load("train")["labels"]
     _, val_idx = split_train_val(train_labels)
     for key, feats, labels in (
@@ -290,20 +276,27 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(
         )
 
 
-class FirstBatch(pl.Callback):
-    """Writes, in each process, what it trains on first: the anomalies of its first batch, each
-    other image's place in its class's list, and the validation sets."""
+class EpochRecord(pl.Callback):
+    """Writes, in each process, what it trained on in an epoch: its steps, every anomaly, where
+    the other images of its first batch's sets sit in their class's list, and the validation
+    sets."""
 
     def __init__(self, out_dir, datasets):
-        self.out_dir, self.datasets = out_dir, datasets
+        self.out_dir, self.datasets, self.anomalies, self.positions = out_dir, datasets, [], None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        by_label = self.datasets["train"].img_idx_by_label
-        position = {int(i): p for row in by_label for p, i in enumerate(row)}
         sets = batch[1]
+        self.anomalies += sets[:, -1].tolist()
+        if self.positions is None:
+            by_label = self.datasets["train"].img_idx_by_label
+            position = {int(i): p for row in by_label for p, i in enumerate(row)}
+            self.positions = [[position[int(i)] for i in row[:-1]] for row in sets]
+
+    def on_train_epoch_end(self, trainer, module):
         record = dict(
-            anomalies=sets[:, -1].tolist(),
-            positions=[[position[int(i)] for i in row[:-1]] for row in sets],
+            steps=trainer.global_step,
+            anomalies=self.anomalies,
+            positions=self.positions,
             val_sets=self.datasets["val"].test_sets.tolist(),
         )
         with open(os.path.join(self.out_dir, f"rank{trainer.global_rank}.json"), "w") as f:
@@ -311,9 +304,9 @@ class FirstBatch(pl.Callback):
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_each_process_draws_its_own_sets(tmp_path, fast):
+def test_each_process_trains_on_its_half_and_draws_its_own_sets(tmp_path, fast):
     flags = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp", "--batch-size", "8"]
-    args = parse_args(flags + (["--fast"] if fast else []))
+    args = parse_args([*flags, *SMALL_RUN, "--epochs", "1"] + (["--fast"] if fast else []))
     pl.seed_everything(args.seed, verbose=False)
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(10).repeat(100)
@@ -322,19 +315,26 @@ def test_each_process_draws_its_own_sets(tmp_path, fast):
     loaders = train.make_loaders(args, datasets, torch.device("cpu"))
     model = AnomalyPredictor(**train.model_hparams(args, dict(input_dim=16, num_classes=1), 1))
     # Two processes as train.py's DDP makes them, only forked from this one rather than started
-    # anew (which takes seconds of imports): the sets each draws are the same either way.
+    # anew (which takes seconds of imports): what each trains on is the same either way.
     trainer = train.make_trainer(
-        args, tmp_path, [FirstBatch(tmp_path, datasets)], strategy="ddp_fork", max_steps=1,
+        args, tmp_path, [EpochRecord(tmp_path, datasets)], strategy="ddp_fork",
         limit_val_batches=0, logger=False,
     )  # fmt: skip
     trainer.fit(model, loaders["train"])
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    # Each process has its own anomalies, and draws its own images around them: Lightning seeds
-    # both processes alike, which would give the k-th set of each the same random positions.
+    # Each process takes every other anomaly of the epoch (the first ones padded to an even count)
+    # in whole batches, and none that the other took.
+    steps = math.ceil(len(datasets["train"]) / 2) // 8
+    assert [r["steps"] for r in ranks] == [steps, steps]
+    assert [len(r["anomalies"]) for r in ranks] == [8 * steps, 8 * steps]
     assert not set(ranks[0]["anomalies"]) & set(ranks[1]["anomalies"])
+    # Each draws its own images around them: Lightning seeds both processes alike, which would
+    # give the k-th set of each the same random positions.
     assert ranks[0]["positions"] != ranks[1]["positions"]
-    # The evaluation sets are the post's fixed ones, the same in every process.
+    # The evaluation sets are the post's fixed ones, the same in every process; and evaluated
+    # by one process after training, each is seen once.
     assert ranks[0]["val_sets"] == ranks[1]["val_sets"]
+    assert sum(len(batch[0]) for batch in loaders["test"]) == len(datasets["test"])
 
 
 class FakeTrainer:
@@ -342,7 +342,8 @@ class FakeTrainer:
         self.world_size, self.global_rank = world_size, global_rank
 
 
-def test_each_process_is_seeded_apart_and_one_process_is_left_alone():
+def test_each_process_is_seeded_apart_and_one_process_is_left_alone(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # as pl.seed_everything(42) left it
     np.random.seed(7)
     before = np.random.get_state()[1].copy()
     SeedEachProcess(42).setup(FakeTrainer(world_size=1, global_rank=0), None, "fit")
@@ -354,6 +355,8 @@ def test_each_process_is_seeded_apart_and_one_process_is_left_alone():
         np.random.seed(42 + rank)  # what process `rank` is seeded with: reproducible
         torch.manual_seed(42 + rank)
         assert draws[-1] == (np.random.randint(2**31), torch.randint(2**31, ()).item())
+        # The seed Lightning's DistributedSampler shuffles with stays the run's in every process.
+        assert os.environ["PL_GLOBAL_SEED"] == "42"
     assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
 
 
