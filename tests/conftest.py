@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -50,23 +51,42 @@ def run_once(tmp_path_factory, name, run):
     return str(made / "models"), subprocess.CompletedProcess(name, int(code), out, err)
 
 
+def run_synthetic(folder):
+    """`python train.py --synthetic` into folder, exactly as a newcomer starts it, its output
+    (stderr too) going to a file: the finished process, the output as its stdout."""
+    from helpers import HANG_GUARD_S, ROOT
+
+    command = [sys.executable, "train.py", "--synthetic", "--checkpoint-dir", folder]
+    with open(os.path.join(folder, "..", "log"), "w+") as log:
+        proc = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=HANG_GUARD_S
+        )
+        log.seek(0)
+        return subprocess.CompletedProcess(command, proc.returncode, log.read(), "")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def start_synthetic_run(request, tmp_path_factory):
+    """Starts the shared --synthetic run as the session starts, if a test reads it, in a thread of
+    its own: the tests that do not read it run meanwhile, and the first that does waits for it."""
+    wanted = any("synthetic_run" in item.fixturenames for item in request.session.items)
+    if not wanted or fcntl is None:  # no lock to wait on: synthetic_run makes it when first asked
+        yield
+        return
+    tmp_path_factory.getbasetemp()  # made here, not by two threads at once
+    thread = threading.Thread(
+        target=run_once, args=(tmp_path_factory, "synthetic_run", run_synthetic), daemon=True
+    )
+    thread.start()
+    yield
+    thread.join()  # no run left behind by the session
+
+
 @pytest.fixture(scope="session")
 def synthetic_run(tmp_path_factory):
-    """One `python train.py --synthetic` run, exactly as a newcomer starts it, its output (stderr
-    too) going to a file: (checkpoint folder, the finished process with the output as stdout)."""
-
-    def run(folder):
-        from helpers import HANG_GUARD_S, ROOT
-
-        command = [sys.executable, "train.py", "--synthetic", "--checkpoint-dir", folder]
-        with open(os.path.join(folder, "..", "log"), "w+") as log:
-            proc = subprocess.run(
-                command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, timeout=HANG_GUARD_S
-            )
-            log.seek(0)
-            return subprocess.CompletedProcess(command, proc.returncode, log.read(), "")
-
-    folder, proc = run_once(tmp_path_factory, "synthetic_run", run)
+    """The shared `python train.py --synthetic` run (run_synthetic): (checkpoint folder, the
+    finished process with the output as stdout)."""
+    folder, proc = run_once(tmp_path_factory, "synthetic_run", run_synthetic)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return folder, proc
 

@@ -151,6 +151,40 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path, she
     assert not marker.exists()
 
 
+def test_a_moved_runs_last_checkpoint_is_pointed_at_its_new_folder(tmp_path):
+    """Lightning keeps absolute paths in last.ckpt: after the run folder moved they name a folder
+    that is gone, and Lightning would forget the best epoch. (test_train resumes a copied run.)"""
+    gone, here = tmp_path / "gone", tmp_path / "moved"
+    here.mkdir()
+    best, last = "epoch=1-step=122.ckpt", os.path.join(here, "last.ckpt")
+    (here / best).write_bytes(b"")
+
+    def states(folder):
+        paths = dict(dirpath=str(folder), kth_best_model_path=str(folder / best))
+        return {
+            "ModelCheckpoint{'monitor': 'val_acc'}": dict(
+                paths, best_model_path=str(folder / best), last_model_path="",
+                best_k_models={str(folder / best): torch.tensor(0.5)},
+            ),
+            "ModelCheckpoint{'monitor': None}": dict(
+                paths, best_model_path="", last_model_path=str(folder / "last.ckpt"),
+                best_k_models={},
+            ),
+        }  # fmt: skip
+
+    runs.relocate({"callbacks": states(gone), "epoch": 1}, last)
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 1 and saved["callbacks"] == states(here)
+    # Without the best epoch's file beside it the run cannot go on as it was: one line says why.
+    os.remove(here / best)
+    with pytest.raises(SystemExit) as exit_info:
+        runs.relocate({"callbacks": states(gone)}, last)
+    assert str(exit_info.value.code) == (
+        f"error: {last} continues from its best epoch {best}, which is not in {here}: copy the "
+        "whole run folder, or train anew without --resume."
+    )
+
+
 def test_weights_that_are_not_finite_are_refused(tmp_path):
     path = tmp_path / "SetAnomalyDetect.ckpt"
     ckpt = small_checkpoint(path)
