@@ -384,8 +384,9 @@ def test_a_missing_accelerator_is_one_line(tmp_path, monkeypatch, accelerator):
 
 
 @pytest.mark.parametrize("fast", [False, True])
-def test_bf16_mixed_precision_synthetic_run(synthetic_run, fast_synthetic_run, tmp_path, fast):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_synthetic_run if fast else None)
+def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path, request, fast):
+    fast_run = request.getfixturevalue("fast_synthetic_run") if fast else None
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_run)
     args = [
         "--synthetic",
         "--checkpoint-dir",
@@ -437,8 +438,9 @@ def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
 
 @pytest.mark.xdist_group("compile")  # one process pays for loading the compiler
 @pytest.mark.parametrize("fast", [False, True])
-def test_compiled_synthetic_run(synthetic_run, fast_synthetic_run, tmp_path, fast):
-    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_synthetic_run if fast else None)
+def test_compiled_synthetic_run(synthetic_run, tmp_path, request, fast):
+    fast_run = request.getfixturevalue("fast_synthetic_run") if fast else None
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path, fast_run)
     args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--compile", *SMALL_RUN]
     proc = train_in_process(*args, *(["--fast"] if fast else []))
     assert proc.returncode == 0, proc.stderr[-3000:]
