@@ -415,7 +415,6 @@ def compile_pair(fast, dropout=0.0):
     return eager, compiled
 
 
-@pytest.mark.xdist_group("compile")  # one process pays for loading the compiler
 @pytest.mark.parametrize("flags", [["--compile"], ["--fast", "--compile"]])
 def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
     args = parse_args(flags)
@@ -436,7 +435,6 @@ def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
         with_bit_masks.train().anomaly_logits(x)
 
 
-@pytest.mark.xdist_group("compile")  # one process pays for loading the compiler
 @pytest.mark.parametrize("fast", [False, True])
 def test_compiled_synthetic_run(synthetic_run, tmp_path, request, fast):
     fast_run = request.getfixturevalue("fast_synthetic_run") if fast else None
