@@ -120,13 +120,17 @@ def interrupted_run(synthetic_run, tmp_path_factory):
         command = [sys.executable, "train.py", "--num-workers", "0", "--checkpoint-dir", folder]
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         proc = subprocess.Popen([*command, *RESUMED], **pipes)
-        deadline = time.time() + HANG_GUARD_S
-        while not os.path.exists(last_of(folder)) and proc.poll() is None:
-            assert time.time() < deadline, "no epoch finished"
-            time.sleep(0.02)
-        time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
+        try:
+            deadline = time.time() + HANG_GUARD_S
+            while not os.path.exists(last_of(folder)) and proc.poll() is None:
+                assert time.time() < deadline, "no epoch finished"
+                time.sleep(0.02)
+            time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)
+        finally:
+            if proc.poll() is None:  # a hung run is not left behind
+                proc.kill()
         return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
     return run_once(tmp_path_factory, "interrupted_run", run)

@@ -5,11 +5,13 @@ written out in numpy. The runs that the whole suite shares are conftest.py's fix
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytorch_lightning as pl
@@ -46,23 +48,33 @@ def run_train(*args, env=None):
 def train_in_process(*args):
     """train.main(args) in the test's own process: what `python train.py args` prints and exits
     with, as a CompletedProcess, without the seconds a new process spends loading torch and
-    Lightning. A message that stops the run is exit code 1 and that line on stderr, as Python makes
-    it; the folder locks the run took are let go and torch's threads put back, as a process's end
-    would. Where the process itself matters (signals, imports, DDP) the tests run the script."""
+    Lightning. Its stderr holds what the script's would: warnings shown, Lightning's log lines, and
+    a message that stops the run (exit code 1, as Python makes it). The folder locks the run took
+    are let go and torch's threads put back, as a process's end would. Where the process itself
+    matters (signals, imports, DDP, the one-line exit) the tests run the script."""
     threads, out, err = torch.get_num_threads(), io.StringIO(), io.StringIO()
+    log = logging.StreamHandler(err)
+    lightning = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
     code = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            train.main(["--num-workers", "0", *map(str, args)])
-        except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
-            if not isinstance(stop.code, int):
-                print(stop.code, file=sys.stderr)
-        finally:
-            torch.set_num_threads(threads)
-            for lock in runs.HELD_LOCKS.values():
-                lock.close()
-            runs.HELD_LOCKS.clear()
+        with warnings.catch_warnings(record=True) as shown:
+            for logger in lightning:
+                logger.addHandler(log)
+            try:
+                train.main(["--num-workers", "0", *map(str, args)])
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+                if stop.code is not None and not isinstance(stop.code, int):
+                    print(stop.code, file=sys.stderr)
+            finally:
+                for logger in lightning:
+                    logger.removeHandler(log)
+                torch.set_num_threads(threads)
+                for lock in runs.HELD_LOCKS.values():
+                    lock.close()
+                runs.HELD_LOCKS.clear()
+    for w in shown:
+        err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
     return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
 
 

@@ -1,4 +1,5 @@
-"""predict.py on generated images, with a model trained here on generated features."""
+"""predict.py on generated images, with a model trained here on generated features; predict.py and
+train.py offline."""
 
 import json
 import os
@@ -222,6 +223,12 @@ def test_offline_runs_fail_fast_and_name_what_is_missing(trained, tmp_path):
     weights_line = [line for line in predicted.stderr.splitlines() if "ResNet34 weights" in line]
     assert len(weights_line) == 1 and str(tmp_path / "torch") in weights_line[0]
     assert weights_line[0] in trained_run.stderr.splitlines()
+
+
+def test_bad_input_to_the_script_is_one_line_and_exit_1(tmp_path):
+    proc = run_script("predict.py", "--checkpoint-dir", tmp_path, tmp_path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error:")
 
 
 def test_set_size_accuracy_on_cached_test_features(trained, tmp_path, capsys):

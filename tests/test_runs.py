@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,7 +155,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path, she
 def test_a_moved_runs_last_checkpoint_is_pointed_at_its_new_folder(tmp_path):
     """Lightning keeps absolute paths in last.ckpt: after the run folder moved they name a folder
     that is gone, and Lightning would forget the best epoch. (test_train resumes a copied run.)"""
-    gone, here = tmp_path / "gone", tmp_path / "moved"
+    root = Path(os.path.realpath(tmp_path))  # as ModelCheckpoint keeps its folder
+    gone, here = root / "gone", root / "moved"
     here.mkdir()
     best, last = "epoch=1-step=122.ckpt", os.path.join(here, "last.ckpt")
     (here / best).write_bytes(b"")
@@ -183,6 +185,24 @@ def test_a_moved_runs_last_checkpoint_is_pointed_at_its_new_folder(tmp_path):
         f"error: {last} continues from its best epoch {best}, which is not in {here}: copy the "
         "whole run folder, or train anew without --resume."
     )
+
+
+def test_threads_follow_the_work_unless_omp_num_threads_chooses(monkeypatch):
+    monkeypatch.setattr(runs, "usable_cores", lambda: 8)
+    assert runs.cpu_threads("reverse") == runs.cpu_threads("seq2seq") == 1
+    # The set task takes the usable cores, shared between its processes.
+    assert [runs.cpu_threads("anomaly", devices) for devices in (1, 2, 3, 16)] == [8, 4, 2, 1]
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the suite sets it (conftest.py)
+        runs.use_cpu_threads("anomaly", devices=2)
+        assert torch.get_num_threads() == 4
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        torch.set_num_threads(3)  # as torch reads OMP_NUM_THREADS when it loads
+        runs.use_cpu_threads("reverse")
+        assert torch.get_num_threads() == 3  # the user's choice stands
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_weights_that_are_not_finite_are_refused(tmp_path):
