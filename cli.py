@@ -245,9 +245,10 @@ def check_before_work(args, lock=True):
             f"error: --resume found no {last} to continue from. Run without --resume to start anew."
         )
     device = runs.pick_device(args.accelerator)
-    if args.devices > usable_devices(device):
+    usable = usable_devices(device)
+    if args.devices > usable:
         sys.exit(
-            f"error: --devices {args.devices}: this machine has {usable_devices(device)} "
+            f"error: --devices {args.devices}: this machine has {usable} "
             f"{'CPU cores' if device.type == 'cpu' else device.type.upper() + ' devices'} to train "
             "on, a process each. Use fewer."
         )

@@ -114,17 +114,14 @@ def interrupted_run(synthetic_run, tmp_path_factory):
     it, once its first epoch is saved: (its folder, the process with its output)."""
 
     def run(folder):
-        from helpers import HANG_GUARD_S, RESUMED, ROOT, copy_caches, last_of
+        from helpers import HANG_GUARD_S, RESUMED, ROOT, copy_caches, last_of, wait_for
 
         copy_caches(synthetic_run, folder)
         command = [sys.executable, "train.py", "--num-workers", "0", "--checkpoint-dir", folder]
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         proc = subprocess.Popen([*command, *RESUMED], **pipes)
         try:
-            deadline = time.time() + HANG_GUARD_S
-            while not os.path.exists(last_of(folder)) and proc.poll() is None:
-                assert time.time() < deadline, "no epoch finished"
-                time.sleep(0.02)
+            wait_for(lambda: os.path.exists(last_of(folder)), proc)
             time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds
             proc.send_signal(signal.SIGINT)
             stdout, stderr = proc.communicate(timeout=HANG_GUARD_S)

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import numpy as np
@@ -76,6 +77,16 @@ def train_in_process(*args):
     for w in shown:
         err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
     return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def wait_for(condition, process):
+    """Returns once condition() holds, with process still running; fails if the process ends
+    first or the hang guard passes."""
+    deadline = time.time() + HANG_GUARD_S
+    while not condition() and process.poll() is None:
+        assert time.time() < deadline, "the run never got there"
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it got there"
 
 
 RESUMED = ["--synthetic", "--epochs", "3", "--batch-size", "16"]  # 61 steps an epoch

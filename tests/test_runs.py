@@ -21,8 +21,10 @@ from helpers import (
     SMALL_RUN,
     SMALL_SET_MODEL,
     copy_caches,
+    last_of,
     read_results,
     train_in_process,
+    wait_for,
 )
 from model import AnomalyPredictor
 
@@ -41,19 +43,12 @@ def start_train(checkpoint_dir, *args, log):
         )
 
 
-def wait_for(condition, process):
-    deadline = time.time() + HANG_GUARD_S
-    while not condition() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert process.poll() is None, "the first run ended before the second started"
-
-
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_nothing(
     synthetic_run, tmp_path
 ):
     folder = copy_caches(synthetic_run, tmp_path)
     task = os.path.join(folder, "synthetic", "SetAnomalyDetect")
-    last, log = os.path.join(task, "checkpoints", "last.ckpt"), tmp_path / "first.log"
+    last, log = last_of(folder), tmp_path / "first.log"
     first = start_train(folder, "--epochs", "50", "--seed", "1", log=log)
     try:
         wait_for(lambda: "Epoch 1/50:" in log.read_text() and os.path.isfile(last), first)
@@ -217,7 +212,7 @@ def test_weights_that_are_not_finite_are_refused(tmp_path):
 
 def test_sigterm_stops_training_as_ctrl_c_does(synthetic_run, tmp_path):
     folder = copy_caches(synthetic_run, tmp_path)
-    last = os.path.join(folder, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
+    last = last_of(folder)
     log = tmp_path / "run.log"
     run = start_train(folder, "--epochs", "50", log=log)
     wait_for(lambda: "Epoch 1/50:" in log.read_text() and os.path.isfile(last), run)

@@ -251,8 +251,7 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_pat
     assert proc.stdout.count("Test accuracy:") == 1
     ddp = read_results(checkpoint_dir)
     # Each process took its half of the 990 training anomalies an epoch: ceil(990 / 2) // 64 steps.
-    last = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect", "checkpoints", "last.ckpt")
-    assert torch.load(last, weights_only=False)["global_step"] == 2 * (495 // 64)
+    assert torch.load(last_of(checkpoint_dir), weights_only=False)["global_step"] == 2 * (495 // 64)
     # The saved model's accuracy over the full, fixed sets, computed here without Lightning: the
     # same numbers.
     synthetic_dir = os.path.join(checkpoint_dir, "synthetic")
