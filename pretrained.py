@@ -60,6 +60,7 @@ def published_model(checkpoint_dir, task):
                 f"error: cannot get {url} ({type(error).__name__}: {error}). To place it by hand, "
                 f"download it to {path}."
             )
+        return path, expected  # verified before it was kept
     found = git_blob_id(path)
     if found != expected:
         sys.exit(
