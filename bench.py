@@ -15,7 +15,7 @@ step's matrix products alone set.
     python bench.py --ablation           # the training step only, each part of the fast path alone
 """
 
-import stops
+from harness import stops
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
     stops.while_starting()
@@ -35,14 +35,14 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-import cli
-import runs
 import train
 from data import anomaly_datasets
 from features import (
     CIFAR100_SIZES,
     FEATURE_DIM,
+    IMAGE_SIZE,
     ImageArray,
     extract_features,
     extract_features_fast,
@@ -51,15 +51,16 @@ from features import (
     image_transform,
     resnet34_backbone,
 )
+from harness import cli, files, runs
+from harness.runlog import quiet_lightning
+from harness.runs import IO_DIMS
 from model import FAST_PARTS, AnomalyPredictor
-from runlog import quiet_lightning
 
 # The post's run (train.py's defaults) on CIFAR-100's shapes: 100 classes, 60 000 images in all.
 POST = cli.parse_args([])
 NUM_CLASSES, ALL_IMAGES = 100, sum(CIFAR100_SIZES.values())
-IO_DIMS = dict(input_dim=FEATURE_DIM, num_classes=1)
 # The post's model has 2.3 M parameters; a step of 64 sets of 10 feeds 640 tokens through them.
-POST_MODEL = AnomalyPredictor(**train.model_hparams(POST, IO_DIMS, steps_per_epoch=1))
+POST_MODEL = AnomalyPredictor(**train.model_hparams(POST, IO_DIMS["anomaly"], epoch_steps=1))
 PARAMS = sum(p.numel() for p in POST_MODEL.parameters())
 STEP_FLOP = 6 * PARAMS * POST.batch_size * POST.set_size  # a step's forward and backward products
 PARTS = FAST_PARTS + ("sampler",)  # the fast path's parts in the training step
@@ -146,8 +147,8 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
         args.dropout = args.input_dropout = 0.0
     pl.seed_everything(0)
     loaders = train.make_loaders(args, datasets, device)
-    hparams = train.model_hparams(args, IO_DIMS, len(loaders["train"]))
-    model = AnomalyPredictor(**hparams, fast=parts & set(FAST_PARTS))
+    hparams = train.model_hparams(args, IO_DIMS["anomaly"], len(loaders["train"]))
+    model = AnomalyPredictor(**hparams, fast_parts=parts & set(FAST_PARTS))
     timer, ops = StepTimer(), StepOps(at=warmup - 1)
     with tempfile.TemporaryDirectory() as root_dir:
         trainer = train.make_trainer(
@@ -214,8 +215,8 @@ def time_extraction(fast, device, backbone, images, min_seconds):
         extract_features_fast(model, images[:batch], device)
         extract = lambda: extract_features_fast(model, images, device)
     else:
-        dataset = ImageArray(images, [0] * len(images), image_transform(224))
-        loader = torch.utils.data.DataLoader(dataset, 128, num_workers=4, persistent_workers=True)
+        dataset = ImageArray(images, [0] * len(images), image_transform(IMAGE_SIZE))
+        loader = DataLoader(dataset, 128, num_workers=4, persistent_workers=True)
         with torch.no_grad():  # the workers start, and then stay for every pass
             backbone.to(device)(next(iter(loader))[0].to(device))
         extract = lambda: extract_features(backbone, loader, device)
@@ -419,7 +420,7 @@ def main(argv=None):
         faithful, fast = results["faithful"][key], results["fast"][key]
         report[key] = {"faithful": faithful, "fast": fast, "fast/faithful": fast / faithful}
     print_report(report, results["faithful"])
-    runs.save_json(args.out, report)
+    files.save_json(args.out, report)
     print(f"written to {args.out}")
     return report
 

@@ -6,7 +6,7 @@ A set holds set_size-1 images of one class and, last, one image of another class
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.utils.data as data
+from torch.utils.data import Dataset
 
 
 def images_by_class(labels):
@@ -51,7 +51,7 @@ def split_train_val(labels):
     return train_indices, val_indices
 
 
-class SetAnomalyDataset(data.Dataset):
+class SetAnomalyDataset(Dataset):
     """One set per image: that image is the anomaly, set_size-1 images of another class surround it.
 
     img_feats - image features, [num_imgs, img_dim]
@@ -78,7 +78,9 @@ class SetAnomalyDataset(data.Dataset):
             )
         self.img_feats = img_feats
         self.labels = labels
-        self.set_size = set_size - 1  # images drawn from the set's class; the anomaly comes on top
+        # Images drawn from the set's class; the anomaly comes on top. The post names it set_size,
+        # which it is not: the set holds one image more.
+        self.num_drawn = set_size - 1
         self.train = train
 
         self.img_idx_by_label = images_by_class(labels)
@@ -87,10 +89,10 @@ class SetAnomalyDataset(data.Dataset):
             raise ValueError(
                 "at least two classes are needed: the anomaly comes from another class than the set"
             )
-        if self.img_idx_by_label.shape[1] < self.set_size:
+        if self.img_idx_by_label.shape[1] < self.num_drawn:
             raise ValueError(
                 f"each class has {self.img_idx_by_label.shape[1]} images, fewer than the "
-                f"{self.set_size} a set of size {set_size} draws from one class; "
+                f"{self.num_drawn} a set of size {set_size} draws from one class; "
                 "use a smaller set size"
             )
 
@@ -112,7 +114,7 @@ class SetAnomalyDataset(data.Dataset):
         # one, so every other class is hit by exactly one value.
         if set_label >= anomaly_label:
             set_label += 1
-        img_indices = rng.choice(self.img_idx_by_label.shape[1], size=self.set_size, replace=False)
+        img_indices = rng.choice(self.img_idx_by_label.shape[1], size=self.num_drawn, replace=False)
         return self.img_idx_by_label[set_label, img_indices]
 
     def __len__(self):
@@ -150,7 +152,7 @@ def anomaly_datasets(train_feats, train_labels, test_feats, test_labels, set_siz
 NUM_CATEGORIES, SEQ_LEN, SEQ_SIZES = 10, 16, {"train": 50000, "val": 1000, "test": 10000}
 
 
-class ReverseDataset(data.Dataset):
+class ReverseDataset(Dataset):
     """The tutorial's sequence task: size random sequences of seq_len integers in
     [0, num_categories); the label of each is the same sequence reversed.
     An item is (sequence [seq_len], label [seq_len])."""
@@ -170,7 +172,7 @@ class ReverseDataset(data.Dataset):
         return inp_data, torch.flip(inp_data, dims=(0,))
 
 
-class SortDataset(data.Dataset):
+class SortDataset(Dataset):
     """A task whose answer must be generated token by token: sort a sequence of integers.
 
     Each of the size sequences has a random length in [2, max_len] and integers in
@@ -221,7 +223,7 @@ class SetBatches:
     def __init__(self, dataset, batch_size, device=None, seed=0):
         self.img_feats, self.labels = dataset.img_feats, dataset.labels
         self.img_idx_by_label = dataset.img_idx_by_label
-        self.num_drawn = dataset.set_size  # images of the set's class; the anomaly comes last
+        self.num_drawn = dataset.num_drawn  # images of the set's class; the anomaly comes last
         self.train = dataset.train
         self.test_sets = None if self.train else dataset.test_sets
         self.batch_size, self.device = batch_size, device

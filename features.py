@@ -6,25 +6,27 @@ caches hold the features, the labels and a note of what produced them, so a cach
 backbone, transform or data set, or a cut-off file, is noticed and rebuilt.
 """
 
-import contextlib
 import copy
-import errno
 import os
-import shutil
-import socket
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.data as data
 from PIL import Image
 from torch.fx.experimental.optimization import fuse
+from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import CIFAR100
 from torchvision.models import ResNet34_Weights, resnet34
 from tqdm.auto import tqdm
 
+from harness.files import download_timeout, free_mb, save_atomically
+
+# The post's folders: where CIFAR-100 goes (--data-dir) and where the feature caches, models and
+# logs go (--checkpoint-dir), as the post's DATASET_PATH and CHECKPOINT_PATH.
+DATASET_PATH = "datasets"
+CHECKPOINT_PATH = "saved_models"
 # ImageNet statistics: the backbone was trained on images normalised with them.
 DATA_MEANS = (0.485, 0.456, 0.406)
 DATA_STD = (0.229, 0.224, 0.225)
@@ -32,8 +34,8 @@ CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_SIZES = {"train": 50000, "test": 10000}
 WEIGHTS = ResNet34_Weights.IMAGENET1K_V1
 CACHE_FILES = {"train": "train_set_features.tar", "test": "test_set_features.tar"}  # the post's
+IMAGE_SIZE = 224  # the backbone's input: the post resizes CIFAR-100's 32×32 images to 224×224
 FEATURE_DIM = 512
-DOWNLOAD_TIMEOUT_S = 20  # seconds without an answer before a download counts as failed
 
 
 # --------------------------------------------------------------------------------------------------
@@ -53,18 +55,7 @@ class MissingResources(RuntimeError):
         )
 
 
-@contextlib.contextmanager
-def download_timeout():
-    """Without a timeout a network that silently drops packets would hang a download for minutes."""
-    default = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(default)
-
-
-def image_transform(image_size=224):
+def image_transform(image_size=IMAGE_SIZE):
     """The post's transform: resize to the backbone's input size, to a [0, 1] tensor, normalise."""
     return transforms.Compose(
         [
@@ -85,7 +76,7 @@ def open_cifar100(data_dir):
                 datasets[split] = CIFAR100(
                     root=data_dir,
                     train=split == "train",
-                    transform=image_transform(224),
+                    transform=image_transform(IMAGE_SIZE),
                     download=True,
                 )
     except Exception as error:
@@ -104,7 +95,7 @@ def open_cifar100(data_dir):
     return datasets, backbone
 
 
-class ImageArray(data.Dataset):
+class ImageArray(Dataset):
     """uint8 images [N, H, W, 3] served as torchvision's CIFAR100 serves its .data: each through
     transform as a PIL image, with its target."""
 
@@ -160,8 +151,8 @@ def extract_features(model, dataset, device, batch_size=128, num_workers=4, desc
     also be a DataLoader over one, in order (bench.py keeps its workers alive that way).
     """
     loader = dataset
-    if not isinstance(loader, data.DataLoader):
-        loader = data.DataLoader(
+    if not isinstance(loader, DataLoader):
+        loader = DataLoader(
             dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers
         )
     model = model.to(device)
@@ -185,7 +176,9 @@ def fast_batch_size(device):
 
 
 @torch.inference_mode()
-def extract_features_fast(model, images, device, image_size=224, batch_size=None, desc="features"):
+def extract_features_fast(
+    model, images, device, image_size=IMAGE_SIZE, batch_size=None, desc="features"
+):
     """The fast path's extract_features: images [N, H, W, 3] uint8 (a CIFAR100's .data) go to the
     device as they are, and are resized, normalised and run through model (made by fast_backbone)
     there in batches, with no PIL and no workers.
@@ -231,7 +224,7 @@ def cache_meta(dataset_name, split, num_images, weights_name, image_size):
 
 def cifar100_meta(split):
     """What the feature cache of a CIFAR-100 split is made of."""
-    return cache_meta("CIFAR-100", split, CIFAR100_SIZES[split], WEIGHTS.name, 224)
+    return cache_meta("CIFAR-100", split, CIFAR100_SIZES[split], WEIGHTS.name, IMAGE_SIZE)
 
 
 def cache_path(cache_dir, split, fast=False):
@@ -241,49 +234,12 @@ def cache_path(cache_dir, split, fast=False):
     return os.path.join(cache_dir, name.replace(".tar", "_fast.tar") if fast else name)
 
 
-def cache_file(cache_dir, split, meta, fast=False):
-    """(path, meta) of a split's feature cache (cache_path): --fast's has a note of its own."""
+def extraction_meta(meta, fast=False):
+    """meta as the cache of one path of extraction notes it: --fast's features are computed
+    differently (extract_features_fast), so its caches say so."""
     if not fast:
-        return cache_path(cache_dir, split), meta
-    fast_meta = dict(meta, transform=meta["transform"] + " on float tensors (--fast)")
-    return cache_path(cache_dir, split, fast=True), fast_meta
-
-
-# What the system answers when a file cannot be written: no space, no quota, no permission.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
-
-
-def free_mb(folder):
-    """Megabytes free on folder's disk; 0 if there is no such folder."""
-    return shutil.disk_usage(folder).free / 2**20 if os.path.isdir(folder) else 0
-
-
-class WriteError(OSError):
-    """A file could not be written (disk full, no permission); the message names the file, the
-    cause and the space left. Nothing half-written is left behind."""
-
-
-def save_atomically(path, write):
-    """Calls write(tmp_path), then renames tmp_path to path: an interruption leaves no half file.
-    Raises WriteError if it cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp_path = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp_path)
-        os.replace(tmp_path, path)
-    except (OSError, RuntimeError) as error:
-        # torch.save reports a full disk as a RuntimeError; other OSErrors (a download's) pass on.
-        if isinstance(error, OSError) and error.errno not in WRITE_ERRNOS:
-            raise
-        cause = (str(error).strip().splitlines() or [""])[0][:200]
-        raise WriteError(
-            f"cannot write {path} ({type(error).__name__}: {cause}; {free_mb(folder):.0f} MB "
-            "free there)"
-        ) from None
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+        return meta
+    return dict(meta, transform=meta["transform"] + " on float tensors (--fast)")
 
 
 def save_cache(path, feats, labels, meta):
@@ -330,8 +286,8 @@ def cache_fault(feats, labels, n):
         return f"holds {int((~torch.isfinite(feats)).sum())} features that are NaN or infinite"
     if labels.is_floating_point() or labels.dtype == torch.bool:
         return f"holds labels that are not whole numbers ({labels.dtype})"
-    if labels.min() < 0 or labels.max() >= n:
-        return f"holds labels out of the range of classes [0, {n})"
+    if labels.min() < 0 or labels.max() >= n:  # n images hold fewer than n classes
+        return f"holds labels outside [0, {n}), the indices {n} images can have as classes"
     sizes = torch.bincount(labels.long())
     sizes = sizes[sizes > 0]
     if len(sizes) < 2 or (sizes != sizes[0]).any():
@@ -353,7 +309,7 @@ def check_free_space(cache_dir, num_images, split):
 
 
 def cached_features(
-    cache_dir, metas, open_sources, device, fast=False, num_workers=4, image_size=224
+    cache_dir, metas, open_sources, device, fast=False, num_workers=4, image_size=IMAGE_SIZE
 ):
     """The post's extract_features: {split: (features [N, 512], labels [N])} for each of metas.
 
@@ -363,7 +319,7 @@ def cached_features(
     """
     result, sources = {}, None
     for split, meta in metas.items():
-        path, meta = cache_file(cache_dir, split, meta, fast)
+        path, meta = cache_path(cache_dir, split, fast), extraction_meta(meta, fast)
         cached = load_cache(path, meta)
         if cached is None:
             check_free_space(cache_dir, meta["num_images"], split)
@@ -383,11 +339,14 @@ def cached_features(
         else:
             print(f"Loaded the {split} features from {path}")
         result[split] = cached
-    other = cache_path(cache_dir, split, not fast)
-    if os.path.isfile(other):  # the other path's run left its features: say why numbers differ
+    # The other path's run left its features: say why numbers differ.
+    others = [cache_path(cache_dir, split, not fast) for split in metas]
+    others = [path for path in others if os.path.isfile(path)]
+    if others:
         mine, theirs = ("--fast's", "the post's") if fast else ("the post's", "--fast's")
+        where = " and ".join(others)
         print(
-            f"These are {mine} features; {theirs}, in {other}, differ slightly, as may accuracies."
+            f"These are {mine} features; {theirs}, in {where}, differ slightly, as may accuracies."
         )
     return result
 
@@ -409,7 +368,8 @@ def cached_test_features(cache_dir, meta, then):
     file first, then --fast's), or None; a cache that is there but unusable is reported, ending with
     `then`. meta: what it must be made of, cifar100_meta("test") or synthetic_meta("test")."""
     for fast in (False, True):
-        cache = load_cache(*cache_file(cache_dir, "test", meta, fast), then=then)
+        path = cache_path(cache_dir, "test", fast)
+        cache = load_cache(path, extraction_meta(meta, fast), then=then)
         if cache is not None:
             return cache
     return None

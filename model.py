@@ -4,10 +4,11 @@
 2. 注意力层 (attention layer): scaled_dot_product, expand_mask, MultiheadAttention
 3. 前馈层, 残差连接和层归一化, 编码器结构 (feed-forward, residual + LayerNorm, encoder):
    EncoderBlock, TransformerEncoder
-4. 模型训练和推理 (training and inference): CosineWarmupScheduler, TransformerPredictor,
-   AnomalyPredictor
+4. The models that the post's 模型训练和推理 (training and inference) trains: it uses
+   AnomalyPredictor without defining it; AnomalyPredictor, the TransformerPredictor it builds on
+   and CosineWarmupScheduler are the tutorial's, written here after its description.
 
-After the post's code come what the post describes without coding it (the decoder with its masked
+After them come what the post describes without coding it (the decoder with its masked
 self-attention and cross-attention, Seq2SeqPredictor) and the tutorial's ReversePredictor; last, the
 pieces of the fast path (train.py --fast), which change how the model is computed, never what it is.
 """
@@ -223,7 +224,8 @@ class TransformerEncoder(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. 模型训练和推理 / training and inference: the schedule and the Lightning models
+# 4. The tutorial's schedule and Lightning models, which the post's 模型训练和推理 (training and
+# inference) uses without defining them
 # --------------------------------------------------------------------------------------------------
 
 
@@ -263,9 +265,10 @@ class TransformerPredictor(pl.LightningModule):
     max_iters     - total optimizer steps (the cosine reaches 0 there)
     dropout       - dropout inside the Transformer and the output MLP
     input_dropout - dropout on the input features
-    fast          - True: compute the same model by the fast path (use_fast_path, train.py --fast);
-                    or some of FAST_PARTS by name (bench.py --ablation). Not a hyper-parameter:
-                    weights and checkpoints are the same either way, so it is not saved with them.
+    fast_parts    - the parts of the fast path that compute the same model (use_fast_path):
+                    FAST_PARTS for train.py --fast, some of them for bench.py --ablation, () for
+                    the post's path. Not a hyper-parameter: weights and checkpoints are the same
+                    either way, so it is not saved with them.
     """
 
     def __init__(
@@ -280,12 +283,12 @@ class TransformerPredictor(pl.LightningModule):
         max_iters,
         dropout=0.0,
         input_dropout=0.0,
-        fast=False,
+        fast_parts=(),
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["fast"])
+        self.save_hyperparameters(ignore=["fast_parts"])
         self._create_model()
-        use_fast_path(self, fast)
+        use_fast_path(self, fast_parts)
 
     def _create_model(self):
         hp = self.hparams
@@ -594,19 +597,20 @@ class ReversePredictor(TransformerPredictor):
 
 # --------------------------------------------------------------------------------------------------
 # The fast path (train.py --fast): the same model, weights and checkpoints, computed faster. Its
-# parts are chosen once, when a model is made (TransformerPredictor's `fast`); what each is worth is
-# measured by bench.py --ablation (BENCHMARKS.md). Sets sampled on the device (data.SetBatches) and
-# batched feature extraction (features.extract_features_fast) belong to it as well.
+# parts are chosen once, when a model is made (TransformerPredictor's `fast_parts`); what each is
+# worth is measured by bench.py --ablation (BENCHMARKS.md). Sets sampled on the device
+# (data.SetBatches) and batched feature extraction (features.extract_features_fast) belong to it as
+# well.
 # --------------------------------------------------------------------------------------------------
 
 FAST_PARTS = ("dropout", "attention", "adam")  # the parts inside the model
 TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
 
 
-def fast_parts(fast, compiled=False):
-    """The parts of the fast path inside the model for train.py's flags: all with --fast, except
-    that --compile keeps PyTorch's dropout, since the CPU's bit masks are drawn by numpy, outside
-    any compiled graph."""
+def fast_path_parts(fast, compiled=False):
+    """The parts of the fast path inside the model for train.py's flags --fast and --compile: all
+    with --fast, except that --compile keeps PyTorch's dropout, since the CPU's bit masks are drawn
+    by numpy, outside any compiled graph."""
     if not fast:
         return ()
     return tuple(part for part in FAST_PARTS if not (compiled and part == "dropout"))
@@ -656,18 +660,17 @@ class BitMaskDropout(nn.Dropout):
 
 
 def use_fast_path(model, parts=FAST_PARTS):
-    """Puts the fast path's parts into model, in place, and notes them as model.fast_parts
-    (TransformerPredictor does when made). parts: True for all, or some of FAST_PARTS by name.
+    """Puts the fast path's parts into model, in place, and notes them as model.fast_parts, in
+    FAST_PARTS's order (TransformerPredictor does when made). parts: some of FAST_PARTS by name.
 
     "dropout" replaces every nn.Dropout by a BitMaskDropout of the same p, "attention" lets every
     MultiheadAttention use the fused kernel; "adam" is read by TransformerPredictor's
     configure_optimizers, which then chooses fused Adam (fused_adam).
     """
-    parts = set(FAST_PARTS if parts is True else parts or ())
-    unknown = parts - set(FAST_PARTS)
+    unknown = set(parts) - set(FAST_PARTS)
     if unknown:
         raise ValueError(f"unknown parts of the fast path: {sorted(unknown)}; known: {FAST_PARTS}")
-    model.fast_parts = parts
+    model.fast_parts = tuple(part for part in FAST_PARTS if part in parts)
     for module in list(model.modules()):
         if isinstance(module, MultiheadAttention):
             module.fused = "attention" in parts

@@ -11,7 +11,7 @@ Each image goes through the transform and the ImageNet ResNet34 of the training 
 trained on sets of 10, but its attention fixes no set size: any set of two or more images works.
 """
 
-import stops
+from harness import stops
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
     stops.while_starting()
@@ -25,14 +25,14 @@ import sys
 
 import numpy as np
 import torch
-import torch.utils.data as data
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader
 
 import features
-import synthetic
 from data import SetAnomalyDataset
+from harness import cli, synthetic
+from harness.runs import IO_DIMS, load_model, model_file, pick_device, run_dir
 from model import AnomalyPredictor
-from runs import load_model, model_file, pick_device, run_dir
 
 # The odd one out is declared only when it is this many times as likely as the next image: a model
 # that cannot tell gives every image about the same probability, and the top one is then chance.
@@ -86,12 +86,8 @@ def load_image(path):
 
 
 def train_command(args):
-    """The train.py command that makes what this run of predict.py reads, as a user types it."""
-    synthetic = " --synthetic" if args.synthetic else ""
-    folder = (
-        "" if args.checkpoint_dir == "saved_models" else f" --checkpoint-dir {args.checkpoint_dir}"
-    )
-    return f"`python train.py{synthetic}{folder}`"
+    """The train.py command that makes what this run of predict.py reads, in backquotes."""
+    return f"`{cli.train_command(synthetic=args.synthetic, checkpoint_dir=args.checkpoint_dir)}`"
 
 
 def synthetic_hint(args):
@@ -100,7 +96,8 @@ def synthetic_hint(args):
     model = model_file(run_dir(args.checkpoint_dir, synthetic=True))
     if args.synthetic or args.ckpt or not os.path.isfile(model):
         return ""
-    return f" The model of `python train.py --synthetic` is at {model}: add --synthetic to use it."
+    command = cli.train_command(synthetic=True, checkpoint_dir=args.checkpoint_dir)
+    return f" The model of `{command}` is at {model}: add --synthetic to use it."
 
 
 def load_set_model(path, device, command="`python train.py`", other=""):
@@ -113,9 +110,8 @@ def load_set_model(path, device, command="`python train.py`", other=""):
             f"error: no trained model at {path}. {command} trains one and saves it there, or "
             f"point --ckpt at a SetAnomalyDetect.ckpt.{other}"
         )
-    io_dims = dict(input_dim=features.FEATURE_DIM, num_classes=1)
     try:
-        return load_model(path, AnomalyPredictor, io_dims, device)[0]
+        return load_model(path, AnomalyPredictor, IO_DIMS["anomaly"], device)[0]
     except ValueError as error:
         sys.exit(f"error: {error}; use the SetAnomalyDetect.ckpt that {command} writes.")
 
@@ -126,7 +122,7 @@ def is_clear(probs):
     return bool(top >= CLEAR_RATIO * runner_up)
 
 
-def visualize_texts(probs):
+def percent_texts(probs):
     """Percentages with the decimals it takes to tell them apart (visualize.probability_texts)."""
     import visualize  # matplotlib: loaded only here
 
@@ -134,7 +130,7 @@ def visualize_texts(probs):
 
 
 @torch.no_grad()
-def predict(model, backbone, images, device, image_size=224):
+def predict(model, backbone, images, device, image_size=features.IMAGE_SIZE):
     """(probabilities [N] that each of images [N, 32, 32, 3] uint8 is the odd one out, attention
     maps: layers × [Head, N, N])."""
     dataset = features.ImageArray(images, [0] * len(images), features.image_transform(image_size))
@@ -152,7 +148,7 @@ def set_size_accuracy(model, feats, labels, set_size, device):
     """Accuracy of model on the post's fixed evaluation sets of set_size from feats and labels."""
     sets = SetAnomalyDataset(feats, labels, set_size=set_size, train=False)
     right = 0
-    for img_sets, _, label in data.DataLoader(sets, batch_size=256):
+    for img_sets, _, label in DataLoader(sets, batch_size=256):
         predicted = model.anomaly_logits(img_sets.to(device)).argmax(dim=-1).cpu()
         right += (predicted == label).sum().item()
     return right / len(labels)
@@ -166,7 +162,7 @@ def make_parser():
     add("images", nargs="*", help="two or more image files, or one folder of them")
     add(
         "--checkpoint-dir",
-        default="saved_models",
+        default=features.CHECKPOINT_PATH,
         help="where train.py saved it (default: %(default)s)",
     )
     add("--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)")
@@ -290,12 +286,12 @@ def predict_or_measure(p, args, out):
         backbone = get_backbone()
     except features.MissingResources as error:
         sys.exit(f"error: {error}")
-    image_size = synthetic.SYNTHETIC["image_size"] if args.synthetic else 224
+    image_size = synthetic.SYNTHETIC["image_size"] if args.synthetic else features.IMAGE_SIZE
     probs, maps = predict(model, backbone, images, device, image_size)
     names = [os.path.basename(f) for f in files]
     odd = int(np.argmax(probs))
 
-    clear, shown = is_clear(probs), visualize_texts(probs)
+    clear, shown = is_clear(probs), percent_texts(probs)
     if args.figure:
         import visualize  # matplotlib only when a figure is asked for
 

@@ -1,10 +1,11 @@
-"""模型训练和推理: the post's training section, for the post's set anomaly task and the tutorial's
-two sequence tasks. The data are set up (数据处理), a Lightning Trainer fits the model or the saved
-one is loaded (train_anomaly), and it is tested on each split. `python train.py -h` lists the
-commands and flags (cli.py); where a run keeps its files is runs.py, what it prints runlog.py.
+"""模型训练和推理: the post's training section, for the post's set anomaly task and two sequence
+tasks (the tutorial's reversal; sorting with the encoder-decoder, this project's own). The data
+are set up (数据处理), a Lightning Trainer fits the model or the saved one is loaded
+(train_anomaly), and it is tested on each split. `python train.py -h` lists the commands and flags
+(harness/cli.py); where a run keeps its files is harness/runs.py, what it prints harness/runlog.py.
 """
 
-import stops
+from harness import stops
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
     stops.while_starting()
@@ -17,14 +18,11 @@ import time
 
 import pytorch_lightning as pl
 import torch
-import torch.utils.data as data
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.utilities import rank_zero_only
+from torch.utils.data import DataLoader
 
-import pretrained
-import runs
-from cli import check_before_work, parse_args
 from data import (
     NUM_CATEGORIES,
     SEQ_LEN,
@@ -36,15 +34,17 @@ from data import (
     anomaly_datasets,
 )
 from features import MissingResources, cifar100_features
+from harness import files, pretrained, runs
+from harness.cli import check_before_work, parse_args
+from harness.runlog import RunLog, quiet_lightning
+from harness.synthetic import synthetic_features
 from model import (
     AnomalyPredictor,
     ReversePredictor,
     Seq2SeqPredictor,
     compile_training_forward,
-    fast_parts,
+    fast_path_parts,
 )
-from runlog import RunLog, quiet_lightning
-from synthetic import synthetic_features
 
 # --------------------------------------------------------------------------------------------------
 # 数据处理: features, datasets and loaders
@@ -68,7 +68,7 @@ def anomaly_setup(args, run_folder, device):
     # are, so that one model always scores the same; training itself draws fresh sets.
     train = datasets["train"]
     datasets["train_eval"] = SetAnomalyDataset(train.img_feats, train.labels, args.set_size, False)
-    return AnomalyPredictor, dict(input_dim=feats["train"][0].shape[-1], num_classes=1), datasets
+    return AnomalyPredictor, runs.IO_DIMS["anomaly"], datasets
 
 
 def sequence_setup(args):
@@ -76,11 +76,9 @@ def sequence_setup(args):
     in the order train, val, test."""
     if args.task == "reverse":
         datasets = {s: ReverseDataset(NUM_CATEGORIES, SEQ_LEN, n) for s, n in SEQ_SIZES.items()}
-        sizes = dict(input_dim=NUM_CATEGORIES, num_classes=NUM_CATEGORIES)
-        return ReversePredictor, sizes, datasets
+        return ReversePredictor, runs.IO_DIMS["reverse"], datasets
     datasets = {s: SortDataset(NUM_CATEGORIES, SEQ_LEN, n) for s, n in SEQ_SIZES.items()}
-    vocabulary = NUM_CATEGORIES + 3  # the digits, then BOS, EOS and PAD
-    return Seq2SeqPredictor, dict(input_dim=vocabulary, num_classes=vocabulary), datasets
+    return Seq2SeqPredictor, runs.IO_DIMS["seq2seq"], datasets
 
 
 def make_loaders(args, datasets, device):
@@ -90,10 +88,10 @@ def make_loaders(args, datasets, device):
     if args.fast and args.task == "anomaly":
         return {s: SetBatches(ds, args.batch_size, device, args.seed) for s, ds in datasets.items()}
     loaders = {
-        split: data.DataLoader(dataset, args.batch_size, shuffle=False, drop_last=False)
+        split: DataLoader(dataset, args.batch_size, shuffle=False, drop_last=False)
         for split, dataset in datasets.items()
     }
-    loaders["train"] = data.DataLoader(
+    loaders["train"] = DataLoader(
         datasets["train"],
         args.batch_size,
         shuffle=True,
@@ -103,9 +101,9 @@ def make_loaders(args, datasets, device):
     return loaders
 
 
-def model_hparams(args, io_dims, steps_per_epoch):
+def model_hparams(args, io_dims, epoch_steps):
     """The model's constructor arguments for this run: io_dims (input_dim, num_classes), the
-    flags."""
+    flags, and max_iters from epoch_steps, the optimizer steps of an epoch (steps_per_epoch)."""
     return dict(
         io_dims,
         model_dim=args.model_dim,
@@ -113,7 +111,7 @@ def model_hparams(args, io_dims, steps_per_epoch):
         num_layers=args.num_layers,
         lr=args.lr,
         warmup=args.warmup,
-        max_iters=args.epochs * steps_per_epoch,
+        max_iters=args.epochs * epoch_steps,
         dropout=args.dropout,
         input_dropout=args.input_dropout,
     )
@@ -185,16 +183,17 @@ def make_trainer(args, root_dir, callbacks, **overrides):
 
 
 def train_anomaly(args, model_class, hparams, loaders, run_folder):
-    """The post's train_anomaly, for every task: if a saved model is there and no retraining is
-    asked for, load it; otherwise fit, reload the best epoch and save it. Then test it on each
-    split. Returns (model, {"train_acc", "val_acc", "test_acc"}, whether it trained, seconds), or
-    None on every process but the first when several train."""
+    """The post's train_anomaly: if a saved model is there and no retraining is asked for, load it;
+    otherwise fit, reload the best epoch and save it. Then test it on each split. It keeps the
+    post's name, though it trains every task (the tutorial's train_reverse is the same steps).
+    Returns (model, {"train_acc", "val_acc", "test_acc"}, whether it trained, seconds), or None on
+    every process but the first when several train."""
     start = time.time()
     root_dir, saved = runs.task_dir(run_folder, args.task), runs.model_file(run_folder, args.task)
-    fast = fast_parts(args.fast, args.compile)
+    fast_parts = fast_path_parts(args.fast, args.compile)
     found = os.path.isfile(saved) and not (args.retrain or args.resume or args.fast_dev_run)
     if found:
-        model = runs.load_saved_model(saved, model_class, hparams, args, fast)
+        model = runs.load_saved_model(saved, model_class, hparams, args, fast_parts)
         print(f"Found the saved model {saved}, loading it...")
     else:
         last_path = runs.last_checkpoint(run_folder, args.task)
@@ -205,7 +204,7 @@ def train_anomaly(args, model_class, hparams, loaders, run_folder):
         every = min(50, hparams["max_iters"] // args.epochs)
         callbacks = [log] if args.fast_dev_run else [log, best, last, runs.KeepSettings(args)]
         trainer = make_trainer(args, root_dir, callbacks, log_every_n_steps=every)
-        model = model_class(**hparams, fast=fast)
+        model = model_class(**hparams, fast_parts=fast_parts)
         if args.compile:
             compile_training_forward(model, trainer.strategy.root_device)
         checkpoint = runs.resume_from(args, hparams, last_path)
@@ -213,7 +212,7 @@ def train_anomaly(args, model_class, hparams, loaders, run_folder):
         if not trainer.is_global_zero:  # with several processes, the first alone saves and tests
             return None
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing: it tests the model it has
-            model, ckpt = runs.load_model(best.best_model_path, model_class, fast=fast)
+            model, ckpt = runs.load_model(best.best_model_path, model_class, fast_parts=fast_parts)
             runs.save_model(ckpt, saved, args)
             score = f"val acc {100 * float(best.best_model_score):.2f}%"
             print(f"Saved the best epoch ({score}) as {saved}")
@@ -251,7 +250,7 @@ def test_published(args, published, model_class, io_dims, loaders):
     author's model, published = (its path, its git blob id), tested as train_anomaly tests a model
     trained here."""
     path, blob_id = published
-    model = pretrained.load_published(path, model_class, io_dims, fast_parts(args.fast))
+    model = pretrained.load_published(path, model_class, io_dims, fast_path_parts(args.fast))
     print(f"Testing the tutorial author's model {path}")
     start = time.time()
     result = test_model(
@@ -310,7 +309,7 @@ def main(argv=None):
     # A rerun that only evaluates records itself apart: results.json stays the training's record.
     evaluated = not (results["trained"] or args.pretrained)
     results_file = os.path.join(root_dir, "evaluation.json" if evaluated else "results.json")
-    runs.save_json(results_file, results)
+    files.save_json(results_file, results)
     print(f"Results written to {results_file}")
     return results
 

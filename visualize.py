@@ -12,7 +12,7 @@ task's figures come from the generated images and the model of python train.py -
 kind of picture of the real run, with no download.
 """
 
-import stops
+from harness import stops
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
     stops.while_starting()
@@ -33,12 +33,13 @@ from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import CIFAR100
 
-from cli import TASK_DEFAULTS
-from data import NUM_CATEGORIES, ReverseDataset, SetAnomalyDataset
-from features import FEATURE_DIM, cached_test_features, cifar100_meta, save_atomically
+from data import SEQ_LEN, ReverseDataset, SetAnomalyDataset
+from features import CHECKPOINT_PATH, DATASET_PATH, cached_test_features, cifar100_meta
+from harness.cli import TASK_DEFAULTS, train_command
+from harness.files import make_writable, save_atomically
+from harness.runs import IO_DIMS, load_model, lock_folder, model_file, run_dir, task_dir
+from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
-from runs import load_model, lock_folder, model_file, run_dir, task_dir
-from synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 
 DPI = 100  # a figure of w×h inches is a PNG of (100·w)×(100·h) pixels
 
@@ -308,18 +309,16 @@ def skip(what, why):
 def reverse_figure(checkpoint_dir, out_dir):
     """[path] of the reverse model's attention map, or [] with a note if there is no usable one."""
     ckpt = model_file(checkpoint_dir, "reverse")
+    command = lambda *flags: train_command(*flags, task="reverse", checkpoint_dir=checkpoint_dir)
     if not os.path.isfile(ckpt):
-        return skip("reverse attention map", f"no {ckpt} (python train.py --task reverse makes it)")
+        return skip("reverse attention map", f"no {ckpt} ({command()} makes it)")
     try:
-        io_dims = dict(input_dim=NUM_CATEGORIES, num_classes=NUM_CATEGORIES)
-        model = load_model(ckpt, ReversePredictor, io_dims)[0]
+        model = load_model(ckpt, ReversePredictor, IO_DIMS["reverse"])[0]
     except ValueError as error:
-        return skip(
-            "reverse attention map",
-            f"{error} (python train.py --task reverse --retrain makes a new one)",
-        )
+        why = f"{error} ({command('--retrain')} makes a new one)"
+        return skip("reverse attention map", why)
     torch.manual_seed(0)
-    sequence = ReverseDataset(model.hparams.num_classes, 16, 1)[0][0]
+    sequence = ReverseDataset(model.hparams.num_classes, SEQ_LEN, 1)[0][0]
     x = torch.nn.functional.one_hot(sequence, num_classes=model.hparams.num_classes).float()[None]
     maps = [m[0].numpy() for m in model.get_attention_maps(x)]
     return [plot_reverse_attention(os.path.join(out_dir, "reverse_attention.png"), sequence, maps)]
@@ -342,26 +341,29 @@ def open_test_images(data_dir, synthetic):
     return test.data, torch.tensor(test.targets)
 
 
-def anomaly_figures(images, labels, run_folder, out_dir, synthetic=False, num_mistakes=5):
-    """Paths of the set task's figures that the run folder allows: example test sets (the images
-    alone), one set's prediction with every attention map and the worst-scored sets (also the
-    run's model and test feature cache); what cannot be made is skipped with a note.
+def anomaly_figures(images, labels, checkpoint_dir, out_dir, synthetic=False, num_mistakes=5):
+    """Paths of the set task's figures that the run in checkpoint_dir (with synthetic, that of
+    --synthetic) allows: example test sets (the images alone), one set's prediction with every
+    attention map and the worst-scored sets (also the run's model and test feature cache); what
+    cannot be made is skipped with a note.
 
     images - [N, 32, 32, 3] uint8, the test split of CIFAR-100 or of the generated images
     labels - [N] their classes
     """
-    command = "python train.py --synthetic" if synthetic else "python train.py"
+    run_folder = run_dir(checkpoint_dir, synthetic)
+    command = lambda *flags: train_command(
+        *flags, synthetic=synthetic, checkpoint_dir=checkpoint_dir
+    )
     ckpt_path, model = model_file(run_folder), None
     set_size = TASK_DEFAULTS["anomaly"]["set_size"]
     if not os.path.isfile(ckpt_path):
-        why = f"no {ckpt_path} ({command} makes it)"
+        why = f"no {ckpt_path} ({command()} makes it)"
     else:
         try:
-            io_dims = dict(input_dim=FEATURE_DIM, num_classes=1)
-            model, ckpt = load_model(ckpt_path, AnomalyPredictor, io_dims)
+            model, ckpt = load_model(ckpt_path, AnomalyPredictor, IO_DIMS["anomaly"])
             set_size = ckpt.get("train_settings", {}).get("set_size", set_size)
         except ValueError as error:
-            why = f"{error} ({command} --retrain makes a new one)"
+            why = f"{error} ({command('--retrain')} makes a new one)"
     # The sets depend on the labels only; the features are not needed to draw them.
     try:
         no_feats = torch.zeros(len(labels), 1)
@@ -376,9 +378,9 @@ def anomaly_figures(images, labels, run_folder, out_dir, synthetic=False, num_mi
     if model is None:
         return made + skip("set-task prediction figures", why)
     meta = synthetic_meta("test") if synthetic else cifar100_meta("test")
-    cache = cached_test_features(run_folder, meta, f"`{command}` rebuilds it")
+    cache = cached_test_features(run_folder, meta, f"`{command()}` rebuilds it")
     if cache is None:
-        need = f"no usable test feature cache in {run_folder} ({command} makes it)"
+        need = f"no usable test feature cache in {run_folder} ({command()} makes it)"
         return made + skip("set-task prediction figures", need)
     if not torch.equal(cache[1], labels):
         why = f"the labels of the test feature cache in {run_folder} are not those of the images"
@@ -400,9 +402,11 @@ def anomaly_figures(images, labels, run_folder, out_dir, synthetic=False, num_mi
     return made
 
 
-def training_curves_figure(run_folder, out_dir, command="python train.py"):
-    """[path] of the set task's training curves from the newest TensorBoard logs of the run, or []
-    with a note if there are none."""
+def training_curves_figure(checkpoint_dir, out_dir, synthetic=False):
+    """[path] of the set task's training curves from the newest TensorBoard logs of the run in
+    checkpoint_dir (with synthetic, that of --synthetic), or [] with a note if there are none."""
+    run_folder = run_dir(checkpoint_dir, synthetic)
+    command = train_command(synthetic=synthetic, checkpoint_dir=checkpoint_dir)
     logs = os.path.join(task_dir(run_folder), "lightning_logs")
     try:
         found = newest_training_logs(logs)
@@ -433,10 +437,12 @@ def main(argv=None):
     )
     p.add_argument(
         "--checkpoint-dir",
-        default="saved_models",
-        help="where train.py saved its models (default: saved_models)",
+        default=CHECKPOINT_PATH,
+        help="where train.py saved its models (default: %(default)s)",
     )
-    p.add_argument("--data-dir", default="datasets", help="where CIFAR-100 is (default: datasets)")
+    p.add_argument(
+        "--data-dir", default=DATASET_PATH, help="where CIFAR-100 is (default: %(default)s)"
+    )
     p.add_argument(
         "--synthetic",
         action="store_true",
@@ -447,13 +453,10 @@ def main(argv=None):
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     out_dir = os.path.join(run_folder, "figures")
     try:  # every figure goes here: find out first that it can
-        os.makedirs(out_dir, exist_ok=True)
-        if not os.access(out_dir, os.W_OK):
-            raise PermissionError("not writable")
+        make_writable(out_dir)
     except OSError as error:
         sys.exit(f"error: cannot write the figures to {out_dir} ({error}); see --checkpoint-dir.")
     lock_folder(out_dir)  # one visualize.py at a time writes these figures
-    command = "python train.py --synthetic" if args.synthetic else "python train.py"
     made = [
         *plot_positional_encoding(
             os.path.join(out_dir, "positional_encoding.png"),
@@ -466,10 +469,10 @@ def main(argv=None):
     test_images = open_test_images(args.data_dir, args.synthetic)
     if test_images is None:
         where = os.path.abspath(args.data_dir)
-        skip("set-task figures", f"no CIFAR-100 in {where} (python train.py downloads it)")
+        skip("set-task figures", f"no CIFAR-100 in {where} ({train_command()} downloads it)")
     else:
-        made += anomaly_figures(*test_images, run_folder, out_dir, args.synthetic)
-    made += training_curves_figure(run_folder, out_dir, command)
+        made += anomaly_figures(*test_images, args.checkpoint_dir, out_dir, args.synthetic)
+    made += training_curves_figure(args.checkpoint_dir, out_dir, args.synthetic)
     for path in made:
         print(f"wrote {path}")
     return made

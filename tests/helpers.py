@@ -18,8 +18,8 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-import runs
 import train
+from harness import runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test

@@ -9,7 +9,7 @@ from importlib.metadata import version
 
 import pytest
 
-from cli import parse_args
+from harness.cli import parse_args
 from helpers import HANG_GUARD_S, ROOT, run_script
 
 
@@ -111,8 +111,9 @@ def test_flags_it_cannot_honour_are_refused(argv, capsys):
 
 # Each module imported after those it imports, so that each import runs only its own code.
 MODULES = [
-    "data", "features", "synthetic", "model", "runs", "pretrained", "cli", "runlog", "train",
-    "predict", "visualize", "bench",
+    "harness.files", "harness.stops", "data", "features", "harness.synthetic", "model",
+    "harness.runs", "harness.pretrained", "harness.cli", "harness.runlog", "train", "predict",
+    "visualize", "bench",
 ]  # fmt: skip
 IMPORT_CHECK = """
 import importlib, logging, sys, warnings

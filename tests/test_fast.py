@@ -7,10 +7,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-import torch.utils.data as data
+from torch.utils.data import DataLoader
 
 import bench
-import cli
 import train
 from data import SetAnomalyDataset, SetBatches, anomaly_datasets
 from features import (
@@ -20,15 +19,17 @@ from features import (
     image_transform,
     resnet34_backbone,
 )
+from harness import cli
+from harness.synthetic import GeneratedImages
 from helpers import ROOT, SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 from model import (
+    FAST_PARTS,
     AnomalyPredictor,
     BitMaskDropout,
     MultiheadAttention,
     Seq2SeqPredictor,
     causal_mask,
 )
-from synthetic import GeneratedImages
 
 POST = dict(
     input_dim=512,
@@ -49,13 +50,13 @@ def test_fast_forward_equals_faithful_forward():
     model = randomise(AnomalyPredictor(**POST)).eval()
     x = torch.randn(8, 10, 512)
     faithful = model(x, add_positional_encoding=False)
-    fast_model = AnomalyPredictor(**POST, fast=True).eval()
+    fast_model = AnomalyPredictor(**POST, fast_parts=FAST_PARTS).eval()
     fast_model.load_state_dict(model.state_dict())  # same checkpoint layout: the keys must match
     assert any(isinstance(m, BitMaskDropout) for m in fast_model.modules())
     assert all(m.fused for m in fast_model.modules() if isinstance(m, MultiheadAttention))
     fast = fast_model(x, add_positional_encoding=False)
     torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
-    assert "fast" not in fast_model.hparams  # not saved with the checkpoint
+    assert "fast_parts" not in fast_model.hparams  # not saved with the checkpoint
 
 
 @pytest.mark.parametrize("mask", ["causal", "padding"])
@@ -79,14 +80,14 @@ def test_fused_attention_masks_like_the_manual_one(mask):
 
 def test_fast_is_chosen_when_loading_and_never_saved(tmp_path):
     torch.manual_seed(0)
-    fast_model = randomise(AnomalyPredictor(**POST, fast=True))
+    fast_model = randomise(AnomalyPredictor(**POST, fast_parts=FAST_PARTS))
     trainer = quiet_trainer()
     trainer.strategy.connect(fast_model)
     trainer.save_checkpoint(tmp_path / "fast.ckpt")
     ckpt = torch.load(tmp_path / "fast.ckpt", weights_only=False)
-    assert "fast" not in ckpt["hyper_parameters"]  # the file is what the faithful path writes
+    assert "fast_parts" not in ckpt["hyper_parameters"]  # the file is what the faithful path writes
     faithful = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", strict=True)
-    fast = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", fast=True)
+    fast = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", fast_parts=FAST_PARTS)
     assert not any(isinstance(m, BitMaskDropout) for m in faithful.modules())
     assert not any(m.fused for m in faithful.modules() if isinstance(m, MultiheadAttention))
     assert sum(isinstance(m, BitMaskDropout) for m in fast.modules()) == sum(
@@ -101,8 +102,10 @@ def test_fast_is_chosen_when_loading_and_never_saved(tmp_path):
 
 def test_fast_path_parts_are_checked():
     with pytest.raises(ValueError, match="unknown parts of the fast path"):
-        AnomalyPredictor(**POST, fast=("dropout", "flash"))
-    model = AnomalyPredictor(**POST, fast=("attention",))  # one part alone, as bench.py --ablation
+        AnomalyPredictor(**POST, fast_parts=("dropout", "flash"))
+    model = AnomalyPredictor(
+        **POST, fast_parts=("attention",)
+    )  # one part alone, as bench.py --ablation
     assert not any(isinstance(m, BitMaskDropout) for m in model.modules())
     assert all(m.fused for m in model.modules() if isinstance(m, MultiheadAttention))
 
@@ -120,7 +123,7 @@ def test_fast_seq2seq_generation_is_unchanged():
         max_iters=10,
     )
     model = randomise(Seq2SeqPredictor(**hparams)).eval()
-    fast_model = Seq2SeqPredictor(**hparams, fast=True).eval()
+    fast_model = Seq2SeqPredictor(**hparams, fast_parts=FAST_PARTS).eval()
     fast_model.load_state_dict(model.state_dict())
     src = torch.tensor([[3, 1, 4, 1, 7, 7], [2, 0, 4, 4, 3, 1]])
     assert torch.equal(fast_model.generate(src, 8), model.generate(src, 8))
@@ -174,7 +177,7 @@ def test_set_batches_evaluation_sets_are_the_datasets():
     feats, labels = clustered_features(10, 30, 8, seed=0)
     dataset = SetAnomalyDataset(feats, labels, set_size=5, train=False)
     fast = sets_of(SetBatches(dataset, batch_size=64))
-    faithful = sets_of(data.DataLoader(dataset, batch_size=64))
+    faithful = sets_of(DataLoader(dataset, batch_size=64))
     assert len(fast) == len(faithful) == len(SetBatches(dataset, batch_size=64))
     for (a_sets, a_idx, a_lab), (b_sets, b_idx, b_lab) in zip(fast, faithful, strict=True):
         assert (
@@ -268,12 +271,12 @@ def test_fast_features_agree_with_faithful_ones():
 def train_and_test(fast, train_set, test_set, steps):
     pl.seed_everything(0)
     hparams = dict(SMALL_SET_MODEL, input_dim=32, max_iters=steps, dropout=0.1, input_dropout=0.1)
-    model = AnomalyPredictor(**hparams, fast=fast)
+    model = AnomalyPredictor(**hparams, fast_parts=FAST_PARTS if fast else ())
     if fast:
         train_loader, test_loader = SetBatches(train_set, 32), SetBatches(test_set, 64)
     else:
-        train_loader = data.DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True)
-        test_loader = data.DataLoader(test_set, batch_size=64)
+        train_loader = DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True)
+        test_loader = DataLoader(test_set, batch_size=64)
     trainer = quiet_trainer(max_steps=steps)
     trainer.fit(model, train_loader)
     return trainer.test(model, test_loader, verbose=False)[0]["test_acc"]

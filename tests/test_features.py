@@ -22,10 +22,11 @@ from features import (
     extract_features,
     image_transform,
     resnet34_backbone,
-    save_atomically,
 )
+from harness import files
+from harness.files import save_atomically
+from harness.synthetic import GeneratedImages
 from helpers import spoil_truncate
-from synthetic import GeneratedImages
 
 
 def test_transform_resizes_and_normalises():
@@ -150,7 +151,10 @@ def spoiler(**change):
         (spoiler(features=lambda f: f * float("nan")), "3072 features that are NaN or infinite"),
         (spoiler(labels=lambda y: y.float()), "labels that are not whole numbers"),
         (spoiler(labels=lambda y: y * 0), "labels of 1 classes of unequal or too few images"),
-        (spoiler(labels=lambda y: y * 10**6), "labels out of the range of classes [0, 6)"),
+        (
+            spoiler(labels=lambda y: y * 10**6),
+            "labels outside [0, 6), the indices 6 images can have as classes",
+        ),
     ],
 )
 def test_a_bad_cache_is_reported_and_rebuilt(tmp_path, capsys, spoil, message):
@@ -195,7 +199,7 @@ def test_a_failed_write_names_the_file_and_its_cause_and_leaves_nothing(tmp_path
             f.write(b"half")
         raise failure
 
-    with pytest.raises(features.WriteError) as error:
+    with pytest.raises(files.WriteError) as error:
         save_atomically(str(path), write_then_fail)
     assert str(error.value).startswith(f"cannot write {path} ({cause}; ")
     assert str(error.value).endswith(" MB free there)") and os.listdir(tmp_path) == []
@@ -208,7 +212,7 @@ def test_a_failed_write_names_the_file_and_its_cause_and_leaves_nothing(tmp_path
 
 def test_extraction_needs_room_for_its_cache(tmp_path, monkeypatch):
     one_mb_free = types.SimpleNamespace(free=2**20)
-    monkeypatch.setattr(features.shutil, "disk_usage", lambda _: one_mb_free)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: one_mb_free)
     sources = CountingSources(n=600)  # 600 features of 2 KiB each: 1.4 MB with a tenth to spare
     with pytest.raises(ValueError, match=r"train feature cache needs 1 MB and .* has 1 MB free"):
         cached_features(str(tmp_path), metas(n=600), sources, torch.device("cpu"), num_workers=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-import torch.utils.data as data
+from torch.utils.data import DataLoader
 
 from data import SetAnomalyDataset
 from helpers import (
@@ -319,13 +319,13 @@ def test_anomaly_predictor_learns_clustered_features():
     # Same centres, fresh noise below.
     test_feats, test_labels = clustered_features(20, 20, 32, seed=0)
     test_feats = test_feats + 0.3 * torch.randn_like(test_feats)
-    train_loader = data.DataLoader(
+    train_loader = DataLoader(
         SetAnomalyDataset(train_feats, train_labels, set_size=10, train=True),
         batch_size=32,
         shuffle=True,
         drop_last=True,
     )
-    test_loader = data.DataLoader(
+    test_loader = DataLoader(
         SetAnomalyDataset(test_feats, test_labels, set_size=10, train=False), batch_size=64
     )
     model = AnomalyPredictor(**SMALL_SET_MODEL, input_dim=32, max_iters=150)

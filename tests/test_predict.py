@@ -10,17 +10,17 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
-import torch.utils.data as data
 from PIL import Image
+from torch.utils.data import DataLoader
 
 import features
 import predict
-import synthetic
 from data import SetAnomalyDataset
-from features import extract_features, image_transform
+from features import extract_features, extraction_meta, image_transform
+from harness import synthetic
+from harness.synthetic import GeneratedImages
 from helpers import SMALL_SET_MODEL, quiet_trainer, run_script
 from model import AnomalyPredictor
-from synthetic import GeneratedImages
 
 IMAGE_SIZE = synthetic.SYNTHETIC["image_size"]
 
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
     pl.seed_everything(0)
     model = AnomalyPredictor(**SMALL_SET_MODEL, input_dim=512, max_iters=200)
     trainer = quiet_trainer(max_steps=200)
-    loader = data.DataLoader(
+    loader = DataLoader(
         SetAnomalyDataset(feats, torch.tensor(images.targets), set_size=10, train=True),
         batch_size=32,
         shuffle=True,
@@ -289,7 +289,7 @@ def test_json_keeps_stdout_for_the_json_alone(trained, tmp_path, capsys):
     images = GeneratedImages(10, 20, image_transform(IMAGE_SIZE), seed=0, split="test")
     feats = extract_features(toy_backbone(), images, torch.device("cpu"), num_workers=0)
     meta = synthetic.synthetic_meta("test")
-    path, fast_meta = features.cache_file(str(folder), "test", meta, fast=True)
+    path, fast_meta = features.cache_path(str(folder), "test", True), extraction_meta(meta, True)
     features.save_cache(path, feats, torch.tensor(images.targets), fast_meta)
     (folder / "test_set_features.tar").write_bytes(b"broken")  # its note goes to stderr
     accuracies = run(tmp_path, "--set-sizes", 2, 10, "--json")
@@ -328,5 +328,6 @@ def test_without_a_cifar_model_the_synthetic_one_is_named(trained, tmp_path):
         predict.main(["--checkpoint-dir", str(trained), str(tmp_path / "set")])
     model = trained / "synthetic" / "SetAnomalyDetect.ckpt"
     assert str(exit_info.value.code).endswith(
-        f"The model of `python train.py --synthetic` is at {model}: add --synthetic to use it."
+        f"The model of `python train.py --synthetic --checkpoint-dir {trained}` is at {model}: add "
+        "--synthetic to use it."
     )

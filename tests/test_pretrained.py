@@ -15,10 +15,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
-import pretrained
 import train
 from data import SEQ_SIZES, ReverseDataset, split_train_val
+from harness import pretrained
 from helpers import SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
 from model import AnomalyPredictor, ReversePredictor
 from predict import set_size_accuracy
@@ -50,7 +51,7 @@ def reverse_checkpoint(tmp_path_factory):
     pl.seed_everything(0, verbose=False)
     # Briefly, with a faster schedule than the tutorial's: about 30 % of the digits right.
     model = ReversePredictor(**dict(TUTORIAL_REVERSE, lr=5e-3, warmup=10, max_iters=100))
-    batches = torch.utils.data.DataLoader(ReverseDataset(10, 16, 3200), batch_size=128)
+    batches = DataLoader(ReverseDataset(10, 16, 3200), batch_size=128)
     quiet_trainer(max_epochs=4, limit_val_batches=0).fit(model, batches)
     return save_like_the_tutorial(model, str(tmp_path_factory.mktemp("made") / "ReverseTask.ckpt"))
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import predict
-import runs
+from harness import runs
 from helpers import (
     HANG_GUARD_S,
     ROOT,
@@ -244,7 +244,7 @@ def test_ctrl_c_while_the_libraries_load_is_one_line(script, tmp_path):
 
 def test_a_write_on_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
     """What a checkpoint that Lightning copies into place raises when the disk fills up."""
-    import stops
+    from harness import stops
 
     monkeypatch.setattr(signal, "signal", lambda *_: None)  # the test process keeps its handlers
     half = tmp_path / "epoch=0-step=15.ckpt"

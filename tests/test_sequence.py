@@ -6,7 +6,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-import torch.utils.data as data
+from torch.utils.data import DataLoader
 
 from data import ReverseDataset, SortDataset
 from helpers import (
@@ -178,7 +178,7 @@ def test_greedy_generation_equals_teacher_forcing_where_it_is_right():
     test = SortDataset(num_categories=5, max_len=6, size=256)
     model = Seq2SeqPredictor(**S2S)
     trainer = quiet_trainer(max_steps=S2S["max_iters"], num_sanity_val_steps=0, gradient_clip_val=5)
-    trainer.fit(model, data.DataLoader(train, batch_size=64, shuffle=True))
+    trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
     model.eval()
     src, tgt = test.src, test.tgt
     labels = tgt[:, 1:]
@@ -188,7 +188,7 @@ def test_greedy_generation_equals_teacher_forcing_where_it_is_right():
     assert right.float().mean() > 0.5  # trained enough for the check to cover many sequences
     assert torch.equal(generated[right], teacher[right].masked_fill(labels[right] == 7, 7))
     # The accuracy the model logs agrees with this count.
-    acc = trainer.test(model, data.DataLoader(test, batch_size=64), verbose=False)[0]["test_acc"]
+    acc = trainer.test(model, DataLoader(test, batch_size=64), verbose=False)[0]["test_acc"]
     assert acc == pytest.approx(right.float().mean().item())
 
 

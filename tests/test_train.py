@@ -14,8 +14,9 @@ import pytorch_lightning as pl
 import torch
 
 import train
-from cli import parse_args
 from data import SetAnomalyDataset, anomaly_datasets, split_train_val
+from harness.cli import parse_args
+from harness.runs import pick_device
 from helpers import (
     RESUMED,
     SMALL_RUN,
@@ -27,11 +28,11 @@ from helpers import (
     run_train,
     train_in_process,
 )
-from model import AnomalyPredictor, compile_training_forward, fast_parts
-from runs import pick_device
+from model import FAST_PARTS, AnomalyPredictor, compile_training_forward, fast_path_parts
 from train import SeedEachProcess
 
 SPLITS = ("train", "val", "test")
+CACHES = ("train", "test")  # the feature caches: the val sets come from the train split
 
 
 def test_a_run_into_a_file_is_short_and_ends_with_its_results(synthetic_run):
@@ -215,8 +216,9 @@ def test_sequence_task_runs_through_train_py(task, name, tmp_path):
 def test_fast_synthetic_run(synthetic_run, fast_synthetic_run):
     checkpoint_dir, proc = fast_synthetic_run  # begun with the faithful feature caches alone
     # The post's features are there too: the run says why its numbers differ from theirs.
-    faithful = os.path.join(checkpoint_dir, "synthetic", "test_set_features.tar")
-    assert f"These are --fast's features; the post's, in {faithful}, differ slightly" in proc.stdout
+    faithful = [os.path.join(checkpoint_dir, "synthetic", f"{s}_set_features.tar") for s in CACHES]
+    named = " and ".join(faithful)  # each split's, the train split's too
+    assert f"These are --fast's features; the post's, in {named}, differ slightly" in proc.stdout
     # The fast path makes caches of its own, beside the faithful ones, which it leaves alone.
     synthetic_dir = os.path.join(checkpoint_dir, "synthetic")
     assert {"train_set_features_fast.tar", "test_set_features_fast.tar"} <= set(
@@ -403,13 +405,13 @@ def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path, request, fa
     assert all(0 <= results[key] <= 1 for key in ("train_acc", "val_acc", "test_acc"))
 
 
-def compile_pair(fast, dropout=0.0):
+def compile_pair(fast_parts, dropout=0.0):
     """An eager model and a copy whose training forward is compiled (with the quick aot_eager
     backend: the same graph capture, forward and backward, without generating code)."""
     torch.manual_seed(0)
     hparams = dict(SMALL_SET_MODEL, input_dim=16, max_iters=10, dropout=dropout, input_dropout=0.0)
-    eager = randomise(AnomalyPredictor(**hparams, fast=fast))
-    compiled = AnomalyPredictor(**hparams, fast=fast)
+    eager = randomise(AnomalyPredictor(**hparams, fast_parts=fast_parts))
+    compiled = AnomalyPredictor(**hparams, fast_parts=fast_parts)
     compiled.load_state_dict(eager.state_dict())
     compile_training_forward(compiled, torch.device("cpu"), backend="aot_eager")
     return eager, compiled
@@ -419,8 +421,8 @@ def compile_pair(fast, dropout=0.0):
 def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
     args = parse_args(flags)
     expected = {"attention", "adam"} if args.fast else set()  # --compile keeps PyTorch's dropout
-    assert set(fast_parts(args.fast, args.compile)) == expected
-    eager, compiled = compile_pair(fast_parts(args.fast, args.compile))
+    assert set(fast_path_parts(args.fast, args.compile)) == expected
+    eager, compiled = compile_pair(fast_path_parts(args.fast, args.compile))
     x, labels = torch.randn(4, 10, 16), torch.full((4,), 9)
     for model in (eager, compiled):
         model.train()
@@ -430,7 +432,7 @@ def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
     for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4)
     # The CPU's numpy-drawn dropout masks would break the graph: that is why --compile drops them.
-    _, with_bit_masks = compile_pair(fast=True, dropout=0.1)
+    _, with_bit_masks = compile_pair(FAST_PARTS, dropout=0.1)
     with pytest.raises(Exception, match="(?i)graph break|unsupported|numpy"):
         with_bit_masks.train().anomaly_logits(x)
 

@@ -13,9 +13,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 import features
 import visualize
+from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 from helpers import spoil_truncate
 from model import AnomalyPredictor, ReversePredictor
-from synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 
 
 def png_size(path):
@@ -302,7 +302,9 @@ def test_synthetic_mode_without_a_run_names_the_synthetic_command(tmp_path, caps
         "skipped set-task prediction figures",
         "skipped training curves",
     ]
-    assert all("(python train.py --synthetic makes" in note for note in notes)
+    # The command that makes the run in that folder.
+    command = f"(python train.py --synthetic --checkpoint-dir {tmp_path} makes"
+    assert all(command in note for note in notes)
 
 
 def spoil_other_task(path):
@@ -337,7 +339,8 @@ def test_a_corrupt_reverse_model_is_one_note_and_the_rest_made(tmp_path, capsys)
     assert len(notes) == 1 and notes[0].startswith(
         f"skipped reverse attention map: {path} cannot be read"
     )
-    assert notes[0].endswith("(python train.py --task reverse --retrain makes a new one)")
+    command = f"python train.py --task reverse --retrain --checkpoint-dir {tmp_path}"
+    assert notes[0].endswith(f"({command} makes a new one)")
     assert sorted(glob.glob("*", root_dir=tmp_path / "figures")) == [
         "lr_schedule.png",
         "positional_encoding.png",

@@ -1,11 +1,14 @@
 """How a command stops early: Ctrl-C or SIGTERM at any moment, or a file it cannot write, each as
-one line and a non-zero exit code, never a traceback. Only the standard library here, so that a
-script sets this up before the large libraries load (which takes seconds).
+one line and a non-zero exit code, never a traceback. Only the standard library here (and
+files.py, which uses only that), so that a script sets this up before the large libraries load
+(which takes seconds).
 """
 
 import os
 import signal
 import sys
+
+from harness.files import WRITE_ERRNOS, WriteError, free_mb
 
 
 def stop_while_starting(signum, frame):
@@ -43,8 +46,6 @@ def run_main(main, note):
     KeyboardInterrupt: one line (RunLog's during training, otherwise "Interrupted; " and note) and
     the exit code 128 + the signal's number, 130 or 143. A file that cannot be written is one line,
     exit code 1."""
-    from features import WRITE_ERRNOS, WriteError, free_mb  # loaded by the script already
-
     stopped = []
 
     def stop(signum, frame):

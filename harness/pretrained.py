@@ -9,8 +9,8 @@ import shutil
 import sys
 import urllib.request
 
-from features import download_timeout, save_atomically
-from runs import load_model, task_dir
+from harness.files import download_timeout, save_atomically
+from harness.runs import load_model, task_dir
 
 # Each task's file in phlippe/saved_models, and the file's git blob id there, which the download
 # must match.
@@ -70,12 +70,12 @@ def published_model(checkpoint_dir, task):
     return path, found
 
 
-def load_published(path, model_class, io_dims, fast=()):
+def load_published(path, model_class, io_dims, fast_parts=()):
     """The model saved at path, loaded strictly into model_class with its own hyper-parameters,
     once they are shown to fit the task's inputs and outputs (io_dims). Its git blob id was checked
     (published_model), so it is trusted to hold other Python objects than data, as checkpoints of
     older Lightning versions do. Exits with one line otherwise."""
     try:
-        return load_model(path, model_class, io_dims, trusted=True, fast=fast)[0]
+        return load_model(path, model_class, io_dims, trusted=True, fast_parts=fast_parts)[0]
     except ValueError as error:
         sys.exit(f"error: {error}. Delete it and run again to download the published model.")

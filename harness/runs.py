@@ -1,20 +1,24 @@
-"""Where a run keeps its files, and reading them back: the run and task folders, the checkpoints,
-results.json, the one loader of a saved model, and the device a run uses. train.py, predict.py,
-visualize.py and bench.py share these.
+"""Where a run keeps its files, and reading them back: the run and task folders, the folder lock,
+the checkpoints, the one loader of a saved model, results.json's record, and the device a run
+uses. train.py, predict.py, visualize.py and bench.py share these.
 
     <checkpoint-dir>/                      the post's CHECKPOINT_PATH, saved_models/ by default
-        train_set_features.tar, ...        feature caches (features.py)
+        train_set_features.tar, ...        feature caches (features.py; *_fast.tar for --fast)
         SetAnomalyDetect.ckpt              a task's best model (model_file)
         SetAnomalyDetect/                  a task's folder (task_dir)
+            .lock                          the process that runs there (lock_folder)
+            checkpoints/epoch=N-step=M.ckpt  the best epoch's weights, while training
             checkpoints/last.ckpt          what --resume continues from (last_checkpoint)
             lightning_logs/version_N/      TensorBoard logs
-            results.json                   the accuracies and the run's settings
+            results.json                   the training's accuracies and settings
+            evaluation.json                a later run's test of the saved model
+        ReverseTask.ckpt, ReverseTask/     the same for --task reverse (and Seq2SeqTask)
+        figures/                           visualize.py's pictures (and its .lock)
         synthetic/                         the same for --synthetic (run_dir)
         pretrained/                        the tutorial author's models (pretrained.py)
 """
 
 import inspect
-import json
 import os
 import pickle
 import platform
@@ -31,10 +35,19 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-from features import save_atomically
+from data import NUM_CATEGORIES
+from features import FEATURE_DIM
+from harness.files import save_atomically
 
 # Each task's folder (<name>/: logs, checkpoints, results.json) and best model (<name>.ckpt).
 TASK_NAMES = {"anomaly": "SetAnomalyDetect", "reverse": "ReverseTask", "seq2seq": "Seq2SeqTask"}
+# Each task's model inputs and outputs: a feature in, one anomaly logit out, per image of a set; a
+# one-hot digit in, a score per digit out, per position (seq2seq: the digits, then BOS, EOS, PAD).
+IO_DIMS = {
+    "anomaly": dict(input_dim=FEATURE_DIM, num_classes=1),
+    "reverse": dict(input_dim=NUM_CATEGORIES, num_classes=NUM_CATEGORIES),
+    "seq2seq": dict(input_dim=NUM_CATEGORIES + 3, num_classes=NUM_CATEGORIES + 3),
+}
 
 
 def run_dir(checkpoint_dir, synthetic=False):
@@ -57,17 +70,6 @@ def last_checkpoint(run_folder, task="anomaly"):
 def model_file(run_folder, task="anomaly"):
     """A task's best model in a run folder: <TaskName>.ckpt (the post's SetAnomalyDetect.ckpt)."""
     return task_dir(run_folder, task) + ".ckpt"
-
-
-def make_writable(folder):
-    """Makes folder if missing; exits with one line if it cannot hold the run's files. Every output
-    goes there: find out now, not after hours of work, that it cannot."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise PermissionError("not writable")
-    except OSError as error:
-        sys.exit(f"error: --checkpoint-dir: cannot write to {folder} ({error}).")
 
 
 HELD_LOCKS = {}  # the folders this process holds, with their open .lock: held until it ends
@@ -145,7 +147,7 @@ def io_mismatch(hparams, io_dims):
 
 def load_model(path, model_class, io_dims=None, device="cpu", trusted=False, **kwargs):
     """(model_class's model saved at path, in eval mode, on device; the checkpoint dict), made with
-    its own hyper-parameters and its weights loaded strictly; kwargs go to the model (e.g. fast).
+    its own hyper-parameters and its weights loaded strictly; kwargs go to the model (fast_parts).
     Raises ValueError saying why it cannot be used: unreadable, not a Lightning checkpoint, its
     input and output sizes other than io_dims (a model of another task), weights that are not
     finite numbers or do not fit. trusted: as read_checkpoint's."""
@@ -216,13 +218,13 @@ def refuse_other_settings(path, ckpt, hparams, args, hint, resume=False):
         )
 
 
-def load_saved_model(path, model_class, hparams, args, fast=()):
+def load_saved_model(path, model_class, hparams, args, fast_parts=()):
     """train.py's saved model at path, once shown to be trained with the settings asked for;
     exits with one line otherwise."""
     hint = "Run with --retrain to train a new model in its place, or another --checkpoint-dir."
     io_dims = {k: hparams[k] for k in ("input_dim", "num_classes")}
     try:
-        model, ckpt = load_model(path, model_class, io_dims, fast=fast)
+        model, ckpt = load_model(path, model_class, io_dims, fast_parts=fast_parts)
     except ValueError as error:
         sys.exit(f"error: {error}. {hint}")
     refuse_other_settings(path, ckpt, hparams, args, hint)
@@ -279,14 +281,6 @@ def save_model(ckpt, path, args):
     save_atomically(path, lambda tmp: torch.save(ckpt, tmp))
 
 
-def save_json(path, obj):
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-
-    save_atomically(path, write)
-
-
 # --------------------------------------------------------------------------------------------------
 # The device
 # --------------------------------------------------------------------------------------------------
@@ -318,11 +312,11 @@ def usable_cores():
 
 def cpu_threads(task, devices=1):
     """The CPU threads a run computes with: one for the sequence tasks, whose tiny steps gain next
-    to nothing from a second (BENCHMARKS.md: 47.0 s against 46.3 s) but lose much when another
-    process takes a core: PyTorch's threads spin while they wait for each other, so a step waits
-    for the thread that is not running (142.7 s beside one busy process, one thread 46.7 s). The
-    set task keeps the usable cores, shared between the run's processes. Chosen by the work, not
-    by the load of the moment: the same command trains the same model on every run."""
+    to nothing from a second but lose much when another process takes a core: PyTorch's threads
+    spin while they wait for each other, so a step waits for the thread that is not running
+    (BENCHMARKS.md, "A shared machine: CPU threads"). The set task keeps the usable cores, shared
+    between the run's processes. Chosen by the work, not by the load of the moment: the same
+    command trains the same model on every run."""
     return 1 if task != "anomaly" else max(1, usable_cores() // devices)
 
 

@@ -5,19 +5,21 @@ before any work. `python train.py -h` shows them all.
 import argparse
 import math
 import os
+import shlex
 import sys
 
 import torch
 
-import runs
-from features import CACHE_FILES, cache_path
-from pretrained import PUBLISHED, pretrained_dir
-from synthetic import SYNTHETIC
+from features import CACHE_FILES, CHECKPOINT_PATH, DATASET_PATH, cache_path
+from harness import runs
+from harness.files import make_writable
+from harness.pretrained import PUBLISHED, pretrained_dir
+from harness.synthetic import SYNTHETIC
 
 DESCRIPTION = """\
 The post's experiment end to end (数据处理和模型训练, 模型训练和推理): CIFAR-100 features from a
 ResNet34, sets of 10 with one odd image, a 4-layer Transformer encoder that finds it; and two
-sequence tasks from the tutorial.
+sequence tasks: the tutorial's reversal, and sorting with the encoder-decoder.
 
     python train.py                  # the post's run; a second run loads the saved model, evaluates
     python train.py --synthetic      # every stage offline on generated images, in seconds on a CPU
@@ -98,9 +100,9 @@ TASK_FLAGS = [
 # Every other flag: (name, argparse settings). "%(default)s" in a help shows the default.
 FLAGS = [
     ("--seed", dict(type=seed, default=42, help="random seed (default: %(default)s)")),
-    ("--data-dir", dict(default="datasets",
+    ("--data-dir", dict(default=DATASET_PATH,
         help="where CIFAR-100 is or goes (default: %(default)s)")),
-    ("--checkpoint-dir", dict(default="saved_models",
+    ("--checkpoint-dir", dict(default=CHECKPOINT_PATH,
         help="feature caches, logs, models and results (default: %(default)s)")),
     ("--accelerator", dict(choices=["auto", "cpu", "cuda", "gpu", "mps"], default="auto",
         help="where to extract features, sample sets and train; auto: CUDA, then Apple's MPS, then "
@@ -206,6 +208,17 @@ def parse_args(argv=None):
     return args
 
 
+def train_command(*flags, synthetic=False, checkpoint_dir=CHECKPOINT_PATH, task="anomaly"):
+    """The train.py command, as a user types it, that makes or remakes what a message is about:
+    `python train.py [--task T] [--synthetic] [flags] [--checkpoint-dir D]`, each part only where
+    it is not the default; a folder with spaces is quoted for the shell."""
+    words = ["python", "train.py"] + ["--task", task] * (task != "anomaly")
+    words += ["--synthetic"] * synthetic + list(flags)
+    if checkpoint_dir != CHECKPOINT_PATH:
+        words += ["--checkpoint-dir", shlex.quote(str(checkpoint_dir))]
+    return " ".join(words)
+
+
 def outputs(args, run_folder):
     """(files, folders) that the run writes: each must be of its kind, or be made."""
     if args.pretrained:
@@ -259,7 +272,10 @@ def check_before_work(args, lock=True):
                 f"error: {path} is a {'file' if kind == 'folder' else 'folder'}, where the run "
                 f"keeps a {kind}. Move it away, or use another --checkpoint-dir."
             )
-    runs.make_writable(run_folder)
+    try:
+        make_writable(run_folder)
+    except OSError as error:
+        sys.exit(f"error: --checkpoint-dir: cannot write to {run_folder} ({error}).")
     if lock:
         runs.lock_folder(os.path.dirname(files[-1]) if args.pretrained else folders[1])
     return run_folder, device

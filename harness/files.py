@@ -1,0 +1,77 @@
+"""Writing files safely: a file appears whole or not at all, a full disk or a missing permission is
+one clear error, a download does not hang, a folder is shown writable before work starts. Only the
+standard library here, so that stops.py can use it before the large libraries load.
+"""
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import socket
+
+DOWNLOAD_TIMEOUT_S = 20  # seconds without an answer before a download counts as failed
+# What the system answers when a file cannot be written: no space, no quota, no permission.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+@contextlib.contextmanager
+def download_timeout():
+    """Without a timeout a network that silently drops packets would hang a download for minutes."""
+    default = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(default)
+
+
+def free_mb(folder):
+    """Megabytes free on folder's disk; 0 if there is no such folder."""
+    return shutil.disk_usage(folder).free / 2**20 if os.path.isdir(folder) else 0
+
+
+def make_writable(folder):
+    """Makes folder if missing; raises OSError if this process cannot write there. A command's
+    outputs go to one folder: find out before any work, not after hours of it, that it cannot."""
+    os.makedirs(folder, exist_ok=True)
+    if not os.access(folder, os.W_OK):
+        raise PermissionError("not writable")
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, no permission); the message names the file, the
+    cause and the space left. Nothing half-written is left behind."""
+
+
+def save_atomically(path, write):
+    """Calls write(tmp_path), then renames tmp_path to path: an interruption leaves no half file.
+    Raises WriteError if it cannot be written."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp_path = f"{path}.tmp{os.getpid()}"
+    try:
+        write(tmp_path)
+        os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as error:
+        # torch.save reports a full disk as a RuntimeError; other OSErrors (a download's) pass on.
+        if isinstance(error, OSError) and error.errno not in WRITE_ERRNOS:
+            raise
+        cause = (str(error).strip().splitlines() or [""])[0][:200]
+        raise WriteError(
+            f"cannot write {path} ({type(error).__name__}: {cause}; {free_mb(folder):.0f} MB "
+            "free there)"
+        ) from None
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+
+
+def save_json(path, obj):
+    """obj as indented JSON at path, written atomically (save_atomically)."""
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+
+    save_atomically(path, write)
