@@ -185,7 +185,7 @@ def extract_features_fast(
 
     The resize is bilinear like torchvision's Resize of a PIL image (antialiased when it shrinks),
     but in float instead of 8-bit pixels. Features agree with extract_features to a cosine
-    similarity above 0.999 (tests/test_fast.py, bench.py).
+    similarity above 0.999 (tests/test_features.py, bench.py).
     """
     batch_size = batch_size or fast_batch_size(device)
     mean = torch.tensor(DATA_MEANS, device=device).view(1, 3, 1, 1)

@@ -1,16 +1,13 @@
-"""train.py's command line (cli.py): the post's and the tutorial's defaults, values refused with
-argparse's error, flags refused where they mean nothing; and importing a module changes no global
-state."""
+"""The command line (cli.py): the post's and the tutorial's defaults, values refused with
+argparse's error, flags refused where they mean nothing; and check_before_work's refusals,
+made before anything is computed or deleted."""
 
 import os
-import subprocess
-import sys
-from importlib.metadata import version
 
 import pytest
 
 from harness.cli import parse_args
-from helpers import HANG_GUARD_S, ROOT, run_script
+from helpers import copy_caches, train_in_process
 
 
 def test_defaults_are_the_posts_run():
@@ -109,57 +106,41 @@ def test_flags_it_cannot_honour_are_refused(argv, capsys):
     assert exit_info.value.code == 2 and "--pretrained" in capsys.readouterr().err
 
 
-# Each module imported after those it imports, so that each import runs only its own code.
-MODULES = [
-    "harness.files", "harness.stops", "data", "features", "harness.synthetic", "model",
-    "harness.runs", "harness.pretrained", "harness.cli", "harness.runlog", "train", "predict",
-    "visualize", "bench",
-]  # fmt: skip
-IMPORT_CHECK = """
-import importlib, logging, sys, warnings
-# What the modules import from other packages, first: their own settings are theirs.
-import matplotlib.pyplot, matplotlib.ticker, numpy, PIL.Image, tqdm.auto, torch.distributed
-import pytorch_lightning.callbacks, pytorch_lightning.loggers, pytorch_lightning.utilities
-import torch.fx.experimental.optimization, torch.utils.tensorboard, torchvision.models
-from tensorboard.backend.event_processing import event_accumulator
-
-def state():
-    loggers = logging.root.manager.loggerDict.items()
-    levels = {n: g.level for n, g in loggers if isinstance(g, logging.Logger) and g.level}
-    return levels, [repr(f) for f in warnings.filters]
-
-for name in sys.argv[1:]:
-    before = state()
-    importlib.import_module(name)
-    if state() != before:
-        print(name, "changed", [s for s in state() if s not in before])
-"""
-
-
-def test_importing_a_module_changes_no_logging_level_or_warning_filter():
-    proc = subprocess.run(
-        [sys.executable, "-c", IMPORT_CHECK, *MODULES],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=HANG_GUARD_S,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout == "", proc.stdout  # the modules that changed them, and what they set
-
-
-def test_a_torchvision_of_another_build_is_one_line_naming_both(tmp_path):
-    """As a CPU torch beside a CUDA torchvision fails: on loading, an operator is missing."""
-    fake = tmp_path / "torchvision"
-    fake.mkdir()
-    (fake / "__init__.py").write_text(
-        'raise RuntimeError("operator torchvision::nms does not exist")\n'
-    )
-    env = dict(os.environ, PYTHONPATH=str(tmp_path))
-    proc = run_script("train.py", "--task", "reverse", "--checkpoint-dir", tmp_path, env=env)
-    torch, torchvision = version("torch"), version("torchvision")
+def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted(
+    synthetic_run, tmp_path
+):
+    folder = copy_caches(synthetic_run, tmp_path)
+    kept = tmp_path / "synthetic" / "SetAnomalyDetect" / "checkpoints" / "last.ckpt"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"an interrupted run's")
+    proc = train_in_process("--synthetic", "--checkpoint-dir", folder, "--retrain",
+                            "--devices", "99999", "--accelerator", "cpu")  # fmt: skip
+    cores = len(os.sched_getaffinity(0))
     assert proc.returncode == 1 and proc.stderr == (
-        f"error: torchvision {torchvision} does not fit torch {torch} (operator torchvision::nms "
-        "does not exist). Install the two together: pip install --force-reinstall torch "
-        "torchvision (add --index-url https://download.pytorch.org/whl/cpu for the CPU build).\n"
+        f"error: --devices 99999: this machine has {cores} CPU cores to train on, a process each. "
+        "Use fewer.\n"
     )
+    assert kept.read_bytes() == b"an interrupted run's"
+
+
+@pytest.mark.parametrize(
+    "path, kind",
+    [
+        ("synthetic/SetAnomalyDetect.ckpt", "folder"),
+        ("synthetic/SetAnomalyDetect/results.json", "folder"),
+        ("synthetic/train_set_features.tar", "folder"),
+        ("synthetic/SetAnomalyDetect", "file"),
+        ("synthetic/SetAnomalyDetect/checkpoints", "file"),
+    ],
+)
+def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, path, kind):
+    spoiled = tmp_path / path
+    spoiled.parent.mkdir(parents=True, exist_ok=True)
+    spoiled.mkdir() if kind == "folder" else spoiled.write_text("")
+    proc = train_in_process("--synthetic", "--checkpoint-dir", tmp_path)
+    found, wanted = kind, "file" if kind == "folder" else "folder"
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: {spoiled} is a {found}, where the run keeps a {wanted}. Move it away, or use "
+        "another --checkpoint-dir.\n"
+    )
+    assert proc.stdout == ""  # no features extracted, nothing else done

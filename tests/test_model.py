@@ -1,4 +1,6 @@
-"""model.py against formulas written out here, independently of the code under test."""
+"""model.py against formulas written out here, independently of the code under test: attention,
+the encoder and decoder, the predictors and their checkpoints; and the fast path (--fast), which
+must compute what the faithful path computes."""
 
 import math
 
@@ -6,9 +8,10 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from data import SetAnomalyDataset
+from data import SetAnomalyDataset, SortDataset
 from helpers import (
     SMALL_SET_MODEL,
     TUTORIAL_KEYS,
@@ -20,13 +23,20 @@ from helpers import (
     reference_multihead,
 )
 from model import (
+    FAST_PARTS,
     AnomalyPredictor,
+    BitMaskDropout,
     CosineWarmupScheduler,
+    CrossAttention,
+    DecoderBlock,
     EncoderBlock,
     MultiheadAttention,
     PositionalEncoding,
+    ReversePredictor,
+    Seq2SeqPredictor,
     TransformerEncoder,
     TransformerPredictor,
+    causal_mask,
     expand_mask,
     scaled_dot_product,
 )
@@ -198,17 +208,9 @@ def test_cosine_warmup_scheduler_follows_formula():
 
 
 HPARAMS = dict(
-    input_dim=12,
-    model_dim=8,
-    num_classes=3,
-    num_heads=2,
-    num_layers=2,
-    lr=1e-3,
-    warmup=5,
-    max_iters=50,
-    dropout=0.1,
-    input_dropout=0.1,
-)
+    input_dim=12, model_dim=8, num_classes=3, num_heads=2, num_layers=2, lr=1e-3, warmup=5,
+    max_iters=50, dropout=0.1, input_dropout=0.1,
+)  # fmt: skip
 
 
 def reference_predictor(x, state, hp, add_positional_encoding):
@@ -351,3 +353,310 @@ def test_checkpoint_round_trip_gives_the_same_model(tmp_path):
     torch.testing.assert_close(
         loaded(x, add_positional_encoding=False), model.eval()(x, add_positional_encoding=False)
     )
+
+
+def reference_cross_attention(x, memory, attn, mask=None):
+    """Cross-attention written out: head h's q rows of the stacked projection applied to x, its k
+    and v rows applied to memory."""
+    w, b = (
+        attn.qkv_proj.weight.detach().double().numpy(),
+        attn.qkv_proj.bias.detach().double().numpy(),
+    )
+    d, outs, maps = attn.head_dim, [], []
+    for h in range(attn.num_heads):
+        rows = lambda part, h=h: slice(3 * d * h + part * d, 3 * d * h + (part + 1) * d)
+        q = x @ w[rows(0)].T + b[rows(0)]
+        k = memory @ w[rows(1)].T + b[rows(1)]
+        v = memory @ w[rows(2)].T + b[rows(2)]
+        o, weights = reference_attention(q, k, v, mask)
+        outs.append(o)
+        maps.append(weights)
+    o_w, o_b = (
+        attn.o_proj.weight.detach().double().numpy(),
+        attn.o_proj.bias.detach().double().numpy(),
+    )
+    return np.concatenate(outs, axis=1) @ o_w.T + o_b, np.stack(maps)
+
+
+def test_cross_attention_matches_formula_and_rows_sum_to_one():
+    torch.manual_seed(0)
+    attn = randomise(CrossAttention(input_dim=8, embed_dim=8, num_heads=2))
+    x, memory = torch.randn(2, 3, 8), torch.randn(2, 5, 8)
+    # [Batch, 1, SrcLen]
+    memory_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]).bool()[:, None, :]
+    out, attention = attn(x, memory, mask=memory_mask, return_attention=True)
+    assert out.shape == (2, 3, 8) and attention.shape == (2, 2, 3, 5)
+    torch.testing.assert_close(attention.sum(-1), torch.ones(2, 2, 3))
+    assert torch.all(attention[1, :, :, 3:] == 0)
+    for b in range(2):
+        mask = memory_mask[b].expand(3, 5).tolist()
+        ref_out, ref_maps = reference_cross_attention(
+            x[b].double().numpy(), memory[b].double().numpy(), attn, mask
+        )
+        np.testing.assert_allclose(out[b].detach().numpy(), ref_out, atol=1e-5)
+        np.testing.assert_allclose(attention[b].detach().numpy(), ref_maps, atol=1e-6)
+    assert list(attn.state_dict()) == [
+        "qkv_proj.weight",
+        "qkv_proj.bias",
+        "o_proj.weight",
+        "o_proj.bias",
+    ]
+
+
+def test_decoder_block_matches_formula():
+    torch.manual_seed(0)
+    block = randomise(
+        DecoderBlock(input_dim=8, num_heads=2, dim_feedforward=16, dropout=0.2)
+    ).eval()
+    x, memory = torch.randn(1, 4, 8), torch.randn(1, 6, 8)
+    out = block(x, memory, tgt_mask=causal_mask(4))
+    p = lambda t: t.detach().double().numpy()
+    h = x[0].double().numpy()
+    sa = block.self_attn
+    attn_out, _ = reference_multihead(
+        h,
+        p(sa.qkv_proj.weight),
+        p(sa.qkv_proj.bias),
+        p(sa.o_proj.weight),
+        p(sa.o_proj.bias),
+        2,
+        mask=np.tril(np.ones((4, 4))).tolist(),
+    )
+    h = layer_norm(h + attn_out, block.norm1)
+    cross_out, _ = reference_cross_attention(h, memory[0].double().numpy(), block.cross_attn)
+    h = layer_norm(h + cross_out, block.norm2)
+    l1, l2 = block.linear_net[0], block.linear_net[3]
+    h = layer_norm(
+        h + np.maximum(h @ p(l1.weight).T + p(l1.bias), 0) @ p(l2.weight).T + p(l2.bias),
+        block.norm3,
+    )
+    np.testing.assert_allclose(out[0].detach().numpy(), h, atol=1e-5)
+
+
+def test_causal_mask():
+    assert causal_mask(3).tolist() == [
+        [True, False, False],
+        [True, True, False],
+        [True, True, True],
+    ]
+
+
+# 5 digits, then BOS=5, EOS=6, PAD=7.
+S2S = dict(
+    input_dim=8, model_dim=32, num_classes=8, num_heads=2, num_layers=2, lr=2e-3, warmup=20,
+    max_iters=400, dropout=0.0, input_dropout=0.0,
+)  # fmt: skip
+
+
+def test_decoder_output_does_not_see_later_tokens():
+    torch.manual_seed(0)
+    model = randomise(Seq2SeqPredictor(**S2S)).eval()
+    src = torch.tensor([[3, 1, 4, 1, 7, 7]])
+    tgt = torch.tensor([[5, 1, 1, 3, 4, 6, 7]])
+    out = model(src, tgt)
+    for t in range(tgt.size(1) - 1):
+        changed = tgt.clone()
+        changed[0, t + 1 :] = torch.randint(0, 8, (tgt.size(1) - t - 1,))
+        changed[0, t + 1] = (tgt[0, t + 1] + 1) % 8  # surely different
+        out_changed = model(src, changed)
+        torch.testing.assert_close(out_changed[0, : t + 1], out[0, : t + 1], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out_changed[0, t + 1 :], out[0, t + 1 :], atol=1e-4)
+
+
+def test_source_padding_is_never_attended():
+    torch.manual_seed(0)
+    model = randomise(Seq2SeqPredictor(**S2S)).eval()
+    src = torch.tensor([[3, 1, 4, 7, 7]])
+    tgt = torch.tensor([[5, 1, 3, 4, 6]])
+    encoder_maps, _, cross_maps = model.get_attention_maps(src, tgt)
+    for maps in (encoder_maps, cross_maps):
+        for attention in maps:
+            assert torch.all(attention[..., 3:] == 0)
+            torch.testing.assert_close(attention.sum(-1), torch.ones_like(attention.sum(-1)))
+
+
+def test_greedy_generation_equals_teacher_forcing_where_it_is_right():
+    pl.seed_everything(0)
+    train = SortDataset(num_categories=5, max_len=6, size=6400)
+    test = SortDataset(num_categories=5, max_len=6, size=256)
+    model = Seq2SeqPredictor(**S2S)
+    trainer = quiet_trainer(max_steps=S2S["max_iters"], num_sanity_val_steps=0, gradient_clip_val=5)
+    trainer.fit(model, DataLoader(train, batch_size=64, shuffle=True))
+    model.eval()
+    src, tgt = test.src, test.tgt
+    labels = tgt[:, 1:]
+    generated = model.generate(src, max_len=labels.size(1))
+    teacher = model(src, tgt[:, :-1]).argmax(dim=-1)
+    right = (generated == labels).all(dim=1)
+    assert right.float().mean() > 0.5  # trained enough for the check to cover many sequences
+    assert torch.equal(generated[right], teacher[right].masked_fill(labels[right] == 7, 7))
+    # The accuracy the model logs agrees with this count.
+    acc = trainer.test(model, DataLoader(test, batch_size=64), verbose=False)[0]["test_acc"]
+    assert acc == pytest.approx(right.float().mean().item())
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")  # no Trainer here
+def test_reverse_predictor_loss_is_cross_entropy_over_positions():
+    torch.manual_seed(0)
+    model = ReversePredictor(
+        input_dim=10,
+        model_dim=16,
+        num_classes=10,
+        num_heads=1,
+        num_layers=1,
+        lr=5e-4,
+        warmup=50,
+        max_iters=100,
+    ).eval()
+    inp = torch.randint(10, (3, 16))
+    labels = inp.flip(1)
+    with torch.no_grad():
+        loss, acc = model._calculate_loss((inp, labels), mode="test")
+        logits = model(F.one_hot(inp, 10).float())
+    log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    expected = -log_probs.gather(-1, labels[..., None]).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert acc.item() == pytest.approx((logits.argmax(-1) == labels).float().mean().item())
+
+
+def test_tutorial_reverse_checkpoint_loads(tmp_path):
+    # The tutorial's ReversePredictor: the same hyper-parameters and key layout as the set model.
+    hparams = dict(
+        input_dim=10, model_dim=32, num_heads=1, num_classes=10, num_layers=1, dropout=0.0,
+        lr=5e-4, warmup=50, max_iters=3900, input_dropout=0.0,
+    )  # fmt: skip
+    keys = [k.replace("transformer.layers.1.", "") for k in TUTORIAL_KEYS if "layers.1." not in k]
+    shapes = {k: v.shape for k, v in ReversePredictor(**hparams).state_dict().items()}
+    state = {k: torch.randn(shapes[k]) for k in keys}
+    torch.save(
+        {"state_dict": state, "hyper_parameters": hparams, "pytorch-lightning_version": "2.0.0"},
+        tmp_path / "ReverseTask.ckpt",
+    )
+    model = ReversePredictor.load_from_checkpoint(tmp_path / "ReverseTask.ckpt", strict=True)
+    torch.testing.assert_close(
+        model.state_dict()["output_net.4.weight"], state["output_net.4.weight"]
+    )
+
+
+POST = dict(
+    input_dim=512, model_dim=256, num_classes=1, num_heads=4, num_layers=4, lr=5e-4, warmup=100,
+    max_iters=70300, dropout=0.1, input_dropout=0.1,
+)  # fmt: skip
+
+
+def test_fast_forward_equals_faithful_forward():
+    torch.manual_seed(0)
+    model = randomise(AnomalyPredictor(**POST)).eval()
+    x = torch.randn(8, 10, 512)
+    faithful = model(x, add_positional_encoding=False)
+    fast_model = AnomalyPredictor(**POST, fast_parts=FAST_PARTS).eval()
+    fast_model.load_state_dict(model.state_dict())  # same checkpoint layout: the keys must match
+    assert any(isinstance(m, BitMaskDropout) for m in fast_model.modules())
+    assert all(m.fused for m in fast_model.modules() if isinstance(m, MultiheadAttention))
+    fast = fast_model(x, add_positional_encoding=False)
+    torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
+    assert "fast_parts" not in fast_model.hparams  # not saved with the checkpoint
+
+
+@pytest.mark.parametrize("mask", ["causal", "padding"])
+def test_fused_attention_masks_like_the_manual_one(mask):
+    torch.manual_seed(0)
+    attn = randomise(MultiheadAttention(16, 16, 4))
+    x = torch.randn(3, 6, 16)
+    m = (
+        causal_mask(6)
+        if mask == "causal"
+        else torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])[:, None, :]
+    )
+    for as_float in (False, True):  # a float 0/1 mask must mask as well, not be added to the logits
+        m_in = m.float() if as_float else m
+        faithful = attn(x, mask=m_in)
+        attn.fused = True
+        fast = attn(x, mask=m_in)
+        attn.fused = False
+        torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
+
+
+def test_fast_is_chosen_when_loading_and_never_saved(tmp_path):
+    torch.manual_seed(0)
+    fast_model = randomise(AnomalyPredictor(**POST, fast_parts=FAST_PARTS))
+    trainer = quiet_trainer()
+    trainer.strategy.connect(fast_model)
+    trainer.save_checkpoint(tmp_path / "fast.ckpt")
+    ckpt = torch.load(tmp_path / "fast.ckpt", weights_only=False)
+    assert "fast_parts" not in ckpt["hyper_parameters"]  # the file is what the faithful path writes
+    faithful = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", strict=True)
+    fast = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", fast_parts=FAST_PARTS)
+    assert not any(isinstance(m, BitMaskDropout) for m in faithful.modules())
+    assert not any(m.fused for m in faithful.modules() if isinstance(m, MultiheadAttention))
+    assert sum(isinstance(m, BitMaskDropout) for m in fast.modules()) == sum(
+        type(m) is torch.nn.Dropout for m in faithful.modules()
+    )
+    assert all(m.fused for m in fast.modules() if isinstance(m, MultiheadAttention))
+    x = torch.randn(2, 10, 512)
+    torch.testing.assert_close(
+        fast.eval().anomaly_logits(x), faithful.eval().anomaly_logits(x), atol=1e-5, rtol=0
+    )
+
+
+def test_fast_path_parts_are_checked():
+    with pytest.raises(ValueError, match="unknown parts of the fast path"):
+        AnomalyPredictor(**POST, fast_parts=("dropout", "flash"))
+    model = AnomalyPredictor(
+        **POST, fast_parts=("attention",)
+    )  # one part alone, as bench.py --ablation
+    assert not any(isinstance(m, BitMaskDropout) for m in model.modules())
+    assert all(m.fused for m in model.modules() if isinstance(m, MultiheadAttention))
+
+
+def test_fast_seq2seq_generation_is_unchanged():
+    torch.manual_seed(0)
+    hparams = dict(
+        input_dim=8, model_dim=16, num_classes=8, num_heads=2, num_layers=2, lr=1e-3, warmup=1,
+        max_iters=10,
+    )  # fmt: skip
+    model = randomise(Seq2SeqPredictor(**hparams)).eval()
+    fast_model = Seq2SeqPredictor(**hparams, fast_parts=FAST_PARTS).eval()
+    fast_model.load_state_dict(model.state_dict())
+    src = torch.tensor([[3, 1, 4, 1, 7, 7], [2, 0, 4, 4, 3, 1]])
+    assert torch.equal(fast_model.generate(src, 8), model.generate(src, 8))
+
+
+def test_fast_dropout_drops_with_probability_p_and_rescales():
+    torch.manual_seed(0)
+    drop = BitMaskDropout(0.1)
+    x = torch.ones(1000, 1000)
+    y = drop(x)
+    kept = y[y != 0]
+    p = round(0.1 * 65536) / 65536  # the probability the 16-bit threshold gives
+    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)))
+    assert abs((y == 0).float().mean().item() - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
+    # Each of the four 16-bit fields of a draw is used: every position in a group of four drops
+    # alike.
+    per_field = (y.view(-1, 4) == 0).float().mean(dim=0)
+    assert (per_field - p).abs().max() < 5 * (p * (1 - p) / (x.numel() / 4)) ** 0.5
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    drop.train()
+    grad_x = torch.ones(10, 10, requires_grad=True)
+    out = drop(grad_x)
+    out.sum().backward()
+    torch.testing.assert_close(grad_x.grad, out.detach())  # d(x·noise)/dx = noise
+
+
+def test_fast_dropout_is_pytorchs_own_off_the_cpu(monkeypatch):
+    # On Apple's MPS, int64 random_ fills only 32 bits, so half the 16-bit fields would never drop;
+    # on CUDA PyTorch's dropout is one fused kernel. Off the CPU the fast path must use it. The
+    # "meta" device stands in for an accelerator.
+    calls = []
+    pytorch_dropout = F.dropout
+
+    def counting_dropout(x, p, training, inplace):
+        calls.append((x.device.type, p))
+        return pytorch_dropout(x, p, training, inplace)
+
+    monkeypatch.setattr(F, "dropout", counting_dropout)
+    BitMaskDropout(0.1)(torch.ones(64, 64, device="meta"))
+    assert calls == [("meta", 0.1)]
+    BitMaskDropout(0.1)(torch.ones(64, 64))  # on the CPU: the bit masks
+    assert calls == [("meta", 0.1)]

@@ -180,15 +180,9 @@ def test_bad_input_gets_one_clear_line(trained, tmp_path, offline_backbone):
     exits_with("is a folder", "--ckpt", tmp_path, *files)
     reverse = tmp_path / "ReverseTask.ckpt"
     hparams = dict(
-        input_dim=10,
-        model_dim=16,
-        num_classes=10,
-        num_heads=1,
-        num_layers=1,
-        lr=1e-3,
-        warmup=1,
+        input_dim=10, model_dim=16, num_classes=10, num_heads=1, num_layers=1, lr=1e-3, warmup=1,
         max_iters=2,
-    )
+    )  # fmt: skip
     torch.save({"state_dict": {}, "hyper_parameters": hparams}, reverse)
     exits_with("model of another task", "--ckpt", reverse, *files)
     broken = tmp_path / "broken.ckpt"

@@ -1,13 +1,9 @@
-"""What a run folder promises (runs.py, cli.check_before_work): one run at a time, whatever runs
-beside it; every input checked before anything is computed or deleted; checkpoints read as data,
-never as code."""
+"""runs.py: one run in a folder at a time, whatever runs beside it; checkpoints read as data,
+never as code, and a moved run's last.ckpt pointed at its new folder; the device and the CPU
+threads a run uses."""
 
-import errno
 import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,32 +11,19 @@ import torch
 
 import predict
 from harness import runs
+from harness.runs import pick_device
 from helpers import (
     HANG_GUARD_S,
-    ROOT,
-    SMALL_RUN,
+    SMALL,
     SMALL_SET_MODEL,
     copy_caches,
     last_of,
     read_results,
+    start_train,
     train_in_process,
     wait_for,
 )
 from model import AnomalyPredictor
-
-SMALL = [*SMALL_RUN, "--batch-size", "8"]  # epochs of a second or more: time to act during one
-
-
-def start_train(checkpoint_dir, *args, log):
-    """train.py --synthetic started in the background, its output going to the file log."""
-    command = [sys.executable, "train.py", "--synthetic", "--num-workers", "0"]
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [*command, "--checkpoint-dir", checkpoint_dir, *SMALL, *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_nothing(
@@ -70,46 +53,6 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_noth
                             "--epochs", "1", "--retrain", "--seed", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_results(folder)["settings"]["seed"] == 2
-
-
-def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted(
-    synthetic_run, tmp_path
-):
-    folder = copy_caches(synthetic_run, tmp_path)
-    kept = tmp_path / "synthetic" / "SetAnomalyDetect" / "checkpoints" / "last.ckpt"
-    kept.parent.mkdir(parents=True)
-    kept.write_bytes(b"an interrupted run's")
-    proc = train_in_process("--synthetic", "--checkpoint-dir", folder, "--retrain",
-                            "--devices", "99999", "--accelerator", "cpu")  # fmt: skip
-    cores = len(os.sched_getaffinity(0))
-    assert proc.returncode == 1 and proc.stderr == (
-        f"error: --devices 99999: this machine has {cores} CPU cores to train on, a process each. "
-        "Use fewer.\n"
-    )
-    assert kept.read_bytes() == b"an interrupted run's"
-
-
-@pytest.mark.parametrize(
-    "path, kind",
-    [
-        ("synthetic/SetAnomalyDetect.ckpt", "folder"),
-        ("synthetic/SetAnomalyDetect/results.json", "folder"),
-        ("synthetic/train_set_features.tar", "folder"),
-        ("synthetic/SetAnomalyDetect", "file"),
-        ("synthetic/SetAnomalyDetect/checkpoints", "file"),
-    ],
-)
-def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, path, kind):
-    spoiled = tmp_path / path
-    spoiled.parent.mkdir(parents=True, exist_ok=True)
-    spoiled.mkdir() if kind == "folder" else spoiled.write_text("")
-    proc = train_in_process("--synthetic", "--checkpoint-dir", tmp_path)
-    found, wanted = kind, "file" if kind == "folder" else "folder"
-    assert proc.returncode == 1 and proc.stderr == (
-        f"error: {spoiled} is a {found}, where the run keeps a {wanted}. Move it away, or use "
-        "another --checkpoint-dir.\n"
-    )
-    assert proc.stdout == ""  # no features extracted, nothing else done
 
 
 class RunsCode:
@@ -210,51 +153,10 @@ def test_weights_that_are_not_finite_are_refused(tmp_path):
         runs.load_model(path, AnomalyPredictor)
 
 
-def test_sigterm_stops_training_as_ctrl_c_does(synthetic_run, tmp_path):
-    folder = copy_caches(synthetic_run, tmp_path)
-    last = last_of(folder)
-    log = tmp_path / "run.log"
-    run = start_train(folder, "--epochs", "50", log=log)
-    wait_for(lambda: "Epoch 1/50:" in log.read_text() and os.path.isfile(last), run)
-    run.send_signal(signal.SIGTERM)
-    assert run.wait(timeout=HANG_GUARD_S) == 128 + signal.SIGTERM
-    output = log.read_text()
-    assert "Traceback" not in output and output.rstrip().splitlines()[-1] == (
-        f"Interrupted; {last} holds the run after its last finished epoch: run the same command "
-        "with --resume to continue from there."
-    )
-    assert torch.load(last, weights_only=True)["epoch"] >= 0  # whole, and --resume reads it
-
-
-@pytest.mark.parametrize("script", ["train.py", "predict.py", "visualize.py"])
-def test_ctrl_c_while_the_libraries_load_is_one_line(script, tmp_path):
-    run = subprocess.Popen(
-        [sys.executable, script, "--checkpoint-dir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
-    time.sleep(0.5)  # torch alone takes seconds to load
-    run.send_signal(signal.SIGINT)
-    _, stderr = run.communicate(timeout=HANG_GUARD_S)
-    assert run.returncode == 128 + signal.SIGINT
-    assert stderr == "\nInterrupted while starting; nothing was written.\n"
-
-
-def test_a_write_on_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
-    """What a checkpoint that Lightning copies into place raises when the disk fills up."""
-    from harness import stops
-
-    monkeypatch.setattr(signal, "signal", lambda *_: None)  # the test process keeps its handlers
-    half = tmp_path / "epoch=0-step=15.ckpt"
-    half.write_bytes(b"the first 454656 bytes")
-
-    def copy_fails():
-        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpz8y_l3tk", None, str(half))
-
-    with pytest.raises(SystemExit) as exit_info:
-        stops.run_main(copy_fails, "")
-    message = str(exit_info.value.code)
-    assert message.startswith(f"error: cannot write {half} (No space left on device; ")
-    assert message.endswith(" MB free there)") and not half.exists()
+def test_auto_device_follows_lightnings_order(monkeypatch):
+    for cuda, mps, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert pick_device("auto").type == expected
+        if expected != "cpu":
+            assert pick_device("gpu").type == expected

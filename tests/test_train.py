@@ -14,13 +14,15 @@ import pytorch_lightning as pl
 import torch
 
 import train
-from data import SetAnomalyDataset, anomaly_datasets, split_train_val
+from data import SetAnomalyDataset, SetBatches, anomaly_datasets, split_train_val
+from harness import cli
 from harness.cli import parse_args
 from harness.runs import pick_device
 from helpers import (
     RESUMED,
     SMALL_RUN,
     SMALL_SET_MODEL,
+    clustered_features,
     copy_caches,
     last_of,
     randomise,
@@ -362,15 +364,6 @@ def test_each_process_is_seeded_apart_and_one_process_is_left_alone(monkeypatch)
     assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
 
 
-def test_auto_device_follows_lightnings_order(monkeypatch):
-    for cuda, mps, expected in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
-        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
-        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
-        assert pick_device("auto").type == expected
-        if expected != "cpu":
-            assert pick_device("gpu").type == expected
-
-
 @pytest.mark.parametrize("accelerator", ["cuda", "gpu", "mps"])
 def test_a_missing_accelerator_is_one_line(tmp_path, monkeypatch, accelerator):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -461,3 +454,11 @@ def test_an_unwritable_checkpoint_dir_or_a_strategy_lightning_refuses_is_one_lin
     )
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and "nonsense" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fast_with_several_devices_samples_on_the_device():
+    feats, labels = clustered_features(10, 50, 4, seed=0)  # 5 per class for validation
+    datasets = anomaly_datasets(feats, labels, feats, labels, set_size=5)
+    args = cli.parse_args(["--fast", "--devices", "2", "--strategy", "ddp"])
+    loaders = train.make_loaders(args, datasets, torch.device("cpu"))
+    assert all(isinstance(loader, SetBatches) for loader in loaders.values())

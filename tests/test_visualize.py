@@ -1,5 +1,6 @@
-"""visualize.py: every figure made from generated data, with its expected pixel size; the training
-curves read back from TensorBoard logs; the skip notes."""
+"""visualize.py: every figure made from generated data, with its expected pixel size and what it
+shows (the data it draws, checked against formulas and inputs written out here, or its pixels); the
+training curves read back from TensorBoard logs; the skip notes."""
 
 import glob
 import os
@@ -89,24 +90,97 @@ def made_up_run(tmp_path_factory):
     return checkpoint_dir
 
 
-def test_positional_encoding_figures(tmp_path):
-    table, curves = visualize.plot_positional_encoding(
-        tmp_path / "pe.png", tmp_path / "pe_dims.png"
-    )
+@pytest.fixture
+def saved(monkeypatch):
+    """The figures the plot functions save, kept for their contents once saved (and closed)."""
+    made, save = [], visualize.save_figure
+    keep = lambda fig, path: made.append(fig) or save(fig, path)
+    monkeypatch.setattr(visualize, "save_figure", keep)
+    return made
+
+
+def drawn(fig, ndim):
+    """{axes: the array it shows} of fig's axes that show an image of ndim dimensions (3: a picture,
+    2: an attention map), in the figure's order."""
+    arrays = {ax: ax.get_images()[0].get_array() for ax in fig.axes if ax.get_images()}
+    return {ax: array for ax, array in arrays.items() if array.ndim == ndim}
+
+
+def panel_titles(num_layers, num_heads):
+    """The attention maps' titles, layer by layer and head by head."""
+    layers, heads = range(1, num_layers + 1), range(1, num_heads + 1)
+    return [f"Layer {layer}, head {head}" for layer in layers for head in heads]
+
+
+def has_its_bar_beside(ax):
+    """Whether the colour bar of ax's image stands just right of ax, level with its middle."""
+    panel, bar = ax.get_position(), ax.get_images()[0].colorbar.ax.get_position()
+    level = bar.y0 < (panel.y0 + panel.y1) / 2 < bar.y1
+    return 0 <= bar.x0 - panel.x1 < panel.width / 2 and level
+
+
+def sin_cos_table(d_model, max_len):
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)) and PE[pos, 2i+1] = cos(pos / 10000^(2i/d))."""
+    table = np.zeros((max_len, d_model))
+    for pos in range(max_len):
+        for i in range(d_model // 2):
+            angle = pos / 10000 ** (2 * i / d_model)
+            table[pos, 2 * i], table[pos, 2 * i + 1] = np.sin(angle), np.cos(angle)
+    return table
+
+
+def test_the_positional_encoding_heat_map_is_the_sin_cos_table(tmp_path, saved):
+    table, curves = visualize.plot_positional_encoding(tmp_path / "pe.png", tmp_path / "pe.2.png")
     assert png_size(table) == (800, 400) and png_size(curves) == (800, 600)
+    heat_map = saved[0].axes[0].get_images()[0]
+    # Dimensions down, positions across; dimension 1 at the top, position 1 at the left.
+    np.testing.assert_allclose(heat_map.get_array(), sin_cos_table(48, 96).T, atol=1e-4)
+    assert heat_map.get_extent() == [0.5, 96.5, 48.5, 0.5]
 
 
-def test_lr_schedule_figure(tmp_path):
+def test_the_positional_encoding_curves_are_the_first_four_dimensions(figures):
+    visualize.plot_positional_encoding("pe.png", "pe_dims.png")
+    table = sin_cos_table(48, 96)
+    axes = figures[1].axes
+    titles = [f"Encoding in hidden dimension {d}" for d in range(1, 5)]
+    assert [ax.get_title() for ax in axes] == titles
+    for dim, ax in enumerate(axes):
+        (line,) = ax.lines
+        assert line.get_xdata().tolist() == list(range(1, 17))  # positions 1 to 16
+        np.testing.assert_allclose(line.get_ydata(), table[:16, dim], atol=1e-5)
+
+
+def test_the_lr_schedule_is_linear_warm_up_then_half_a_cosine(tmp_path, saved):
     assert png_size(visualize.plot_lr_schedule(tmp_path / "lr.png")) == (600, 400)
+    (line,) = saved[0].axes[0].lines
+    t = np.arange(2000)  # warmup=100, max_iters=2000
+    factor = 0.5 * (1 + np.cos(np.pi * t / 2000)) * np.where(t <= 100, t / 100, 1)
+    assert line.get_xdata().tolist() == t.tolist()
+    np.testing.assert_allclose(line.get_ydata(), factor, atol=1e-12)
+    assert line.get_ydata()[0] == 0 and np.argmax(line.get_ydata()) == 100
+
+
+def printed_probability(label):
+    """The probability in an image's label, "...p=0.25\n...": as a number."""
+    return float(label.split("p=")[1].split("\n")[0])
 
 
 @pytest.mark.parametrize("with_probs", [False, True])
-def test_image_rows_figure(tmp_path, with_probs):
+def test_image_rows_show_each_set_in_order_with_its_probabilities(tmp_path, saved, with_probs):
     rng = np.random.default_rng(0)
     images = rng.random((4, 10, 32, 32, 3))
     probs = rng.dirichlet(np.ones(10), size=4) if with_probs else None
     path = visualize.plot_image_rows(tmp_path / "rows.png", images, "sets", probs=probs)
     assert png_size(path) == (1200, 580)  # 1.2 in per image, 1.3 in per row + 0.6 in for the title
+    axes = np.reshape(saved[0].axes, (4, 10))
+    for r, c in np.ndindex(4, 10):
+        assert np.array_equal(axes[r, c].get_images()[0].get_array(), images[r, c])
+    assert [row[0].get_ylabel() for row in axes] == ["Set 1", "Set 2", "Set 3", "Set 4"]
+    labels = [[ax.get_xlabel() for ax in row] for row in axes]
+    if with_probs:  # at least 2 decimals: within 0.005
+        np.testing.assert_allclose(np.vectorize(printed_probability)(labels), probs, atol=0.005)
+    else:
+        assert labels == [[f"image {c}" for c in range(1, 10)] + ["anomaly"]] * 4
 
 
 def runs(mask):
@@ -120,6 +194,21 @@ def red_and_grey(path):
     pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
     red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
     return red, (np.abs(pixels - 128) <= 1).all(axis=-1)
+
+
+def red_frames(path):
+    """How many red frames a PNG holds: each is two horizontal red edges, its top and bottom, of
+    50 pixels or more (an image is 80 or more wide; the red in pictures and labels runs shorter)."""
+    red, _ = red_and_grey(path)
+    longest = [max((b - a + 1 for a, b in runs(row)), default=0) for row in red]
+    return len(runs(np.array(longest) >= 50)) / 2
+
+
+def coloured_pixels(path):
+    """How many pixels of a PNG are neither white, black nor grey: what is drawn besides the text
+    and the axes."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    return int((np.ptp(pixels, axis=-1) > 30).sum())
 
 
 @pytest.mark.parametrize("predicted", [0, 3])
@@ -151,22 +240,62 @@ def test_probabilities_print_with_enough_digits_to_rank_them():
     assert visualize.probability_texts([third, third + 1e-9, third - 2e-9]) == ["0.333333"] * 3
 
 
-def test_set_prediction_figure(tmp_path):
+def test_set_prediction_shows_the_images_and_their_probabilities(tmp_path, saved):
     rng = np.random.default_rng(0)
-    # 4 layers of [Head, Query, Key]
-    maps = [rng.dirichlet(np.ones(10), size=(4, 10)) for _ in range(4)]
-    path = visualize.plot_set_prediction(
-        tmp_path / "set.png", rng.random((10, 32, 32, 3)), rng.dirichlet(np.ones(10)), maps
-    )
-    assert png_size(path) == (1200, 1240)  # 10 images wide; 2 in for them + 2.6 in per layer
+    images, probs = rng.random((10, 32, 32, 3)), rng.dirichlet(np.ones(10))
+    maps = [rng.dirichlet(np.ones(10), size=(1, 10)) for _ in range(2)]  # 2 layers of 1 head
+    path = visualize.plot_set_prediction(tmp_path / "set.png", images, probs, maps)
+    assert png_size(path) == (1200, 720)  # 10 images wide; 2 in for them + 2.6 in per layer
+    shown = drawn(saved[0], 3)
+    assert len(shown) == 10
+    assert all(np.array_equal(array, images[i]) for i, array in enumerate(shown.values()))
+    labels = [ax.get_xlabel() for ax in shown]
+    assert [label.split(":")[0] for label in labels] == [str(i) for i in range(1, 11)]
+    np.testing.assert_allclose([printed_probability(label) for label in labels], probs, atol=0.005)
+    assert [i for i, label in enumerate(labels) if "predicted" in label] == [np.argmax(probs)]
 
 
-def test_reverse_attention_figure(tmp_path):
+def test_set_prediction_shows_every_layer_and_head_with_a_colour_bar_each(saved, tmp_path):
+    rng = np.random.default_rng(1)
+    maps = [rng.dirichlet(np.ones(5), size=(2, 5)) for _ in range(3)]  # 3 layers of 2 heads
+    visualize.plot_set_prediction(tmp_path / "s.png", np.zeros((5, 8, 8, 3)), np.full(5, 0.2), maps)
+    panels = drawn(saved[0], 2)
+    assert [ax.get_title() for ax in panels] == panel_titles(3, 2)
+    expected = [maps[layer][head] for layer in range(3) for head in range(2)]
+    assert all(map(np.array_equal, panels.values(), expected)) and len(panels) == 6
+    assert len(colour_bars(saved[0])) == 6 and all(map(has_its_bar_beside, panels))
+
+
+def test_the_set_prediction_frames_the_most_probable_image_in_red(tmp_path):
+    probs = np.array([0.1, 0.6, 0.1, 0.1, 0.1])  # neither the first nor the true anomaly, the last
+    maps = [np.full((1, 5, 5), 0.2)]  # one layer, one head
+    images = np.full((5, 8, 8, 3), 0.5)  # grey: the only red is the mark
+    red, grey = red_and_grey(visualize.plot_set_prediction(tmp_path / "s.png", images, probs, maps))
+    image_columns = runs(grey.sum(axis=0) > 20)
+    assert len(image_columns) == 5
+    red_x = np.nonzero(red)[1]
+    framed = [i for i, (a, b) in enumerate(image_columns) if red_x.min() < a and b < red_x.max()]
+    assert framed == [1]
+
+
+def test_reverse_attention_shows_every_map_over_the_positions(tmp_path, saved):
     rng = np.random.default_rng(0)
-    path = visualize.plot_reverse_attention(
-        tmp_path / "rev.png", rng.integers(0, 10, 16), [rng.dirichlet(np.ones(16), size=(1, 16))]
-    )
-    assert png_size(path) == (500, 560)
+    sequence = rng.integers(0, 10, 16)
+    maps = [rng.dirichlet(np.ones(16), size=(2, 16)) for _ in range(2)]  # 2 layers of 2 heads
+    path = visualize.plot_reverse_attention(tmp_path / "rev.png", sequence, maps)
+    assert png_size(path) == (1000, 1060)  # 5 in per head, 5 in per layer + 0.6 in for the title
+    fig = saved[0]
+    assert fig.get_suptitle().endswith(" ".join(str(t) for t in sequence))
+    panels = drawn(fig, 2)
+    assert [ax.get_title() for ax in panels] == panel_titles(2, 2)
+    expected = [maps[layer][head] for layer in range(2) for head in range(2)]
+    assert all(map(np.array_equal, panels.values(), expected)) and len(panels) == 4
+    positions = [str(i) for i in range(1, 17)]
+    for ax in panels:
+        assert ax.get_xlabel() == "attended input position (key)"
+        assert ax.get_ylabel() == "input position (query)"
+        assert [t.get_text() for t in ax.get_xticklabels()] == positions
+        assert [t.get_text() for t in ax.get_yticklabels()] == positions
 
 
 def test_training_curves_are_read_back_as_logged(tmp_path):
@@ -268,7 +397,22 @@ def test_set_task_figures_from_generated_cifar(tmp_path, monkeypatch, capsys):
         "anomaly_prediction.png": (1200, 980),  # 10 images over 3 layers
         "anomaly_mistakes.png": (1200, 450),  # 3 sets of 10
     }
+    assert all(coloured_pixels(p) > 1000 for p in made)
+    # One set predicted, each of the 3 worst sets: a frame each; the example sets, no prediction.
+    assert [red_frames(p) for p in made] == [0, 1, 3]
     assert "skipped" not in capsys.readouterr().out
+
+
+def test_the_example_sets_are_of_one_class_with_the_anomaly_last(tmp_path, figures):
+    test = GeneratedImages(10, 10, None, seed=0, split="test")  # 10 classes of 10 images
+    # No model in tmp_path: the example sets alone are drawn, 4 sets of 10.
+    visualize.anomaly_figures(test.data, torch.tensor(test.targets), str(tmp_path), str(tmp_path))
+    index = {image.tobytes(): i for i, image in enumerate(test.data)}
+    shown = [np.rint(np.asarray(a) * 255).astype(np.uint8) for a in drawn(figures[0], 3).values()]
+    sets = np.reshape([index[image.tobytes()] for image in shown], (4, 10))
+    assert all(len(set(row)) == 10 for row in sets)  # 10 different images in each set
+    classes = np.array(test.targets)[sets]
+    assert (classes[:, :9] == classes[:, :1]).all() and (classes[:, 9] != classes[:, 0]).all()
 
 
 def test_synthetic_mode_makes_every_kind_of_figure(made_up_run, capsys):
@@ -284,6 +428,13 @@ def test_synthetic_mode_makes_every_kind_of_figure(made_up_run, capsys):
         "anomaly_prediction.png": (600, 720),  # 2 in for the images + 2.6 in per layer
         "anomaly_mistakes.png": (600, 710),  # 5 sets
         "training_curves.png": (1000, 400),
+    }
+    assert all(coloured_pixels(p) > 1000 for p in made)  # each draws something besides its text
+    frames = {os.path.basename(str(p)): red_frames(p) for p in made if "anomaly" in str(p)}
+    assert frames == {  # a frame for each set with a prediction
+        "anomaly_example_sets.png": 0,
+        "anomaly_prediction.png": 1,
+        "anomaly_mistakes.png": 5,
     }
     assert "skipped" not in capsys.readouterr().out
 

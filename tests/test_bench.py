@@ -1,0 +1,50 @@
+"""bench.py: it counts operators, not views; it refuses what it cannot measure before measuring
+anything; and it replaces only the reports it wrote itself."""
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench
+from helpers import ROOT
+
+
+def test_dispatched_ops_counts_operators_not_views():
+    x = torch.randn(4, 4)
+    with torch.profiler.profile() as profiler:
+        y = x.view(16).add(1).reshape(4, 4).t()  # one operator, add, and three views
+        F.linear(y, x)  # one operator, whatever it calls inside
+    assert bench.dispatched_ops(profiler.events()) == 2
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--device", "foo"],
+        ["--device", "mps"],
+        ["--device", "cuda:99"],
+        ["--images", "0"],
+        ["--out", "/"],
+        ["--out", os.path.join(ROOT, "README.md")],  # a file bench.py did not write
+        ["--min-seconds", "inf"],
+    ],
+)
+def test_bench_refuses_what_it_cannot_measure_before_measuring(argv, capsys):
+    with open(os.path.join(ROOT, "README.md"), "rb") as f:
+        readme = f.read()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2 and "error: " in capsys.readouterr().err
+    with open(os.path.join(ROOT, "README.md"), "rb") as f:
+        assert f.read() == readme
+
+
+def test_bench_replaces_only_its_own_reports(tmp_path):
+    own, other = tmp_path / "bench.json", tmp_path / "notes.json"
+    own.write_text(json.dumps({"command": "python bench.py --device cpu"}))
+    other.write_text(json.dumps({"command": "something else"}))
+    assert bench.written_by_bench(own) and not bench.written_by_bench(other)
+    assert not bench.written_by_bench(tmp_path / "missing.json")

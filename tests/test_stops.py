@@ -1,0 +1,82 @@
+"""stops.py: a command stopped early (Ctrl-C or SIGTERM at any moment, a full disk, a torchvision
+of another build) says so in one line and exits with a code, never a traceback."""
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib.metadata import version
+
+import pytest
+import torch
+
+from helpers import HANG_GUARD_S, ROOT, copy_caches, last_of, run_script, start_train, wait_for
+
+
+def test_sigterm_stops_training_as_ctrl_c_does(synthetic_run, tmp_path):
+    folder = copy_caches(synthetic_run, tmp_path)
+    last = last_of(folder)
+    log = tmp_path / "run.log"
+    run = start_train(folder, "--epochs", "50", log=log)
+    wait_for(lambda: "Epoch 1/50:" in log.read_text() and os.path.isfile(last), run)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(timeout=HANG_GUARD_S) == 128 + signal.SIGTERM
+    output = log.read_text()
+    assert "Traceback" not in output and output.rstrip().splitlines()[-1] == (
+        f"Interrupted; {last} holds the run after its last finished epoch: run the same command "
+        "with --resume to continue from there."
+    )
+    assert torch.load(last, weights_only=True)["epoch"] >= 0  # whole, and --resume reads it
+
+
+@pytest.mark.parametrize("script", ["train.py", "predict.py", "visualize.py"])
+def test_ctrl_c_while_the_libraries_load_is_one_line(script, tmp_path):
+    run = subprocess.Popen(
+        [sys.executable, script, "--checkpoint-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    time.sleep(0.5)  # torch alone takes seconds to load
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=HANG_GUARD_S)
+    assert run.returncode == 128 + signal.SIGINT
+    assert stderr == "\nInterrupted while starting; nothing was written.\n"
+
+
+def test_a_write_on_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, monkeypatch):
+    """What a checkpoint that Lightning copies into place raises when the disk fills up."""
+    from harness import stops
+
+    monkeypatch.setattr(signal, "signal", lambda *_: None)  # the test process keeps its handlers
+    half = tmp_path / "epoch=0-step=15.ckpt"
+    half.write_bytes(b"the first 454656 bytes")
+
+    def copy_fails():
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpz8y_l3tk", None, str(half))
+
+    with pytest.raises(SystemExit) as exit_info:
+        stops.run_main(copy_fails, "")
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: cannot write {half} (No space left on device; ")
+    assert message.endswith(" MB free there)") and not half.exists()
+
+
+def test_a_torchvision_of_another_build_is_one_line_naming_both(tmp_path):
+    """As a CPU torch beside a CUDA torchvision fails: on loading, an operator is missing."""
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text(
+        'raise RuntimeError("operator torchvision::nms does not exist")\n'
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = run_script("train.py", "--task", "reverse", "--checkpoint-dir", tmp_path, env=env)
+    torch, torchvision = version("torch"), version("torchvision")
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: torchvision {torchvision} does not fit torch {torch} (operator torchvision::nms "
+        "does not exist). Install the two together: pip install --force-reinstall torch "
+        "torchvision (add --index-url https://download.pytorch.org/whl/cpu for the CPU build).\n"
+    )
