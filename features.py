@@ -23,10 +23,7 @@ from tqdm.auto import tqdm
 
 from harness.files import download_timeout, free_mb, save_atomically
 
-# The post's folders: where CIFAR-100 goes (--data-dir) and where the feature caches, models and
-# logs go (--checkpoint-dir), as the post's DATASET_PATH and CHECKPOINT_PATH.
-DATASET_PATH = "datasets"
-CHECKPOINT_PATH = "saved_models"
+DATASET_PATH = "datasets"  # the post's: where CIFAR-100 goes (--data-dir's default)
 # ImageNet statistics: the backbone was trained on images normalised with them.
 DATA_MEANS = (0.485, 0.456, 0.406)
 DATA_STD = (0.229, 0.224, 0.225)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 import features
 from data import SetAnomalyDataset
 from harness import cli, synthetic
-from harness.runs import IO_DIMS, load_model, model_file, pick_device, run_dir
+from harness.runs import CHECKPOINT_PATH, IO_DIMS, load_model, model_file, pick_device, run_dir
 from model import AnomalyPredictor
 
 # The odd one out is declared only when it is this many times as likely as the next image: a model
@@ -162,7 +162,7 @@ def make_parser():
     add("images", nargs="*", help="two or more image files, or one folder of them")
     add(
         "--checkpoint-dir",
-        default=features.CHECKPOINT_PATH,
+        default=CHECKPOINT_PATH,
         help="where train.py saved it (default: %(default)s)",
     )
     add("--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)")

@@ -34,10 +34,18 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.datasets import CIFAR100
 
 from data import SEQ_LEN, ReverseDataset, SetAnomalyDataset
-from features import CHECKPOINT_PATH, DATASET_PATH, cached_test_features, cifar100_meta
+from features import DATASET_PATH, cached_test_features, cifar100_meta
 from harness.cli import TASK_DEFAULTS, train_command
 from harness.files import make_writable, save_atomically
-from harness.runs import IO_DIMS, load_model, lock_folder, model_file, run_dir, task_dir
+from harness.runs import (
+    CHECKPOINT_PATH,
+    IO_DIMS,
+    load_model,
+    lock_folder,
+    model_file,
+    run_dir,
+    task_dir,
+)
 from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
 

@@ -10,10 +10,11 @@ import sys
 
 import torch
 
-from features import CACHE_FILES, CHECKPOINT_PATH, DATASET_PATH, cache_path
+from features import CACHE_FILES, DATASET_PATH, cache_path
 from harness import runs
 from harness.files import make_writable
 from harness.pretrained import PUBLISHED, pretrained_dir
+from harness.runs import CHECKPOINT_PATH
 from harness.synthetic import SYNTHETIC
 
 DESCRIPTION = """\

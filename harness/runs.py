@@ -39,6 +39,7 @@ from data import NUM_CATEGORIES
 from features import FEATURE_DIM
 from harness.files import save_atomically
 
+CHECKPOINT_PATH = "saved_models"  # the post's: where a run keeps its files (--checkpoint-dir)
 # Each task's folder (<name>/: logs, checkpoints, results.json) and best model (<name>.ckpt).
 TASK_NAMES = {"anomaly": "SetAnomalyDetect", "reverse": "ReverseTask", "seq2seq": "Seq2SeqTask"}
 # Each task's model inputs and outputs: a feature in, one anomaly logit out, per image of a set; a
