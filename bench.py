@@ -346,6 +346,23 @@ def written_by_bench(path):
     return isinstance(report, dict) and str(report.get("command")).startswith("python bench.py")
 
 
+def out_problem(out):
+    """Why the report cannot go to the file out, or None: known before a minute of measuring."""
+    # abspath drops a trailing separator and makes "" the current folder: look at out as given.
+    if not out or out.endswith(os.sep) or (os.altsep and out.endswith(os.altsep)):
+        return "give a file name"
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        return "that is a folder; give a file name"
+    if not os.path.isdir(folder):
+        return f"there is no folder {folder}"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"the folder {folder} is not writable"
+    if os.path.exists(out) and not written_by_bench(out):
+        return "that file was not written by bench.py; give another name"
+    return None
+
+
 def checked_device(p, args):
     """The device to measure on, once every flag is shown usable; argparse's error otherwise,
     before any measuring."""
@@ -353,10 +370,9 @@ def checked_device(p, args):
         p.error("--steps must be at least 50, --warmup, --rounds and --images at least 1")
     if not 0 <= args.min_seconds < float("inf"):
         p.error("--min-seconds must be a finite number, 0 or more")
-    if os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        p.error(f"--out {args.out}: give a file name in an existing folder")
-    if os.path.exists(args.out) and not written_by_bench(args.out):
-        p.error(f"--out {args.out}: that file was not written by bench.py; give another name")
+    why = out_problem(args.out)
+    if why:
+        p.error(f"--out {args.out!r}: {why}")
     try:
         device = torch.device(args.device)
     except RuntimeError:

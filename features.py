@@ -29,6 +29,7 @@ DATA_MEANS = (0.485, 0.456, 0.406)
 DATA_STD = (0.229, 0.224, 0.225)
 CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_SIZES = {"train": 50000, "test": 10000}
+CIFAR100_CLASSES = 100
 WEIGHTS = ResNet34_Weights.IMAGENET1K_V1
 CACHE_FILES = {"train": "train_set_features.tar", "test": "test_set_features.tar"}  # the post's
 IMAGE_SIZE = 224  # the backbone's input: the post resizes CIFAR-100's 32×32 images to 224×224
@@ -244,9 +245,10 @@ def save_cache(path, feats, labels, meta):
     save_atomically(path, lambda tmp: torch.save(cache, tmp))
 
 
-def load_cache(path, meta, then="rebuilding it"):
-    """(features, labels) from the cache at path if it is complete and matches meta; None otherwise,
-    after printing one line that says why, ending with `then`."""
+def load_cache(path, meta, num_classes, then="rebuilding it"):
+    """(features, labels) from the cache at path if it is complete, matches meta and its labels are
+    num_classes classes of equal size; None otherwise, after printing one line that says why,
+    ending with `then`."""
     if not os.path.isfile(path):
         return None
     try:
@@ -262,17 +264,19 @@ def load_cache(path, meta, then="rebuilding it"):
         print(f"Feature cache {path} was made differently from this run ({found}); {then}.")
         return None
     feats, labels = cache.get("features"), cache.get("labels")
-    why = cache_fault(feats, labels, meta["num_images"])
+    why = cache_fault(feats, labels, meta["num_images"], num_classes)
     if why:
         print(f"Feature cache {path} {why}; {then}.")
         return None
     return feats, labels.long()
 
 
-def cache_fault(feats, labels, n):
+def cache_fault(feats, labels, n, num_classes):
     """What is wrong with a cache's features and labels, or None: n float32 features of
-    FEATURE_DIM finite numbers, n integer labels of classes of equal size (as CIFAR-100's and the
-    generated images' are, which the post's split needs)."""
+    FEATURE_DIM finite numbers, n integer labels, each of the classes 0 .. num_classes-1 with
+    n / num_classes images (as CIFAR-100's and the generated images' are, which the post's split
+    needs). Checked against the classes, not only the images: a cache relabelled into other
+    classes of equal size would train a model on another task."""
     if not (torch.is_tensor(feats) and torch.is_tensor(labels)):
         return f"does not hold {n} features of {FEATURE_DIM} dims with their labels"
     if feats.shape != (n, FEATURE_DIM) or labels.shape != (n,):
@@ -283,12 +287,12 @@ def cache_fault(feats, labels, n):
         return f"holds {int((~torch.isfinite(feats)).sum())} features that are NaN or infinite"
     if labels.is_floating_point() or labels.dtype == torch.bool:
         return f"holds labels that are not whole numbers ({labels.dtype})"
-    if labels.min() < 0 or labels.max() >= n:  # n images hold fewer than n classes
-        return f"holds labels outside [0, {n}), the indices {n} images can have as classes"
-    sizes = torch.bincount(labels.long())
-    sizes = sizes[sizes > 0]
-    if len(sizes) < 2 or (sizes != sizes[0]).any():
-        return f"holds labels of {len(sizes)} classes of unequal or too few images"
+    # Labels past the last class are counted in one more bin, which must stay empty.
+    per_class = torch.bincount(labels.clamp(0, num_classes), minlength=num_classes + 1)
+    if labels.min() < 0 or per_class[-1] > 0 or (per_class[:-1] != n // num_classes).any():
+        return (
+            f"holds labels that are not its {num_classes} classes of {n // num_classes} images each"
+        )
     return None
 
 
@@ -306,18 +310,26 @@ def check_free_space(cache_dir, num_images, split):
 
 
 def cached_features(
-    cache_dir, metas, open_sources, device, fast=False, num_workers=4, image_size=IMAGE_SIZE
+    cache_dir,
+    metas,
+    num_classes,
+    open_sources,
+    device,
+    fast=False,
+    num_workers=4,
+    image_size=IMAGE_SIZE,
 ):
     """The post's extract_features: {split: (features [N, 512], labels [N])} for each of metas.
 
-    Each split's cache in cache_dir is loaded if it is valid; otherwise the split is extracted and
-    cached. open_sources() -> ({split: images}, backbone) is called only then, once: that is when
-    the images and weights are needed (and downloaded). --fast extracts with extract_features_fast.
+    Each split's cache in cache_dir is loaded if it is valid, its labels num_classes classes of
+    equal size; otherwise the split is extracted and cached. open_sources() -> ({split: images},
+    backbone) is called only then, once: that is when the images and weights are needed (and
+    downloaded). --fast extracts with extract_features_fast.
     """
     result, sources = {}, None
     for split, meta in metas.items():
         path, meta = cache_path(cache_dir, split, fast), extraction_meta(meta, fast)
-        cached = load_cache(path, meta)
+        cached = load_cache(path, meta, num_classes)
         if cached is None:
             check_free_space(cache_dir, meta["num_images"], split)
             sources = sources or open_sources()
@@ -355,18 +367,20 @@ def cifar100_features(data_dir, cache_dir, device, num_workers=4, fast=False):
     one. Raises MissingResources naming everything that could not be had.
     """
     metas = {split: cifar100_meta(split) for split in CIFAR100_SIZES}
+    open_sources = lambda: open_cifar100(data_dir)
     return cached_features(
-        cache_dir, metas, lambda: open_cifar100(data_dir), device, fast, num_workers
+        cache_dir, metas, CIFAR100_CLASSES, open_sources, device, fast, num_workers
     )
 
 
-def cached_test_features(cache_dir, meta, then):
+def cached_test_features(cache_dir, meta, num_classes, then):
     """(features, labels) of the test split from a cache that train.py left in cache_dir (the post's
     file first, then --fast's), or None; a cache that is there but unusable is reported, ending with
-    `then`. meta: what it must be made of, cifar100_meta("test") or synthetic_meta("test")."""
+    `then`. meta: what it must be made of, cifar100_meta("test") or synthetic_meta("test");
+    num_classes: its classes, CIFAR100_CLASSES or SYNTHETIC["num_classes"]."""
     for fast in (False, True):
         path = cache_path(cache_dir, "test", fast)
-        cache = load_cache(path, extraction_meta(meta, fast), then=then)
+        cache = load_cache(path, extraction_meta(meta, fast), num_classes, then)
         if cache is not None:
             return cache
     return None

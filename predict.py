@@ -21,11 +21,12 @@ import argparse
 import contextlib
 import json
 import os
+import stat
 import sys
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import DataLoader
 
 import features
@@ -61,13 +62,41 @@ def image_files(paths):
     return list(paths)
 
 
+class Unreadable(Exception):
+    """A file that is no image load_image can read; the message says why."""
+
+
+def eight_bit(image):
+    """image with 8 bits a channel. PIL's convert("RGB") clips 16-bit and 32-bit greys at 255 and
+    floats at 1 (a 16-bit picture turns white, a float one black), so these are scaled first as a
+    viewer shows them: integers from 0..65535 (0..their maximum where it is larger), floats from
+    0..1, their usual range, or where they leave it, from their least to their greatest value."""
+    if image.mode != "F" and not image.mode.startswith("I"):
+        return image
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = values.min(), values.max()
+    if image.mode != "F":
+        low, high = 0.0, max(high, 65535.0)
+    elif low >= 0 and high <= 1:
+        low, high = 0.0, 1.0
+    scaled = (values - low) * 255 / max(high - low, np.finfo(np.float64).tiny)
+    return Image.fromarray(np.clip(scaled, 0, 255).round().astype(np.uint8), "L")
+
+
 def load_image(path):
     """The image at path as CIFAR-100 holds its images: 32×32 RGB. Transparent parts become white,
-    grey and palette images RGB; the largest centred square is shrunk to 32×32, so the training
-    features' image transform then sees what it saw in training."""
+    grey and palette images RGB, 16-bit and float ones 8-bit; the largest centred square is shrunk
+    to 32×32, so the training features' image transform then sees what it saw in training. Raises
+    Unreadable saying why where path is no image it can read."""
     try:
-        with Image.open(path) as image:
+        # A named pipe or a device would make open or read wait, maybe forever: regular files only,
+        # opened without blocking in case one is swapped in after this check.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise Unreadable("not a regular file")
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as file, Image.open(file) as image:
             image.load()
+            image = eight_bit(image)
             if image.mode in ("RGBA", "LA", "PA") or (
                 image.mode == "P" and "transparency" in image.info
             ):
@@ -75,19 +104,49 @@ def load_image(path):
                 image = Image.new("RGB", rgba.size, (255, 255, 255))
                 image.paste(rgba, mask=rgba.getchannel("A"))
             image = image.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError) as error:
-        sys.exit(
-            f"error: {path} is not a readable image ({type(error).__name__}). "
-            "Remove it or give other files."
-        )
+    except Unreadable:
+        raise
+    except Exception as error:  # PIL meets a corrupt file with about any: SyntaxError, EOFError…
+        raise Unreadable(type(error).__name__) from None
     side = min(image.size)
     left, top = (image.width - side) // 2, (image.height - side) // 2
     return image.crop((left, top, left + side, top + side)).resize((32, 32), Image.BICUBIC)
 
 
-def train_command(args):
+def load_images(files):
+    """[N, 32, 32, 3] uint8, as CIFAR-100's .data, of files; exits naming every one it cannot read,
+    so that one run tells the user all there is to remove."""
+    images, unreadable = [], []
+    for f in files:
+        try:
+            images.append(np.asarray(load_image(f)))
+        except Unreadable as why:
+            unreadable.append((f, why))
+    if len(unreadable) == 1:
+        f, why = unreadable[0]
+        sys.exit(f"error: {f} is not a readable image ({why}). Remove it or give other files.")
+    if unreadable:
+        named = ", ".join(f"{f} ({why})" for f, why in unreadable)
+        sys.exit(
+            f"error: {len(unreadable)} of the {len(files)} files are not readable images: {named}. "
+            "Remove them or give other files."
+        )
+    return np.stack(images)
+
+
+def train_command(args, *flags):
     """The train.py command that makes what this run of predict.py reads, in backquotes."""
-    return f"`{cli.train_command(synthetic=args.synthetic, checkpoint_dir=args.checkpoint_dir)}`"
+    synthetic, checkpoint_dir = args.synthetic, args.checkpoint_dir
+    return f"`{cli.train_command(*flags, synthetic=synthetic, checkpoint_dir=checkpoint_dir)}`"
+
+
+def refuse_unusable_model(args):
+    """Exits: the model's weights, each finite (load_model refuses others), overflow as they are
+    multiplied (one of 3e38, say) and give probabilities that are not numbers."""
+    sys.exit(
+        "error: the model gives no usable probabilities (its weights overflow to inf or NaN); "
+        f"{train_command(args, '--retrain')} trains it anew."
+    )
 
 
 def synthetic_hint(args):
@@ -145,12 +204,15 @@ def predict(model, backbone, images, device, image_size=features.IMAGE_SIZE):
 
 @torch.no_grad()
 def set_size_accuracy(model, feats, labels, set_size, device):
-    """Accuracy of model on the post's fixed evaluation sets of set_size from feats and labels."""
+    """Accuracy of model on the post's fixed evaluation sets of set_size from feats and labels; nan
+    where the model's logits are not all finite numbers, as argmax would pick among them anyway."""
     sets = SetAnomalyDataset(feats, labels, set_size=set_size, train=False)
     right = 0
     for img_sets, _, label in DataLoader(sets, batch_size=256):
-        predicted = model.anomaly_logits(img_sets.to(device)).argmax(dim=-1).cpu()
-        right += (predicted == label).sum().item()
+        logits = model.anomaly_logits(img_sets.to(device))
+        if not torch.isfinite(logits).all():
+            return float("nan")
+        right += (logits.argmax(dim=-1).cpu() == label).sum().item()
     return right / len(labels)
 
 
@@ -185,15 +247,18 @@ def make_parser():
 
 def set_size_accuracies(args, run_folder, model, device, out=None):
     """{set size: accuracy} of model on the cached test features, printed; exits without them."""
-    meta = synthetic.synthetic_meta if args.synthetic else features.cifar100_meta
+    meta = synthetic.synthetic_meta("test") if args.synthetic else features.cifar100_meta("test")
+    classes = synthetic.SYNTHETIC["num_classes"] if args.synthetic else features.CIFAR100_CLASSES
     command = train_command(args)
-    cache = features.cached_test_features(run_folder, meta("test"), f"{command} rebuilds it")
+    cache = features.cached_test_features(run_folder, meta, classes, f"{command} rebuilds it")
     if cache is None:
         sys.exit(f"error: no valid test feature cache in {run_folder}; {command} makes it.")
     try:
         accuracies = {n: set_size_accuracy(model, *cache, n, device) for n in args.set_sizes}
     except ValueError as error:
         sys.exit(f"error: {error}")
+    if not np.isfinite(list(accuracies.values())).all():
+        refuse_unusable_model(args)
     if args.json:
         print(json.dumps(accuracies), file=out or sys.stdout)
     else:
@@ -226,6 +291,19 @@ def check_figure(p, args, files=()):
         and os.path.dirname(path) == os.path.abspath(args.images[0])
     ):
         p.error(f"--figure {figure} would write over or among the pictures; put it elsewhere")
+
+
+def refuse_unwritable_figure(figure):
+    """Exits unless figure can be written as a new file, found out before any work: it must not be
+    there yet, and its folder must be and be writable. Named as the user gave them, never as the
+    temporary file that the figure is written to first."""
+    folder = os.path.dirname(figure) or "."
+    if os.path.lexists(figure):
+        sys.exit(f"error: --figure {figure} already exists; remove it or choose another name.")
+    if not os.path.isdir(folder):
+        sys.exit(f"error: --figure {figure}: there is no folder {folder}; make it or choose one.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        sys.exit(f"error: --figure {figure}: no permission to write in {folder}; choose another.")
 
 
 def print_verdict(files, probs, clear, shown, json_out=None):
@@ -276,10 +354,10 @@ def predict_or_measure(p, args, out):
     files = image_files(args.images)
     if args.figure:
         check_figure(p, args, files)
+        refuse_unwritable_figure(args.figure)
     if len(files) < 2:
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
-    # [N, 32, 32, 3] uint8, as CIFAR-100's .data
-    images = np.stack([np.asarray(load_image(f)) for f in files])
+    images = load_images(files)
     model = load_set_model(ckpt, device, train_command(args), synthetic_hint(args))
     get_backbone = synthetic.synthetic_backbone if args.synthetic else features.imagenet_resnet34
     try:
@@ -288,6 +366,8 @@ def predict_or_measure(p, args, out):
         sys.exit(f"error: {error}")
     image_size = synthetic.SYNTHETIC["image_size"] if args.synthetic else features.IMAGE_SIZE
     probs, maps = predict(model, backbone, images, device, image_size)
+    if not np.isfinite(probs).all():
+        refuse_unusable_model(args)
     names = [os.path.basename(f) for f in files]
     odd = int(np.argmax(probs))
 

@@ -202,7 +202,7 @@ def train_anomaly(args, model_class, hparams, loaders, run_folder):
         last = ModelCheckpoint(folder, filename="last")  # what --resume continues from
         # Logged at least once an epoch, so that even a short run has training curves.
         every = min(50, hparams["max_iters"] // args.epochs)
-        callbacks = [log] if args.fast_dev_run else [log, best, last, runs.KeepSettings(args)]
+        callbacks = [log] if args.fast_dev_run else [log, best, last, runs.KeepRunState(args)]
         trainer = make_trainer(args, root_dir, callbacks, log_every_n_steps=every)
         model = model_class(**hparams, fast_parts=fast_parts)
         if args.compile:
@@ -212,8 +212,13 @@ def train_anomaly(args, model_class, hparams, loaders, run_folder):
         if not trainer.is_global_zero:  # with several processes, the first alone saves and tests
             return None
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing: it tests the model it has
-            model, ckpt = runs.load_model(best.best_model_path, model_class, fast_parts=fast_parts)
-            runs.save_model(ckpt, saved, args)
+            try:
+                model, ckpt = runs.load_model(
+                    best.best_model_path, model_class, fast_parts=fast_parts
+                )
+                runs.save_model(ckpt, saved, args)
+            except KeyboardInterrupt:  # the training is whole in last.ckpt: say how to keep it
+                raise KeyboardInterrupt(runs.SAVING_STOPPED) from None
             score = f"val acc {100 * float(best.best_model_score):.2f}%"
             print(f"Saved the best epoch ({score}) as {saved}")
     seconds = {"train": time.time() - start}
@@ -247,10 +252,10 @@ def test_model(args, model, loaders, root_dir):
 
 def test_published(args, published, model_class, io_dims, loaders):
     """--pretrained: (accuracies, what results.json records of it, seconds) of the tutorial
-    author's model, published = (its path, its git blob id), tested as train_anomaly tests a model
-    trained here."""
-    path, blob_id = published
-    model = pretrained.load_published(path, model_class, io_dims, fast_path_parts(args.fast))
+    author's model, published = (its path, its git blob id, its checkpoint), tested as
+    train_anomaly tests a model trained here."""
+    path, blob_id, _ = published
+    model = pretrained.load_published(published, model_class, io_dims, fast_path_parts(args.fast))
     print(f"Testing the tutorial author's model {path}")
     start = time.time()
     result = test_model(
@@ -306,9 +311,7 @@ def main(argv=None):
     if args.fast_dev_run:  # a one-batch check must not replace a real run's results
         print("Fast dev run: results not saved.")
         return results
-    # A rerun that only evaluates records itself apart: results.json stays the training's record.
-    evaluated = not (results["trained"] or args.pretrained)
-    results_file = os.path.join(root_dir, "evaluation.json" if evaluated else "results.json")
+    results_file = runs.record_file(root_dir, evaluated=not (results["trained"] or args.pretrained))
     files.save_json(results_file, results)
     print(f"Results written to {results_file}")
     return results

@@ -34,7 +34,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.datasets import CIFAR100
 
 from data import SEQ_LEN, ReverseDataset, SetAnomalyDataset
-from features import DATASET_PATH, cached_test_features, cifar100_meta
+from features import CIFAR100_CLASSES, DATASET_PATH, cached_test_features, cifar100_meta
 from harness.cli import TASK_DEFAULTS, train_command
 from harness.files import make_writable, save_atomically
 from harness.runs import (
@@ -369,7 +369,7 @@ def anomaly_figures(images, labels, checkpoint_dir, out_dir, synthetic=False, nu
     else:
         try:
             model, ckpt = load_model(ckpt_path, AnomalyPredictor, IO_DIMS["anomaly"])
-            set_size = ckpt.get("train_settings", {}).get("set_size", set_size)
+            set_size = recorded_set_size(ckpt.get("train_settings"))
         except ValueError as error:
             why = f"{error} ({command('--retrain')} makes a new one)"
     # The sets depend on the labels only; the features are not needed to draw them.
@@ -386,7 +386,8 @@ def anomaly_figures(images, labels, checkpoint_dir, out_dir, synthetic=False, nu
     if model is None:
         return made + skip("set-task prediction figures", why)
     meta = synthetic_meta("test") if synthetic else cifar100_meta("test")
-    cache = cached_test_features(run_folder, meta, f"`{command()}` rebuilds it")
+    classes = SYNTHETIC["num_classes"] if synthetic else CIFAR100_CLASSES
+    cache = cached_test_features(run_folder, meta, classes, f"`{command()}` rebuilds it")
     if cache is None:
         need = f"no usable test feature cache in {run_folder} ({command()} makes it)"
         return made + skip("set-task prediction figures", need)
@@ -434,9 +435,19 @@ def trained_set_size(run_folder):
     """The set size the run trained with (its results.json), else the post's 10."""
     try:
         with open(os.path.join(task_dir(run_folder), "results.json")) as f:
-            return int(json.load(f)["settings"]["set_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return TASK_DEFAULTS["anomaly"]["set_size"]
+            results = json.load(f)
+    except (OSError, ValueError):  # missing, unreadable or not JSON
+        results = None
+    return recorded_set_size(results.get("settings") if isinstance(results, dict) else None)
+
+
+def recorded_set_size(settings):
+    """The set size in a run's saved settings (a checkpoint's train_settings, results.json's
+    settings) if it is one train.py could have trained with, a whole number of 2 or more; the
+    post's 10 for anything else, as for a run that saved none."""
+    size = settings.get("set_size") if isinstance(settings, dict) else None
+    usable = isinstance(size, int) and not isinstance(size, bool) and size >= 2
+    return size if usable else TASK_DEFAULTS["anomaly"]["set_size"]
 
 
 def main(argv=None):

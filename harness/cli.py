@@ -3,6 +3,8 @@ before any work. `python train.py -h` shows them all.
 """
 
 import argparse
+import difflib
+import glob
 import math
 import os
 import shlex
@@ -206,6 +208,11 @@ def parse_args(argv=None):
         p.error(f"--model-dim {args.model_dim} must be divisible by --num-heads {args.num_heads}")
     if args.num_workers < 0:
         p.error(f"--num-workers must be 0 or more, got {args.num_workers}")
+    if args.num_workers > runs.usable_cores():  # more would only wait for each other
+        p.error(
+            f"--num-workers {args.num_workers}: this process may use {runs.usable_cores()} CPU "
+            "cores, a worker each at most"
+        )
     return args
 
 
@@ -226,13 +233,16 @@ def outputs(args, run_folder):
         name = PUBLISHED[args.task][0]
         folder = pretrained_dir(args.checkpoint_dir, args.task)
         files = [os.path.join(args.checkpoint_dir, "pretrained", name)]
-        return files + [os.path.join(folder, "results.json")], [folder]
+        return files + [os.path.join(folder, "results.json")], [os.path.dirname(folder), folder]
     folder = runs.task_dir(run_folder, args.task)
     files = [runs.model_file(run_folder, args.task)]
     files += [os.path.join(folder, name) for name in ("results.json", "evaluation.json")]
     if args.task == "anomaly":
         files += [cache_path(run_folder, split, args.fast) for split in CACHE_FILES]
-    folders = [folder, os.path.join(folder, "checkpoints"), os.path.join(folder, "lightning_logs")]
+    logs = os.path.join(folder, "lightning_logs")
+    folders = [folder, os.path.join(folder, "checkpoints"), logs]
+    # TensorBoard's version_N folders: one that is a file would stop the run once it has begun.
+    folders += sorted(glob.glob(os.path.join(logs, "version_*")))
     return files, [run_folder, *folders]
 
 
@@ -246,17 +256,33 @@ def usable_devices(device):
     return runs.usable_cores()
 
 
+def lightning_strategies():
+    """The names --strategy may take: auto and those Lightning registers (ddp, fsdp, ...)."""
+    from pytorch_lightning.strategies import StrategyRegistry  # loaded by train.py already
+
+    return ["auto", *StrategyRegistry.available_strategies()]
+
+
 def check_before_work(args, lock=True):
     """(run folder, device) of the run, once shown usable: exits with one line, before anything is
-    computed or deleted, if --resume has nothing to continue from, the device is not here or there
-    are fewer than --devices of it, an output is there as another kind (a folder for a file, or a
-    file for a folder), or the folder is not writable; then, with lock, takes the task's folder
-    for this process (runs.lock_folder). A run that Lightning's DDP started takes no lock."""
+    computed or deleted, if --resume has nothing to continue from, --strategy is not Lightning's,
+    the device is not here or there are fewer than --devices of it, an output is there as another
+    kind (a folder for a file, or a file for a folder), or the folder is not writable; then, with
+    lock, takes the task's folder for this process (runs.lock_folder). A run that Lightning's DDP
+    started takes no lock."""
     run_folder = runs.run_dir(args.checkpoint_dir, args.synthetic)
     last = runs.last_checkpoint(run_folder, args.task)
     if args.resume and not os.path.isfile(last):
         sys.exit(
             f"error: --resume found no {last} to continue from. Run without --resume to start anew."
+        )
+    known = lightning_strategies()
+    if args.strategy not in known:
+        close = difflib.get_close_matches(args.strategy, known, n=1)
+        maybe = f" (did you mean {close[0]}?)" if close else ""
+        sys.exit(
+            f"error: --strategy {args.strategy} is not one of Lightning's{maybe}: auto, ddp, "
+            "ddp_spawn, fsdp, ... (pytorch_lightning.strategies.StrategyRegistry)."
         )
     device = runs.pick_device(args.accelerator)
     usable = usable_devices(device)
@@ -265,6 +291,13 @@ def check_before_work(args, lock=True):
             f"error: --devices {args.devices}: this machine has {usable} "
             f"{'CPU cores' if device.type == 'cpu' else device.type.upper() + ' devices'} to train "
             "on, a process each. Use fewer."
+        )
+    saved = runs.model_file(run_folder, args.task)
+    training = not (args.resume or args.retrain or args.fast_dev_run or args.pretrained)
+    if training and os.path.isfile(last) and not os.path.isfile(saved):  # never deleted unasked
+        sys.exit(
+            f"error: {last} holds a training that stopped before its model was saved: run the same "
+            "command with --resume to go on from it, or with --retrain to train anew (deleting it)."
         )
     files, folders = outputs(args, run_folder)
     for path, kind in [(f, "file") for f in files] + [(f, "folder") for f in folders]:

@@ -9,8 +9,12 @@ import json
 import os
 import shutil
 import socket
+import time
 
 DOWNLOAD_TIMEOUT_S = 20  # seconds without an answer before a download counts as failed
+# Bytes a second below which a download counts as failed, averaged over DOWNLOAD_TIMEOUT_S: a
+# server that trickles a byte now and then would otherwise never time out.
+DOWNLOAD_MIN_RATE = 10_000
 # What the system answers when a file cannot be written: no space, no quota, no permission.
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -24,6 +28,21 @@ def download_timeout():
         yield
     finally:
         socket.setdefaulttimeout(default)
+
+
+def read_response(response):
+    """The whole body of an HTTP response, read as it arrives; raises TimeoutError if, over any
+    DOWNLOAD_TIMEOUT_S seconds, it comes slower than DOWNLOAD_MIN_RATE bytes a second."""
+    chunks, since, arrived = [], time.monotonic(), 0
+    while chunk := response.read1(2**16):  # what has arrived, not a full 64 KiB
+        chunks.append(chunk)
+        arrived += len(chunk)
+        seconds = time.monotonic() - since
+        if seconds >= DOWNLOAD_TIMEOUT_S:
+            if arrived < DOWNLOAD_MIN_RATE * seconds:
+                raise TimeoutError(f"{arrived} bytes in {seconds:.0f} s: too slow")
+            since, arrived = time.monotonic(), 0
+    return b"".join(chunks)
 
 
 def free_mb(folder):

@@ -1,16 +1,15 @@
 """The tutorial author's trained models, for `python train.py --pretrained`: downloaded once to
-<checkpoint-dir>/pretrained/, kept only when whole and verified by their git blob id, and loaded
-strictly; train.py then tests them as it tests a model it trained.
+<checkpoint-dir>/pretrained/, kept only when whole and verified by their git blob id, read once and
+as data, and loaded strictly; train.py then tests them as it tests a model it trained.
 """
 
 import hashlib
 import os
-import shutil
 import sys
 import urllib.request
 
-from harness.files import download_timeout, save_atomically
-from harness.runs import load_model, task_dir
+from harness.files import download_timeout, read_response, save_atomically
+from harness.runs import load_model, read_checkpoint, task_dir
 
 # Each task's file in phlippe/saved_models, and the file's git blob id there, which the download
 # must match.
@@ -27,55 +26,70 @@ def pretrained_dir(checkpoint_dir, task):
     return task_dir(os.path.join(checkpoint_dir, "pretrained"), task)
 
 
-def git_blob_id(path):
-    """The id git gives the file at path: the SHA-1 of b"blob <size>\\0" and its bytes."""
-    with open(path, "rb") as f:
-        contents = f.read()
+def git_blob_id(contents):
+    """The id git gives a file of these bytes: the SHA-1 of b"blob <size>\\0" and the bytes."""
     return hashlib.sha1(b"blob %d\0" % len(contents) + contents).hexdigest()
 
 
 def published_model(checkpoint_dir, task):
-    """(path, git blob id) of the tutorial's model for task at <checkpoint-dir>/pretrained/, first
-    downloaded if it is not there. A download is kept only once it is whole and verified; a file
-    that is there is used only if its id is the published one. Exits with one line otherwise."""
+    """(path, git blob id, checkpoint dict) of the tutorial's model for task at
+    <checkpoint-dir>/pretrained/, first downloaded if it is not there. The file is read once: its
+    bytes are verified by their git blob id, and the checkpoint is read from those very bytes, as
+    data (runs.read_checkpoint), so a file put in its place meanwhile is never loaded. A download
+    is kept only once it is whole and verified. Exits with one line otherwise."""
     name, expected = PUBLISHED[task]
     path = os.path.join(checkpoint_dir, "pretrained", name)
-    if not os.path.isfile(path):
-        url = PUBLISHED_URL + name
-        print(f"Downloading {url} to {path}")
-
-        def download(tmp):
-            # A new opener reads the proxy settings now; urlopen's is built once per process.
-            opener = urllib.request.build_opener()
-            with download_timeout(), opener.open(url) as response, open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f)
-            found = git_blob_id(tmp)
-            if found != expected:
-                raise ValueError(f"the file downloaded has git blob id {found}, not {expected}")
-
-        try:
-            save_atomically(path, download)
-        except (OSError, ValueError) as error:  # no network, HTTP errors, another file
+    if os.path.isfile(path):
+        with open(path, "rb") as f:
+            contents = f.read()
+        found = git_blob_id(contents)
+        if found != expected:
             sys.exit(
-                f"error: cannot get {url} ({type(error).__name__}: {error}). To place it by hand, "
-                f"download it to {path}."
+                f"error: {path} is not the published {name}: its git blob id is {found}, the "
+                f"published one {expected}. Delete it and run again to download it."
             )
-        return path, expected  # verified before it was kept
-    found = git_blob_id(path)
-    if found != expected:
-        sys.exit(
-            f"error: {path} is not the published {name}: its git blob id is {found}, the "
-            f"published one {expected}. Delete it and run again to download it."
-        )
-    return path, found
-
-
-def load_published(path, model_class, io_dims, fast_parts=()):
-    """The model saved at path, loaded strictly into model_class with its own hyper-parameters,
-    once they are shown to fit the task's inputs and outputs (io_dims). Its git blob id was checked
-    (published_model), so it is trusted to hold other Python objects than data, as checkpoints of
-    older Lightning versions do. Exits with one line otherwise."""
+    else:
+        contents = download(PUBLISHED_URL + name, path, expected)
     try:
-        return load_model(path, model_class, io_dims, trusted=True, fast_parts=fast_parts)[0]
+        return path, expected, read_checkpoint(path, contents)
+    except ValueError as error:
+        sys.exit(f"error: {error}. Delete it and run again to download the published model.")
+
+
+def download(url, path, expected):
+    """The bytes at url, once their git blob id is shown to be expected, kept at path (written
+    atomically). Exits with one line if they cannot be had."""
+    print(f"Downloading {url} to {path}")
+    got = []
+
+    def write(tmp):
+        # A new opener reads the proxy settings now; urlopen's is built once per process.
+        opener = urllib.request.build_opener()
+        with download_timeout(), opener.open(url) as response:
+            contents = read_response(response)
+        found = git_blob_id(contents)
+        if found != expected:
+            raise ValueError(f"the file downloaded has git blob id {found}, not {expected}")
+        with open(tmp, "wb") as f:
+            f.write(contents)
+        got.append(contents)
+
+    try:
+        save_atomically(path, write)
+    except (OSError, ValueError) as error:  # no network, HTTP errors, another file, too slow
+        sys.exit(
+            f"error: cannot get {url} ({type(error).__name__}: {error}). To place it by hand, "
+            f"download it to {path}."
+        )
+    return got[0]
+
+
+def load_published(published, model_class, io_dims, fast_parts=()):
+    """The model of published (published_model's path, id and checkpoint), loaded strictly into
+    model_class with its own hyper-parameters, once they are shown to fit the task's inputs and
+    outputs (io_dims). Exits with one line otherwise."""
+    path, _, ckpt = published
+    try:
+        return load_model(path, model_class, io_dims, ckpt=ckpt, fast_parts=fast_parts)[0]
     except ValueError as error:
         sys.exit(f"error: {error}. Delete it and run again to download the published model.")

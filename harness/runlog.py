@@ -100,7 +100,10 @@ class RunLog(pl.Callback):
         if not (isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero):
             return
         if trainer.state.fn != "fit":
-            note = "the saved model is kept: run the same command again to evaluate it."
+            note = (
+                "the saved model is kept: run the command again, without --retrain or --resume, "
+                "to evaluate it."
+            )
         elif self.last_path and os.path.isfile(self.last_path):
             note = (
                 f"{self.last_path} holds the run after its last finished epoch: run the same "

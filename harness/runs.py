@@ -18,11 +18,15 @@ uses. train.py, predict.py, visualize.py and bench.py share these.
         pretrained/                        the tutorial author's models (pretrained.py)
 """
 
+import atexit
 import inspect
+import io
 import os
 import pickle
 import platform
+import random
 import shutil
+import stat
 import sys
 
 import numpy as np
@@ -38,6 +42,7 @@ except ImportError:  # Windows
 from data import NUM_CATEGORIES
 from features import FEATURE_DIM
 from harness.files import save_atomically
+from model import BitMaskDropout
 
 CHECKPOINT_PATH = "saved_models"  # the post's: where a run keeps its files (--checkpoint-dir)
 # Each task's folder (<name>/: logs, checkpoints, results.json) and best model (<name>.ckpt).
@@ -79,26 +84,52 @@ HELD_LOCKS = {}  # the folders this process holds, with their open .lock: held u
 def lock_folder(folder):
     """Takes folder for this process alone, before any work there: one run at a time writes a
     task's model, checkpoints and results. The lock is <folder>/.lock, held with flock, which the
-    system releases when the process ends in any way, so a killed run never blocks the next. Exits
-    with one line naming the process that holds it."""
+    system releases when the process ends in any way, so a killed run never blocks the next; a run
+    that ends normally removes it (release_locks). A .lock that is a link, a folder or anything but
+    a file is never opened through. Exits with one line naming the process that holds it."""
     if fcntl is None or os.path.realpath(folder) in HELD_LOCKS:  # Windows has no flock
         return
     os.makedirs(folder, exist_ok=True)
-    f = open(os.path.join(folder, ".lock"), "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        sys.exit(
-            f"error: {folder} is in use by {holder}. Wait for it to finish, or use another "
-            "--checkpoint-dir."
-        )
-    f.seek(0)
+    path = os.path.join(folder, ".lock")
+    while True:
+        try:  # O_NOFOLLOW: a link planted there is refused, not written through
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
+        except OSError:
+            f = None
+        if f is None or not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            kind = "a folder" if os.path.isdir(path) else "not a plain file"
+            kind = "a link" if os.path.islink(path) else kind
+            sys.exit(f"error: {path} is {kind}, where a run keeps its lock file. Remove it.")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another process"
+            sys.exit(
+                f"error: {folder} is in use by {holder}. Wait for it to finish, or use another "
+                "--checkpoint-dir."
+            )
+        # A run that finished between the open and the flock removed the file locked here: lock
+        # the one at the path now, or two runs would each hold a file of their own.
+        if os.path.lexists(path) and os.path.samestat(os.fstat(f.fileno()), os.lstat(path)):
+            break
+        f.close()
     f.truncate()
     f.write(f"process {os.getpid()} ({' '.join(['python', *sys.argv])})")
     f.flush()
+    if not HELD_LOCKS:
+        atexit.register(release_locks)
     HELD_LOCKS[os.path.realpath(folder)] = f
+
+
+def release_locks():
+    """Removes the .lock files this process holds, then lets go of them: a finished run leaves no
+    lock naming a process that is gone. (A killed run's lock stays, and flock holds it no more.)"""
+    for folder, f in HELD_LOCKS.items():
+        path = os.path.join(folder, ".lock")
+        if os.path.lexists(path) and os.path.samestat(os.fstat(f.fileno()), os.lstat(path)):
+            os.remove(path)
+        f.close()
+    HELD_LOCKS.clear()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -106,23 +137,22 @@ def lock_folder(folder):
 # --------------------------------------------------------------------------------------------------
 
 
-def read_checkpoint(path, trusted=False):
+def read_checkpoint(path, contents=None):
     """The dict of the Lightning checkpoint at path, read as data only (torch.load's weights_only:
-    tensors, numbers, strings, lists and dicts), never as code that a file could carry. trusted: a
-    file verified otherwise (the published models, by their git blob id) may hold other Python
-    objects. Raises ValueError saying what is wrong."""
+    tensors, numbers, strings, lists and dicts), never as code that a file could carry. contents:
+    the file's bytes where they were read (and verified) already, so that what is loaded is what was
+    checked, not what the path holds by now. Raises ValueError saying what is wrong."""
+    source = path if contents is None else io.BytesIO(contents)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "GLOBAL " not in str(error):  # not a checkpoint at all
             raise ValueError(f"{path} cannot be read (UnpicklingError)") from None
-        if not trusted:  # torch names the object: "... GLOBAL posix.system ..."
-            found = str(error).split("GLOBAL ")[1].split()[0]
-            raise ValueError(
-                f"{path} holds a Python object ({found}) that loading would run as code; this "
-                "project reads only checkpoints of tensors, numbers, strings and dicts"
-            ) from None
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        found = str(error).split("GLOBAL ")[1].split()[0]  # "... GLOBAL posix.system ..."
+        raise ValueError(
+            f"{path} holds a Python object ({found}) that loading would run as code; this "
+            "project reads only checkpoints of tensors, numbers, strings and dicts"
+        ) from None
     except Exception as error:
         raise ValueError(f"{path} cannot be read ({type(error).__name__})") from None
     if not (
@@ -134,6 +164,8 @@ def read_checkpoint(path, trusted=False):
             f"{path} is not a Lightning checkpoint (the post's torch.save(model, ...) writes a "
             "pickled module instead)"
         )
+    if not isinstance(ckpt.get("train_settings", {}), dict):
+        raise ValueError(f"{path} holds run settings that are not a dict: not a file of train.py")
     return ckpt
 
 
@@ -146,13 +178,14 @@ def io_mismatch(hparams, io_dims):
     ]
 
 
-def load_model(path, model_class, io_dims=None, device="cpu", trusted=False, **kwargs):
+def load_model(path, model_class, io_dims=None, device="cpu", ckpt=None, **kwargs):
     """(model_class's model saved at path, in eval mode, on device; the checkpoint dict), made with
     its own hyper-parameters and its weights loaded strictly; kwargs go to the model (fast_parts).
-    Raises ValueError saying why it cannot be used: unreadable, not a Lightning checkpoint, its
-    input and output sizes other than io_dims (a model of another task), weights that are not
-    finite numbers or do not fit. trusted: as read_checkpoint's."""
-    ckpt = read_checkpoint(path, trusted)
+    ckpt: the checkpoint's dict where it was read already (read_checkpoint). Raises ValueError
+    saying why it cannot be used: unreadable, not a Lightning checkpoint, its input and output
+    sizes other than io_dims (a model of another task), weights that are not finite numbers or do
+    not fit."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     hparams = ckpt["hyper_parameters"]
     wrong = io_mismatch(hparams, io_dims or {})
     if wrong:
@@ -164,7 +197,19 @@ def load_model(path, model_class, io_dims=None, device="cpu", trusted=False, **k
     try:
         # As Lightning's load_from_checkpoint: the hyper-parameters the class takes.
         takes = inspect.signature(model_class.__init__).parameters
-        model = model_class(**{k: v for k, v in hparams.items() if k in takes}, **kwargs)
+        make = lambda: model_class(**{k: v for k, v in hparams.items() if k in takes}, **kwargs)
+        # Made first on the meta device, which allocates nothing: hyper-parameters that claim a
+        # huge model are refused by their weights' shapes before any memory is spent on them.
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in make().state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state.items() if torch.is_tensor(v)}
+        differ = [k for k in sorted(shapes.keys() | found.keys()) if shapes.get(k) != found.get(k)]
+        if differ:
+            raise RuntimeError(
+                f"weight {differ[0]} is {found.get(differ[0], 'missing')} in the file, "
+                f"{shapes.get(differ[0], 'none')} by its hyper-parameters"
+            )
+        model = make()
         model.load_state_dict(state, strict=True)
     except Exception as error:  # missing or misshapen weights, hyper-parameters it cannot take
         first_line = (str(error).strip().splitlines() or [""])[0]
@@ -188,20 +233,76 @@ def run_settings(args, resume=False):
         settings["set_size"] = args.set_size
     if resume:  # the same model may be loaded by any of these, but not trained on with others
         settings.update(
-            precision=args.precision, fast=args.fast, compile=args.compile, devices=args.devices
+            precision=args.precision,
+            fast=args.fast,
+            compile=args.compile,
+            devices=args.devices,
+            strategy=args.strategy,
         )
     return settings
 
 
-class KeepSettings(pl.Callback):
-    """Writes the run's settings that shape training into every checkpoint Lightning saves, so
-    that --resume can compare them with those asked for."""
+class KeepRunState(pl.Callback):
+    """Writes into every checkpoint Lightning saves the run's settings that shape training, so that
+    --resume can compare them with those asked for, and every process's random generators; a
+    resumed training puts these back as it starts, so it draws the sets and dropout masks that
+    the uninterrupted training would have drawn, and ends where that one ends."""
 
     def __init__(self, args):
         self.settings = run_settings(args, resume=True)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint["train_settings"] = self.settings
+        states = [random_states(pl_module)]
+        if trainer.world_size > 1:  # every process saves its own draws, in rank order
+            states = [None] * trainer.world_size
+            torch.distributed.all_gather_object(states, random_states(pl_module))
+        checkpoint["random_states"] = states
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint):
+        # Now, before the training loader's first iterator draws its seed, as the uninterrupted
+        # run's next epoch does right after the save. (Lightning's sanity check draws nothing.)
+        states = checkpoint.get("random_states")
+        if isinstance(states, list) and len(states) == trainer.world_size:
+            set_random_states(states[trainer.global_rank], pl_module)
+
+
+def random_states(pl_module):
+    """This process's random generators as a checkpoint holds them (tensors, numbers, lists and
+    dicts): torch's and CUDA's (dropout, the order of the sets), numpy's (the post's set draws),
+    Python's, and each fast-path dropout's bit generator."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+        "python": random.getstate(),
+        "dropout_bits": [
+            d.bit_generator and d.bit_generator.state for d in bit_dropouts(pl_module)
+        ],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_random_states(states, pl_module):
+    """Puts back what random_states took."""
+    torch.set_rng_state(states["torch"])
+    kind, keys, position, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    random.setstate(states["python"])
+    for dropout, state in zip(bit_dropouts(pl_module), states["dropout_bits"], strict=True):
+        dropout.bit_generator = None
+        if state is not None:
+            dropout.bit_generator = np.random.PCG64()
+            dropout.bit_generator.state = state
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def bit_dropouts(pl_module):
+    """The fast path's dropout layers of pl_module, each with a random generator of its own."""
+    return [m for m in pl_module.modules() if isinstance(m, BitMaskDropout)]
 
 
 def refuse_other_settings(path, ckpt, hparams, args, hint, resume=False):
@@ -258,13 +359,17 @@ def relocate(ckpt, last):
     moved = lambda path: os.path.join(folder, os.path.basename(path)) if path else path
     changed = False
     for state in ckpt.get("callbacks", {}).values():
-        if not (isinstance(state, dict) and "dirpath" in state) or state["dirpath"] == folder:
+        if not (isinstance(state, dict) and "dirpath" in state):
             continue
-        state["dirpath"], changed = folder, True
-        for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
-            state[key] = moved(state.get(key, ""))
-        state["best_k_models"] = {moved(p): v for p, v in state.get("best_k_models", {}).items()}
-        best = state["best_model_path"]
+        if state["dirpath"] != folder:
+            state["dirpath"], changed = folder, True
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                state[key] = moved(state.get(key, ""))
+            best_k = state.get("best_k_models", {}).items()
+            state["best_k_models"] = {moved(p): v for p, v in best_k}
+        # Checked before any work, moved or not: Lightning would train every epoch left, then
+        # fail to read the best one.
+        best = state.get("best_model_path")
         if best and not os.path.isfile(best):
             sys.exit(
                 f"error: {last} continues from its best epoch {os.path.basename(best)}, which is "
@@ -274,12 +379,35 @@ def relocate(ckpt, last):
         save_atomically(last, lambda tmp: torch.save(ckpt, tmp))
 
 
+# What a stop while the best epoch is being saved leaves: the whole training, in last.ckpt.
+SAVING_STOPPED = (
+    "the training had finished its epochs: run the same command with --resume (in place of "
+    "--retrain) to save its best epoch and test it."
+)
+
+
 def save_model(ckpt, path, args):
     """Keeps the best epoch's checkpoint dict ckpt at path as a Lightning checkpoint with the run's
     settings (the post's torch.save(model, ...) pickles the module, which load_from_checkpoint
-    cannot read)."""
+    cannot read). The records of the model it replaces go first, so that none ever describes
+    another model; the training's checkpoints go once it is saved: nothing is left to resume."""
+    for name in ("results.json", "evaluation.json"):
+        record = os.path.join(path.removesuffix(".ckpt"), name)
+        if os.path.isfile(record):
+            os.remove(record)
     ckpt = dict(ckpt, train_settings=run_settings(args))
     save_atomically(path, lambda tmp: torch.save(ckpt, tmp))
+    shutil.rmtree(os.path.join(path.removesuffix(".ckpt"), "checkpoints"), ignore_errors=True)
+
+
+def record_file(folder, evaluated):
+    """Where a run's results.json goes in a task's folder: results.json, the record of the saved
+    model's training; a run that only evaluated that model writes evaluation.json beside it, or
+    results.json where there is none (its training stopped once the model was saved)."""
+    record = os.path.join(folder, "results.json")
+    return (
+        os.path.join(folder, "evaluation.json") if evaluated and os.path.isfile(record) else record
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ def run_main(main, note):
         signal.signal(signum, stop)
     try:
         main()
-    except KeyboardInterrupt:
-        print(f"\nInterrupted; {note}", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # a stop raised with a note of its own says that one
+        print(f"\nInterrupted; {stop.args[0] if stop.args else note}", file=sys.stderr)
     except SystemExit:
         if not stopped:  # an error's own line; after a stop, Lightning's exit once RunLog spoke
             raise

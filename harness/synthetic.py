@@ -63,4 +63,7 @@ def synthetic_features(cache_dir, device, num_workers=0, fast=False):
     features.cifar100_features makes those of CIFAR-100."""
     metas = {split: synthetic_meta(split) for split in SYNTHETIC["per_class"]}
     image_size = SYNTHETIC["image_size"]
-    return cached_features(cache_dir, metas, open_generated, device, fast, num_workers, image_size)
+    classes = SYNTHETIC["num_classes"]
+    return cached_features(
+        cache_dir, metas, classes, open_generated, device, fast, num_workers, image_size
+    )

@@ -86,9 +86,7 @@ def train_in_process(*args):
                 for logger in lightning:
                     logger.removeHandler(log)
                 torch.set_num_threads(threads)
-                for lock in runs.HELD_LOCKS.values():
-                    lock.close()
-                runs.HELD_LOCKS.clear()
+                runs.release_locks()
     for w in shown:
         err.write(warnings.formatwarning(w.message, w.category, w.filename, w.lineno))
     return subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())

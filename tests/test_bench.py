@@ -28,18 +28,39 @@ def test_dispatched_ops_counts_operators_not_views():
         ["--device", "cuda:99"],
         ["--images", "0"],
         ["--out", "/"],
+        ["--out", ""],
+        ["--out", "{tmp}"],  # a folder
+        ["--out", "{tmp}/missing/"],  # a folder's name: os.path.abspath drops the slash
+        ["--out", "{tmp}/new.json/"],
+        ["--out", "{tmp}/missing/bench.json"],
         ["--out", os.path.join(ROOT, "README.md")],  # a file bench.py did not write
         ["--min-seconds", "inf"],
     ],
 )
-def test_bench_refuses_what_it_cannot_measure_before_measuring(argv, capsys):
+def test_bench_refuses_what_it_cannot_measure_before_measuring(argv, tmp_path, monkeypatch, capsys):
+    def measure():
+        raise AssertionError("bench.py began to measure")
+
+    monkeypatch.setattr(bench, "generated_datasets", measure)  # the first step of every measuring
     with open(os.path.join(ROOT, "README.md"), "rb") as f:
         readme = f.read()
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(argv)
+        bench.main([arg.format(tmp=tmp_path) for arg in argv])
     assert exit_info.value.code == 2 and "error: " in capsys.readouterr().err
     with open(os.path.join(ROOT, "README.md"), "rb") as f:
         assert f.read() == readme
+    assert os.listdir(tmp_path) == []
+
+
+def test_bench_refuses_a_folder_it_cannot_write_before_measuring(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bench, "generated_datasets", lambda: pytest.fail("measuring began"))
+    folder = tmp_path / "read_only"
+    folder.mkdir(mode=0o555)
+    if os.access(folder, os.W_OK):
+        pytest.skip("this user writes into read-only folders (root)")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--out", str(folder / "bench.json")])
+    assert exit_info.value.code == 2 and "is not writable" in capsys.readouterr().err
 
 
 def test_bench_replaces_only_its_own_reports(tmp_path):

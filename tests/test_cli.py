@@ -131,6 +131,8 @@ def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted
         ("synthetic/train_set_features.tar", "folder"),
         ("synthetic/SetAnomalyDetect", "file"),
         ("synthetic/SetAnomalyDetect/checkpoints", "file"),
+        # TensorBoard's next log folder: as a file, the run would stop once it had begun.
+        ("synthetic/SetAnomalyDetect/lightning_logs/version_1", "file"),
     ],
 )
 def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, path, kind):
@@ -144,3 +146,30 @@ def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, path,
         "another --checkpoint-dir.\n"
     )
     assert proc.stdout == ""  # no features extracted, nothing else done
+
+
+def test_a_pretrained_folder_that_is_a_file_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "pretrained").write_text("")
+    proc = train_in_process("--task", "reverse", "--pretrained", "--checkpoint-dir", tmp_path)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: {tmp_path / 'pretrained'} is a file, where the run keeps a folder. Move it away, "
+        "or use another --checkpoint-dir.\n"
+    )
+    assert proc.stdout == ""  # nothing downloaded
+
+
+def test_a_strategy_lightning_does_not_know_is_refused_before_any_work(tmp_path):
+    proc = train_in_process("--synthetic", "--strategy", "dpp", "--checkpoint-dir", tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith(
+        "error: --strategy dpp is not one of Lightning's (did you mean ddp?): "
+    )
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""  # no features extracted
+
+
+def test_more_feature_workers_than_cores_are_refused(capsys):
+    cores = len(os.sched_getaffinity(0))
+    assert parse_args(["--num-workers", str(cores)]).num_workers == cores
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--num-workers", str(cores + 1)])
+    assert exit_info.value.code == 2
+    assert f"--num-workers {cores + 1}: this process may use {cores} CPU" in capsys.readouterr().err

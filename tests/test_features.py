@@ -102,7 +102,7 @@ def metas(n=6, weights="w"):
 
 def extract(tmp_path, sources, meta=None):
     return cached_features(
-        str(tmp_path), meta or metas(), sources, torch.device("cpu"), num_workers=0
+        str(tmp_path), meta or metas(), 3, sources, torch.device("cpu"), num_workers=0
     )
 
 
@@ -141,6 +141,9 @@ def spoiler(**change):
     return spoil
 
 
+NOT_ITS_CLASSES = "labels that are not its 3 classes of 2 images each"
+
+
 @pytest.mark.parametrize(
     "spoil, message",
     [
@@ -150,11 +153,13 @@ def spoiler(**change):
         (spoiler(features=lambda f: f.half()), "features of torch.float16, not torch.float32"),
         (spoiler(features=lambda f: f * float("nan")), "3072 features that are NaN or infinite"),
         (spoiler(labels=lambda y: y.float()), "labels that are not whole numbers"),
-        (spoiler(labels=lambda y: y * 0), "labels of 1 classes of unequal or too few images"),
-        (
-            spoiler(labels=lambda y: y * 10**6),
-            "labels outside [0, 6), the indices 6 images can have as classes",
-        ),
+        (spoiler(labels=lambda y: y * 0), NOT_ITS_CLASSES),
+        (spoiler(labels=lambda y: y * 10**6), NOT_ITS_CLASSES),
+        (spoiler(labels=lambda y: y - 1), NOT_ITS_CLASSES),
+        # Classes of equal size, but more of them than the data set has (0 1 2 3 4 5)...
+        (spoiler(labels=lambda y: torch.arange(6)), NOT_ITS_CLASSES),
+        # ... or one class relabelled as another that is not there (0 1 3 0 1 3).
+        (spoiler(labels=lambda y: torch.where(y == 2, 3, y)), NOT_ITS_CLASSES),
     ],
 )
 def test_a_bad_cache_is_reported_and_rebuilt(tmp_path, capsys, spoil, message):
@@ -186,7 +191,7 @@ def test_extraction_needs_room_for_its_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(files.shutil, "disk_usage", lambda _: one_mb_free)
     sources = CountingSources(n=600)  # 600 features of 2 KiB each: 1.4 MB with a tenth to spare
     with pytest.raises(ValueError, match=r"train feature cache needs 1 MB and .* has 1 MB free"):
-        cached_features(str(tmp_path), metas(n=600), sources, torch.device("cpu"), num_workers=0)
+        cached_features(str(tmp_path), metas(n=600), 3, sources, torch.device("cpu"), num_workers=0)
     assert sources.calls == 0  # refused before the images and weights were even opened
 
 

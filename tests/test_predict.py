@@ -3,6 +3,7 @@ train.py offline."""
 
 import json
 import os
+import shlex
 import shutil
 
 import numpy as np
@@ -298,8 +299,9 @@ def test_an_image_too_large_to_open_safely_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         predict.main([str(tmp_path / "set")])
     message = str(exit_info.value.code)
-    assert message.startswith(f"error: {tmp_path / 'set' / 'a.png'} is not a readable image")
-    assert "DecompressionBombError" in message and "\n" not in message
+    assert message.startswith("error: 3 of the 3 files are not readable images: ")
+    assert f"{tmp_path / 'set' / 'a.png'} (DecompressionBombError)" in message
+    assert message.count("DecompressionBombError") == 3 and "\n" not in message
 
 
 def test_a_set_of_like_images_has_no_clear_odd_one(trained, tmp_path, offline_backbone, capsys):
@@ -325,3 +327,158 @@ def test_without_a_cifar_model_the_synthetic_one_is_named(trained, tmp_path):
         f"The model of `python train.py --synthetic --checkpoint-dir {trained}` is at {model}: add "
         "--synthetic to use it."
     )
+
+
+def broken_png(path):
+    """A PNG whose first data chunk claims 1 byte: PIL then reads a chunk header from the middle of
+    the compressed pixels and raises SyntaxError ("broken PNG file"), not OSError."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        path
+    )
+    data = bytearray(path.read_bytes())
+    data[33:37] = (1).to_bytes(4, "big")  # the length of the chunk after the 33 bytes of IHDR
+    path.write_bytes(bytes(data))
+
+
+def test_a_corrupt_png_is_one_line(tmp_path):
+    write_set(tmp_path / "set", 0, size=3)
+    broken_png(tmp_path / "set" / "d.png")
+    with pytest.raises(SyntaxError), Image.open(tmp_path / "set" / "d.png") as image:
+        image.load()  # what PIL itself makes of it
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(tmp_path / "set")])
+    assert str(exit_info.value.code) == (
+        f"error: {tmp_path / 'set' / 'd.png'} is not a readable image (SyntaxError). "
+        "Remove it or give other files."
+    )
+
+
+def test_every_unreadable_picture_is_named_at_once(tmp_path):
+    write_set(tmp_path / "set", 0, size=3)
+    (tmp_path / "set" / "b.png").write_bytes(b"not a picture")
+    broken_png(tmp_path / "set" / "c.png")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(tmp_path / "set")])
+    message = str(exit_info.value.code)
+    assert message.startswith("error: 2 of the 3 files are not readable images: ")
+    assert f"{tmp_path / 'set' / 'b.png'} (UnidentifiedImageError)" in message
+    assert f"{tmp_path / 'set' / 'c.png'} (SyntaxError)" in message
+    assert "a.png" not in message and "\n" not in message
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_named_pipe_is_refused_without_waiting_on_it(tmp_path):
+    names = write_set(tmp_path / "set", 0, size=2)
+    os.mkfifo(tmp_path / "set" / "f.png")  # no one ever writes to it: opening it would wait forever
+    files = [tmp_path / "set" / n for n in [*names, "f.png"]]
+    proc = run_script("predict.py", "--checkpoint-dir", tmp_path / "none", *files)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: {files[-1]} is not a readable image (not a regular file). "
+        "Remove it or give other files.\n"
+    )
+
+
+def gradient(top):
+    """A 64×64 grey picture whose columns run from 0 to top in 256 steps, four columns a step."""
+    return np.repeat(np.arange(256) * top / 255, 64).reshape(256, 64).T[:, ::4]
+
+
+@pytest.mark.parametrize(
+    "name, pixels",
+    [
+        ("16-bit.png", gradient(65535).round().astype(np.uint16)),  # PIL mode I;16
+        ("float.tif", gradient(1.0).astype(np.float32)),  # PIL mode F
+    ],
+)
+def test_high_bit_depth_and_float_pictures_look_as_in_a_viewer(tmp_path, name, pixels):
+    image = Image.fromarray(pixels)
+    assert image.mode in ("I;16", "F")
+    image.save(tmp_path / name)
+    eight_bit = gradient(255).round().astype(np.uint8)  # the same picture in 8 bits
+    Image.fromarray(eight_bit).save(tmp_path / "8-bit.png")
+    loaded = np.asarray(predict.load_image(tmp_path / name)).astype(int)
+    expected = np.asarray(predict.load_image(tmp_path / "8-bit.png")).astype(int)
+    assert loaded.max() - loaded.min() > 200  # not all white (16 bits) or all black (floats)
+    assert np.abs(loaded - expected).max() <= 1
+
+
+def overflowing_model(trained, path):
+    """trained's model with one input weight of 3e38: finite, so it loads, but every activation it
+    touches overflows to inf and the probabilities to NaN."""
+    ckpt = torch.load(trained / "synthetic" / "SetAnomalyDetect.ckpt", weights_only=False)
+    weights = [k for k in ckpt["state_dict"] if k.startswith("input_net") and k.endswith("weight")]
+    ckpt["state_dict"][weights[0]][0, 0] = 3e38
+    torch.save(ckpt, path)
+    return path
+
+
+def test_a_model_whose_weights_overflow_is_refused(trained, tmp_path, offline_backbone, capsys):
+    write_set(tmp_path / "set", 2, size=4)
+    ckpt = overflowing_model(trained, tmp_path / "huge.ckpt")
+    probs = predict.predict(
+        predict.load_set_model(str(ckpt), torch.device("cpu")),
+        toy_backbone(),
+        np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "set").iterdir())]),
+        torch.device("cpu"),
+        IMAGE_SIZE,
+    )[0]
+    assert not np.isfinite(probs).all()  # what the model gives
+    with pytest.raises(SystemExit) as exit_info:
+        run(trained, tmp_path / "set", "--ckpt", ckpt, "--json")
+    assert str(exit_info.value.code) == (
+        "error: the model gives no usable probabilities (its weights overflow to inf or NaN); "
+        f"`python train.py --synthetic --retrain --checkpoint-dir {trained}` trains it anew."
+    )
+    assert capsys.readouterr().out == ""
+
+
+def test_a_model_whose_weights_overflow_measures_no_accuracy(trained, tmp_path):
+    images = GeneratedImages(10, 20, image_transform(IMAGE_SIZE), seed=0, split="test")
+    feats = extract_features(toy_backbone(), images, torch.device("cpu"), num_workers=0)
+    os.makedirs(tmp_path / "synthetic")
+    features.save_cache(
+        str(tmp_path / "synthetic" / "test_set_features.tar"),
+        feats,
+        torch.tensor(images.targets),
+        synthetic.synthetic_meta("test"),
+    )
+    ckpt = overflowing_model(trained, tmp_path / "huge.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        run(tmp_path, "--set-sizes", 5, "--ckpt", ckpt)
+    assert "no usable probabilities" in str(exit_info.value.code)
+
+
+def test_an_existing_figure_is_never_replaced(trained, tmp_path, offline_backbone):
+    write_set(tmp_path / "set", 0, size=3)
+    (tmp_path / "odd.png").write_bytes(b"kept")
+    with pytest.raises(SystemExit) as exit_info:
+        run(trained, tmp_path / "set", "--figure", tmp_path / "odd.png")
+    assert str(exit_info.value.code) == (
+        f"error: --figure {tmp_path / 'odd.png'} already exists; remove it or choose another name."
+    )
+    assert (tmp_path / "odd.png").read_bytes() == b"kept"
+
+
+def test_a_figure_where_none_can_be_written_is_refused_first(trained, tmp_path, offline_backbone):
+    write_set(tmp_path / "set", 0, size=3)
+    cases = [(tmp_path / "missing", "there is no folder")]
+    if os.geteuid() != 0:  # root may write anywhere: os.access says yes to every folder
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        cases.append((tmp_path / "read-only", "no permission to write in"))
+    for folder, says in cases:
+        figure = folder / "odd.png"
+        with pytest.raises(SystemExit) as exit_info:
+            run(trained, tmp_path / "set", "--figure", figure)
+        message = str(exit_info.value.code)
+        assert message.startswith(f"error: --figure {figure}: ") and f"{says} {folder};" in message
+        assert ".tmp" not in message and not os.path.exists(figure)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_checkpoint_folder_with_a_space_is_quoted_in_the_command(tmp_path):
+    names = write_set(tmp_path / "set", 0, size=2)
+    folder = tmp_path / "my models"
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--checkpoint-dir", str(folder), *[str(tmp_path / "set" / n) for n in names]])
+    command = str(exit_info.value.code).split("`")[1]
+    assert shlex.split(command) == ["python", "train.py", "--checkpoint-dir", str(folder)]

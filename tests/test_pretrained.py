@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import threading
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -59,7 +60,8 @@ def reverse_checkpoint(tmp_path_factory):
 def publish(monkeypatch, task, path, url=None):
     """Makes path's file the published model of task (its own id), served from url if given."""
     name = pretrained.PUBLISHED[task][0]
-    monkeypatch.setitem(pretrained.PUBLISHED, task, (name, pretrained.git_blob_id(path)))
+    blob_id = pretrained.git_blob_id(Path(path).read_bytes())
+    monkeypatch.setitem(pretrained.PUBLISHED, task, (name, blob_id))
     if url:
         monkeypatch.setattr(pretrained, "PUBLISHED_URL", url)
 
@@ -75,11 +77,11 @@ def run(*argv):
 def test_git_blob_id_is_the_id_git_gives(tmp_path):
     path = tmp_path / "hello"
     path.write_bytes(b"hello\n")  # git hash-object of this is a well-known id
-    assert pretrained.git_blob_id(path) == "ce013625030ba8dba906f756967f9e9ca394464a"
+    assert pretrained.git_blob_id(path.read_bytes()) == "ce013625030ba8dba906f756967f9e9ca394464a"
     if shutil.which("git"):
         path.write_bytes(os.urandom(10000))
         git = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True)
-        assert pretrained.git_blob_id(path) == git.stdout.strip()
+        assert pretrained.git_blob_id(path.read_bytes()) == git.stdout.strip()
 
 
 def reverse_accuracy(model, split):
@@ -180,7 +182,8 @@ def test_a_changed_byte_is_refused_and_the_file_left_in_place(
     placed.parent.mkdir()
     placed.write_bytes(contents)
     message = run("--task", "reverse", "--pretrained", "--checkpoint-dir", str(tmp_path))
-    expected, found = pretrained.PUBLISHED["reverse"][1], pretrained.git_blob_id(placed)
+    expected = pretrained.PUBLISHED["reverse"][1]
+    found = pretrained.git_blob_id(placed.read_bytes())
     assert found != expected and found in message and expected in message
     assert "Delete it" in message and "\n" not in message
     assert placed.read_bytes() == contents

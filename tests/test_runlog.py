@@ -91,7 +91,8 @@ def test_ctrl_c_says_how_to_go_on(tmp_path, capsys):
     )
     interrupt(log, TrainerFn.TESTING)
     assert capsys.readouterr().err == (
-        "\nInterrupted; the saved model is kept: run the same command again to evaluate it.\n"
+        "\nInterrupted; the saved model is kept: run the command again, without --retrain or "
+        "--resume, to evaluate it.\n"
     )
     # Another error is Python's to show, and only the first process speaks.
     interrupt(log, TrainerFn.FITTING, exception=ValueError("other"))

@@ -55,6 +55,33 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_noth
     assert read_results(folder)["settings"]["seed"] == 2
 
 
+@pytest.mark.parametrize("kind", ["link", "folder"])
+def test_a_lock_that_is_not_a_file_is_refused_and_never_written_through(
+    synthetic_run, tmp_path, kind
+):
+    folder = copy_caches(synthetic_run, tmp_path / "run")
+    lock = Path(folder) / "synthetic" / "SetAnomalyDetect" / ".lock"
+    lock.parent.mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("the user's notes")
+    if kind == "link":
+        lock.symlink_to(notes)
+    else:
+        lock.mkdir()
+    proc = train_in_process("--synthetic", "--checkpoint-dir", folder, *SMALL, "--epochs", "1")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr == f"error: {lock} is a {kind}, where a run keeps its lock file. Remove it.\n"
+    )
+    assert notes.read_text() == "the user's notes"
+    assert not (lock.parent / "checkpoints").exists()  # refused before any work
+
+
+def test_a_finished_run_leaves_no_lock(synthetic_run):
+    task = Path(synthetic_run[0]) / "synthetic" / "SetAnomalyDetect"
+    assert (task / "results.json").is_file() and not (task / ".lock").exists()
+
+
 class RunsCode:
     """An object whose unpickling runs code: here, it creates the file named, by a function of the
     standard library (open) or a shell command (os.system)."""

@@ -15,7 +15,7 @@ import torch
 
 import train
 from data import SetAnomalyDataset, SetBatches, anomaly_datasets, split_train_val
-from harness import cli
+from harness import cli, runs
 from harness.cli import parse_args
 from harness.runs import pick_device
 from helpers import (
@@ -137,6 +137,57 @@ def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path):
     assert sorted(written) == ["test_set_features.tar", "train_set_features.tar"]
 
 
+def stop_at(monkeypatch, module, name):
+    """Makes module.name raise KeyboardInterrupt, as Ctrl-C or SIGTERM would at that moment."""
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, name, stop)
+
+
+def test_results_json_always_describes_the_saved_model(synthetic_run, tmp_path, monkeypatch):
+    checkpoint_dir = str(shutil.copytree(synthetic_run[0], tmp_path / "run"))
+    assert read_results(checkpoint_dir)["settings"]["epochs"] == 2  # the first model's record
+    retrain = ["--synthetic", "--checkpoint-dir", checkpoint_dir, *SMALL_RUN, "--epochs", "3"]
+    stop_at(monkeypatch, train, "test_model")  # stopped once the new model is saved
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(*retrain, "--retrain")
+    monkeypatch.undo()
+    task = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect")
+    assert os.path.isfile(task + ".ckpt") and not os.path.exists(os.path.join(task, "results.json"))
+    # The rerun evaluates the new model and writes its record.
+    proc = train_in_process(*retrain)
+    assert proc.returncode == 0 and "Found the saved model" in proc.stdout
+    record = read_results(checkpoint_dir)
+    assert record["settings"]["epochs"] == 3 and record["settings"]["model_dim"] == 32
+    assert not os.path.exists(os.path.join(task, "evaluation.json"))
+    assert f"Test accuracy:  {100 * record['test_acc']:.2f}%" in proc.stdout
+
+
+def test_a_stop_while_saving_keeps_the_training_and_says_how_to_save_it(
+    synthetic_run, tmp_path, monkeypatch
+):
+    checkpoint_dir = copy_caches(synthetic_run, tmp_path)
+    command = ["--synthetic", "--checkpoint-dir", checkpoint_dir, *SMALL_RUN, "--epochs", "1"]
+    stop_at(monkeypatch, runs, "save_atomically")
+    with pytest.raises(KeyboardInterrupt) as stop:
+        train_in_process(*command)
+    monkeypatch.undo()
+    assert "--resume" in str(stop.value) and os.path.isfile(last_of(checkpoint_dir))
+    # The same command never deletes the finished training: it says how to keep it.
+    proc = train_in_process(*command)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--resume" in proc.stderr
+    assert os.path.isfile(last_of(checkpoint_dir)) and "Epoch" not in proc.stdout
+    proc = train_in_process(*command, "--resume")  # saves the best epoch, trains no more
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Saved the best epoch" in proc.stdout and "Epoch 1/1" not in proc.stdout
+    assert read_results(checkpoint_dir)["trained"] is True
+    # Finished and saved: nothing is left to resume.
+    proc = train_in_process(*command, "--resume")
+    assert proc.returncode == 1 and "--resume found no" in proc.stderr
+
+
 def val_accuracies(output):
     return [float(line.split("val acc ")[1].split("%")[0]) for line in output.splitlines()
             if line.startswith("Epoch ")]  # fmt: skip
@@ -188,9 +239,8 @@ def check_resumed(proc, interrupted, folder):
     assert "warning" not in output.lower()
     best = max(val_accuracies(interrupted.stdout) + val_accuracies(proc.stdout))
     assert f"Saved the best epoch (val acc {best:.2f}%)" in proc.stdout
-    checkpoints = os.path.dirname(last_of(folder))
-    assert len(os.listdir(checkpoints)) == 2  # last.ckpt and the best epoch's, no last-v1
-    assert torch.load(last_of(folder), weights_only=True)["global_step"] == 3 * (990 // 16)
+    # The training finished and its model is saved: its checkpoints are gone, nothing to resume.
+    assert not os.path.exists(os.path.dirname(last_of(folder)))
     assert read_results(folder)["trained"] is True
 
 
@@ -201,6 +251,23 @@ def test_a_copied_run_resumes_on_its_own(interrupted_run, tmp_path):
     resumed = train_in_process(*RESUMED, "--checkpoint-dir", copy, "--resume")
     check_resumed(resumed, interrupted, copy)
     assert files_of(original) == before  # it read and wrote nothing of the run it came from
+
+
+def test_a_resumed_training_ends_where_the_uninterrupted_one_ends(
+    synthetic_run, interrupted_run, tmp_path
+):
+    # One CPU thread (conftest), the same seed and caches: the same draws, the same model.
+    resumed = str(shutil.copytree(interrupted_run[0], tmp_path / "resumed"))
+    proc = train_in_process(*RESUMED, "--checkpoint-dir", resumed, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    whole = copy_caches(synthetic_run, tmp_path / "whole")
+    proc = train_in_process(*RESUMED, "--checkpoint-dir", whole)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for split in SPLITS:
+        assert read_results(resumed)[f"{split}_acc"] == read_results(whole)[f"{split}_acc"]
+    models = [os.path.join(f, "synthetic", "SetAnomalyDetect.ckpt") for f in (resumed, whole)]
+    weights = [torch.load(m, weights_only=True)["state_dict"] for m in models]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[1])
 
 
 @pytest.mark.parametrize("task, name", [("reverse", "ReverseTask"), ("seq2seq", "Seq2SeqTask")])
@@ -255,7 +322,7 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_pat
     assert proc.stdout.count("Test accuracy:") == 1
     ddp = read_results(checkpoint_dir)
     # Each process took its half of the 990 training anomalies an epoch: ceil(990 / 2) // 64 steps.
-    assert torch.load(last_of(checkpoint_dir), weights_only=False)["global_step"] == 2 * (495 // 64)
+    assert f"2 epochs of {495 // 64} steps" in proc.stdout
     # The saved model's accuracy over the full, fixed sets, computed here without Lightning: the
     # same numbers.
     synthetic_dir = os.path.join(checkpoint_dir, "synthetic")

@@ -3,6 +3,7 @@ shows (the data it draws, checked against formulas and inputs written out here, 
 training curves read back from TensorBoard logs; the skip notes."""
 
 import glob
+import json
 import os
 import shutil
 
@@ -377,6 +378,7 @@ def test_set_task_figures_from_generated_cifar(tmp_path, monkeypatch, capsys):
         lambda root, train, download: GeneratedImages(10, 10, None, seed=0, split="test"),
     )
     monkeypatch.setitem(features.CIFAR100_SIZES, "test", 100)
+    monkeypatch.setattr(visualize, "CIFAR100_CLASSES", 10)
     images, labels = visualize.open_test_images(str(tmp_path / "data"), synthetic=False)
     assert images.shape == (100, 32, 32, 3) and images.dtype == np.uint8
     features.save_cache(
@@ -477,6 +479,76 @@ def test_a_bad_set_model_is_skipped_and_the_rest_made(made_up_run, tmp_path, cap
     notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped")]
     assert len(notes) == 1 and notes[0].startswith("skipped set-task prediction figures: ")
     assert note in notes[0] and "python train.py --synthetic --retrain" in notes[0]
+
+
+EVERY_FIGURE = [
+    "anomaly_example_sets.png",
+    "anomaly_mistakes.png",
+    "anomaly_prediction.png",
+    "lr_schedule.png",
+    "positional_encoding.png",
+    "positional_encoding_dims.png",
+    "training_curves.png",
+]
+# Set sizes no run trains with (train.py wants a whole number of 2 or more), and settings that are
+# not a record of them at all.
+NOT_SET_SIZES = ["ten", 2.5, 0, 1, -3, True, [5], None]
+
+
+def with_train_settings(made_up_run, tmp_path, train_settings):
+    """A copy of made_up_run whose set model holds train_settings: its checkpoint dir."""
+    shutil.copytree(made_up_run, tmp_path / "models")
+    save_checkpoint(
+        tmp_path / "models" / "synthetic" / "SetAnomalyDetect.ckpt",
+        AnomalyPredictor,
+        SET_HPARAMS,
+        train_settings=train_settings,
+    )
+    return tmp_path / "models"
+
+
+@pytest.mark.parametrize("size", NOT_SET_SIZES, ids=repr)
+def test_a_set_model_with_an_unusable_set_size_draws_sets_of_the_posts_size(
+    made_up_run, tmp_path, capsys, size
+):
+    checkpoint_dir = with_train_settings(made_up_run, tmp_path, dict(set_size=size))
+    made = visualize.main(["--synthetic", "--checkpoint-dir", str(checkpoint_dir)])
+    assert names(made) == EVERY_FIGURE and "skipped" not in capsys.readouterr().out
+    sets = checkpoint_dir / "synthetic" / "figures" / "anomaly_example_sets.png"
+    assert png_size(sets) == (1200, 580)  # 4 sets of 10 images, 1.2 in each
+
+
+@pytest.mark.parametrize("train_settings", [[1], "set_size=5"], ids=repr)
+def test_a_set_model_whose_settings_are_no_record_is_no_traceback(
+    made_up_run, tmp_path, capsys, train_settings
+):
+    checkpoint_dir = with_train_settings(made_up_run, tmp_path, train_settings)
+    made = visualize.main(["--synthetic", "--checkpoint-dir", str(checkpoint_dir)])
+    # The model may be refused (harness.runs's call); what does not need it is made all the same.
+    assert {"anomaly_example_sets.png", "training_curves.png"} <= set(names(made))
+    sets = checkpoint_dir / "synthetic" / "figures" / "anomaly_example_sets.png"
+    assert png_size(sets) == (1200, 580)
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("skipped")]
+    assert all(note.startswith("skipped set-task prediction figures: ") for note in notes)
+
+
+@pytest.mark.parametrize(
+    "results",
+    [[1], {"settings": [5]}, *({"settings": dict(set_size=size)} for size in NOT_SET_SIZES)],
+    ids=json.dumps,
+)
+def test_a_run_with_unusable_results_draws_chance_for_the_posts_size(
+    made_up_run, tmp_path, capsys, saved, results
+):
+    shutil.copytree(made_up_run, tmp_path / "models")
+    task_folder = tmp_path / "models" / "synthetic" / "SetAnomalyDetect"
+    (task_folder / "results.json").write_text(json.dumps(results))
+    made = visualize.main(["--synthetic", "--checkpoint-dir", str(tmp_path / "models")])
+    assert names(made) == EVERY_FIGURE and "skipped" not in capsys.readouterr().out
+    (curves,) = [fig for fig in saved if fig.get_suptitle().startswith("Set task training")]
+    chance = [line for line in curves.axes[1].lines if line.get_label().startswith("chance")]
+    assert [line.get_label() for line in chance] == ["chance (1 in 10)"]
+    assert list(chance[0].get_ydata()) == [10, 10]
 
 
 def test_a_corrupt_reverse_model_is_one_note_and_the_rest_made(tmp_path, capsys):
