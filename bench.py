@@ -216,7 +216,9 @@ def time_extraction(fast, device, backbone, images, min_seconds):
         extract = lambda: extract_features_fast(model, images, device)
     else:
         dataset = ImageArray(images, [0] * len(images), image_transform(IMAGE_SIZE))
-        loader = DataLoader(dataset, 128, num_workers=4, persistent_workers=True)
+        loader = DataLoader(
+            dataset, 128, num_workers=4, persistent_workers=True, worker_init_fn=stops.ignore_stops
+        )
         with torch.no_grad():  # the workers start, and then stay for every pass
             backbone.to(device)(next(iter(loader))[0].to(device))
         extract = lambda: extract_features(backbone, loader, device)

@@ -22,6 +22,7 @@ from torchvision.models import ResNet34_Weights, resnet34
 from tqdm.auto import tqdm
 
 from harness.files import download_timeout, free_mb, save_atomically
+from harness.stops import ignore_stops
 
 DATASET_PATH = "datasets"  # the post's: where CIFAR-100 goes (--data-dir's default)
 # ImageNet statistics: the backbone was trained on images normalised with them.
@@ -151,7 +152,12 @@ def extract_features(model, dataset, device, batch_size=128, num_workers=4, desc
     loader = dataset
     if not isinstance(loader, DataLoader):
         loader = DataLoader(
-            dataset, batch_size=batch_size, shuffle=False, drop_last=False, num_workers=num_workers
+            dataset,
+            batch_size=batch_size,
+            shuffle=False,
+            drop_last=False,
+            num_workers=num_workers,
+            worker_init_fn=ignore_stops,  # Ctrl-C and SIGTERM stop the main process alone
         )
     model = model.to(device)
     # No bar unless the output is a terminal (disable=None), and gone once done.

@@ -1,14 +1,12 @@
-"""How a command stops early: Ctrl-C or SIGTERM at any moment, or a file it cannot write, each as
-one line and a non-zero exit code, never a traceback. Only the standard library here (and
-files.py, which uses only that), so that a script sets this up before the large libraries load
-(which takes seconds).
+"""How a command stops early: Ctrl-C or SIGTERM at any moment, from its first milliseconds to its
+last, or a file it cannot write, each as one line and a non-zero exit code, never a traceback.
+Only the standard library here, and nothing imported before the signals are caught, so that a
+script sets this up before the large libraries load (which takes seconds).
 """
 
 import os
 import signal
 import sys
-
-from harness.files import WRITE_ERRNOS, WriteError, free_mb
 
 
 def stop_while_starting(signum, frame):
@@ -21,13 +19,24 @@ def while_starting():
     for good: a torchvision built for another torch is one line, not a traceback from its import."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop_while_starting)
-    sys.excepthook = mismatched_torchvision
+    sys.excepthook = one_line_errors
 
 
-def mismatched_torchvision(kind, error, traceback):
-    """sys.excepthook: the error that a torchvision of another build than torch's raises when it
-    loads (e.g. `operator torchvision::nms does not exist`, from a CPU torch beside a CUDA
+def ignore_stops(*_):
+    """A DataLoader worker's worker_init_fn: Ctrl-C and SIGTERM reach every process of a terminal's
+    or a scheduler's group, and a worker they killed would be reported as a crash; the main
+    process alone stops, and ends its workers itself."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def one_line_errors(kind, error, traceback):
+    """sys.excepthook: a Ctrl-C that came before its handler was in place (the first milliseconds)
+    as while_starting's line; the error that a torchvision of another build than torch's raises
+    when it loads (e.g. `operator torchvision::nms does not exist`, from a CPU torch beside a CUDA
     torchvision) as one line with both versions and the fix; any other error as Python shows it."""
+    if issubclass(kind, KeyboardInterrupt):
+        stop_while_starting(signal.SIGINT, None)
     if not (issubclass(kind, RuntimeError) and "torchvision::" in str(error)):
         return sys.__excepthook__(kind, error, traceback)
     from importlib.metadata import version
@@ -46,6 +55,8 @@ def run_main(main, note):
     KeyboardInterrupt: one line (RunLog's during training, otherwise "Interrupted; " and note) and
     the exit code 128 + the signal's number, 130 or 143. A file that cannot be written is one line,
     exit code 1."""
+    from harness.files import WRITE_ERRNOS, WriteError, free_mb  # loaded by the script already
+
     stopped = []
 
     def stop(signum, frame):
@@ -56,8 +67,8 @@ def run_main(main, note):
         signal.signal(signum, stop)
     try:
         main()
-    except KeyboardInterrupt as stop:  # a stop raised with a note of its own says that one
-        print(f"\nInterrupted; {stop.args[0] if stop.args else note}", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a stop raised with a note of its own says that one
+        print(f"\nInterrupted; {interrupt.args[0] if interrupt.args else note}", file=sys.stderr)
     except SystemExit:
         if not stopped:  # an error's own line; after a stop, Lightning's exit once RunLog spoke
             raise
@@ -73,5 +84,15 @@ def run_main(main, note):
         sys.exit(
             f"error: cannot write {where or 'a file'} ({error.strerror}; {free:.0f} MB free there)"
         )
+    finally:
+        # main is over and its files are whole: a stop from now on (in what Python runs as it
+        # exits, say) ends the process at once, in one line.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, stop_while_ending)
     if stopped:
         sys.exit(128 + stopped[0])
+
+
+def stop_while_ending(signum, frame):
+    print("\nInterrupted as it ended; every file is whole.", file=sys.stderr, flush=True)
+    os._exit(128 + signum)

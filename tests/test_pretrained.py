@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 import train
 from data import SEQ_SIZES, ReverseDataset, split_train_val
 from harness import pretrained
-from helpers import SMALL_SET_MODEL, clustered_features, quiet_trainer, randomise
+from helpers import SMALL_SET_MODEL, RunsCode, clustered_features, quiet_trainer, randomise
 from model import AnomalyPredictor, ReversePredictor
 from predict import set_size_accuracy
 
@@ -116,6 +116,27 @@ def test_reverse_model_put_in_place_is_tested_and_nothing_else_touched(
     assert saved["test_acc"] == results["test_acc"] and saved["trained"] is False
     assert (saved["pretrained"], saved["git_blob_id"]) == pretrained.PUBLISHED["reverse"]
     assert all(path.read_bytes() == b"the user's own" for path in own)
+
+
+def test_a_file_put_in_place_after_the_check_is_never_loaded(
+    reverse_checkpoint, tmp_path, monkeypatch
+):
+    (tmp_path / "pretrained").mkdir()
+    placed = shutil.copy(reverse_checkpoint, tmp_path / "pretrained" / "ReverseTask.ckpt")
+    publish(monkeypatch, "reverse", placed, url="http://127.0.0.1:9/")
+    marker = tmp_path / "code ran"
+    set_up = train.sequence_setup
+
+    def swap_then_set_up(args):  # between the check of the file and the loading of the model
+        crafted = {"state_dict": {}, "hyper_parameters": {}, "run": RunsCode(str(marker))}
+        torch.save(crafted, placed)
+        return set_up(args)
+
+    monkeypatch.setattr(train, "sequence_setup", swap_then_set_up)
+    results = run("--task", "reverse", "--pretrained", "--checkpoint-dir", str(tmp_path))
+    assert not marker.exists()  # nothing of the new file was unpickled
+    model = ReversePredictor.load_from_checkpoint(reverse_checkpoint)
+    assert results["test_acc"] == pytest.approx(reverse_accuracy(model, "test"), abs=1e-6)
 
 
 class Files(http.server.SimpleHTTPRequestHandler):

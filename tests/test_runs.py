@@ -16,6 +16,7 @@ from helpers import (
     HANG_GUARD_S,
     SMALL,
     SMALL_SET_MODEL,
+    RunsCode,
     copy_caches,
     last_of,
     read_results,
@@ -82,17 +83,6 @@ def test_a_finished_run_leaves_no_lock(synthetic_run):
     assert (task / "results.json").is_file() and not (task / ".lock").exists()
 
 
-class RunsCode:
-    """An object whose unpickling runs code: here, it creates the file named, by a function of the
-    standard library (open) or a shell command (os.system)."""
-
-    def __init__(self, path, shell=False):
-        self.path, self.shell = path, shell
-
-    def __reduce__(self):
-        return (os.system, (f"touch '{self.path}'",)) if self.shell else (open, (self.path, "w"))
-
-
 def small_checkpoint(path, **extra):
     model = AnomalyPredictor(**SMALL_SET_MODEL, input_dim=512, max_iters=10)
     ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams), **extra}
@@ -115,6 +105,32 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path, she
     message = str(exit_info.value.code)
     assert message.startswith("error: ") and "\n" not in message and name in message
     assert not marker.exists()
+
+
+def test_hyper_parameters_that_claim_a_huge_model_are_refused_before_it_is_made(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "SetAnomalyDetect.ckpt"
+    ckpt = small_checkpoint(path)
+    torch.save(dict(ckpt, hyper_parameters=dict(ckpt["hyper_parameters"], model_dim=4096)), path)
+    made = []  # the models made off the meta device, where memory is spent
+    init = AnomalyPredictor.__init__
+
+    def counting_init(self, *args, **kwargs):
+        made.append(torch.empty(0).device.type)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(AnomalyPredictor, "__init__", counting_init)
+    with pytest.raises(ValueError, match="does not load into AnomalyPredictor .*model_dim|weight "):
+        runs.load_model(path, AnomalyPredictor)
+    assert "cpu" not in made  # refused by the weights' shapes, no model of 4096 made
+
+
+def test_run_settings_that_are_not_a_record_are_refused(tmp_path):
+    path = tmp_path / "SetAnomalyDetect.ckpt"
+    small_checkpoint(path, train_settings=[1])
+    with pytest.raises(ValueError, match="holds run settings that are not a dict"):
+        runs.load_model(path, AnomalyPredictor)
 
 
 def test_a_moved_runs_last_checkpoint_is_pointed_at_its_new_folder(tmp_path):

@@ -80,3 +80,63 @@ def test_a_torchvision_of_another_build_is_one_line_naming_both(tmp_path):
         "does not exist). Install the two together: pip install --force-reinstall torch "
         "torchvision (add --index-url https://download.pytorch.org/whl/cpu for the CPU build).\n"
     )
+
+
+def run_python(code, **popen):
+    """`python -c code` in the repository, started in a session (a process group) of its own."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+        **popen,
+    )
+
+
+def test_a_ctrl_c_before_its_handler_is_in_place_is_one_line():
+    # What a Ctrl-C in a script's first milliseconds raises, where Python's own handler still
+    # turns it into a KeyboardInterrupt: one line, as later.
+    run = run_python("from harness import stops; stops.while_starting(); raise KeyboardInterrupt")
+    _, stderr = run.communicate(timeout=HANG_GUARD_S)
+    assert run.returncode == 128 + signal.SIGINT
+    assert stderr == "\nInterrupted while starting; nothing was written.\n"
+
+
+def test_a_stop_as_the_command_ends_is_one_line():
+    # The files are written and main has returned; what runs at exit is stopped.
+    code = (
+        "import atexit, time; from harness import stops; stops.while_starting(); "
+        "atexit.register(time.sleep, 600); stops.run_main(lambda: print('done', flush=True), '')"
+    )
+    run = run_python(code)
+    assert run.stdout.readline() == "done\n"
+    time.sleep(0.2)  # into the atexit callback
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=HANG_GUARD_S)
+    assert run.returncode == 128 + signal.SIGINT
+    assert stderr == "\nInterrupted as it ended; every file is whole.\n"
+
+
+def test_sigterm_to_the_whole_group_while_extracting_is_one_line(tmp_path):
+    # As `timeout`, a job scheduler or a closing terminal sends it: the DataLoader's workers get it
+    # too. The main process alone stops, and ends its workers.
+    workers = str(min(2, len(os.sched_getaffinity(0))))
+    command = ["train.py", "--synthetic", "--num-workers", workers, "--checkpoint-dir", tmp_path]
+    run = subprocess.Popen(
+        [sys.executable, *map(str, command)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    assert run.stdout.readline().startswith("Extracting the train features")
+    time.sleep(1.0)  # the workers are at work
+    os.killpg(run.pid, signal.SIGTERM)
+    _, stderr = run.communicate(timeout=HANG_GUARD_S)
+    assert run.returncode == 128 + signal.SIGTERM
+    assert stderr == "\nInterrupted; every file is whole: run the same command again to go on.\n"
+    assert os.listdir(tmp_path / "synthetic") == ["SetAnomalyDetect"]  # no cache, whole or half

@@ -244,6 +244,12 @@ def check_resumed(proc, interrupted, folder):
     assert read_results(folder)["trained"] is True
 
 
+def test_resume_refuses_another_strategy(interrupted_run, tmp_path):
+    folder = shutil.copytree(interrupted_run[0], tmp_path / "run")
+    proc = train_in_process(*RESUMED, "--checkpoint-dir", folder, "--strategy", "ddp", "--resume")
+    assert proc.returncode == 1 and "strategy 'auto' (asked 'ddp')" in proc.stderr
+
+
 def test_a_copied_run_resumes_on_its_own(interrupted_run, tmp_path):
     original, interrupted = interrupted_run
     copy = str(shutil.copytree(original, tmp_path / "copy"))
