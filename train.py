@@ -175,6 +175,7 @@ def make_trainer(args, root_dir, callbacks, **overrides):
         max_epochs=args.epochs,
         gradient_clip_val=args.gradient_clip_val,
         fast_dev_run=args.fast_dev_run,
+        plugins=[runs.AtomicCheckpointIO()],
     )
     try:
         return pl.Trainer(**dict(settings, **overrides))

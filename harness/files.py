@@ -64,10 +64,12 @@ class WriteError(OSError):
 
 
 def save_atomically(path, write):
-    """Calls write(tmp_path), then renames tmp_path to path: an interruption leaves no half file.
-    Raises WriteError if it cannot be written."""
+    """Calls write(tmp_path), then renames tmp_path to path: an interruption leaves no half file,
+    and what a killed writer left (path.tmp<its process id>) goes now. Raises WriteError if it
+    cannot be written."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    remove_left_temporaries(path)
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
         write(tmp_path)
@@ -84,6 +86,27 @@ def save_atomically(path, write):
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+
+
+def remove_left_temporaries(path):
+    """Removes the temporary files of path (path.tmp<process id>) that a process which is gone
+    left, killed while it wrote: a later write of the same file is the first to find them."""
+    folder, name = os.path.split(os.path.abspath(path))
+    for entry in os.listdir(folder):
+        pid = entry.removeprefix(name + ".tmp")
+        if entry.startswith(name + ".tmp") and pid.isdigit() and not is_running(int(pid)):
+            os.remove(os.path.join(folder, entry))
+
+
+def is_running(pid):
+    """Whether a process with this id runs (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def save_json(path, obj):

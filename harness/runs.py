@@ -33,6 +33,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torchvision
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 try:
     import fcntl
@@ -398,6 +399,15 @@ def save_model(ckpt, path, args):
     ckpt = dict(ckpt, train_settings=run_settings(args))
     save_atomically(path, lambda tmp: torch.save(ckpt, tmp))
     shutil.rmtree(os.path.join(path.removesuffix(".ckpt"), "checkpoints"), ignore_errors=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, writing each checkpoint beside its place and renaming it
+    there (save_atomically): Lightning's own writes it in the system's temporary folder and moves
+    it, which across file systems is a copy that a kill leaves half done."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        save_atomically(str(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
 def record_file(folder, evaluated):

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -19,13 +20,25 @@ except ImportError:  # Windows
     fcntl = None
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's own, which makes the basetemp's factory
 def pytest_configure(config):
     """One CPU thread for each test process and every script it starts, unless OMP_NUM_THREADS
     says otherwise: the suite runs one process a core (pytest-xdist's -n auto, pytest.ini), and
-    threads that wait for a busy core spin (BENCHMARKS.md, "A shared machine")."""
+    threads that wait for a busy core spin (BENCHMARKS.md, "A shared machine"). And every temporary
+    file of the session, the tests' own and those of the scripts they start (Lightning's,
+    torch.compile's caches, which torch makes as it is imported), goes under pytest's basetemp:
+    none is left elsewhere."""
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if "torch" in sys.modules:  # otherwise torch reads OMP_NUM_THREADS as it loads
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    base = config._tmp_path_factory.getbasetemp()  # this process's basetemp
+    temporary = base / "tmp"
+    temporary.mkdir(exist_ok=True)
+    os.environ["TMPDIR"] = tempfile.tempdir = str(temporary)
+    # The compile caches in the session's basetemp, which xdist's processes share: a graph
+    # compiled by one is reused by the other.
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(shared / "torchinductor")
 
 
 def run_once(tmp_path_factory, name, run):

@@ -1,10 +1,15 @@
 """files.py: a file is written whole or not at all, a failed write is one error naming the file and
-its cause; JSON saved atomically, an output folder shown writable, and the download timeout."""
+its cause, what a killed writer left goes; JSON saved atomically, an output folder shown writable,
+and the download timeouts."""
 
 import errno
+import io
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -116,3 +121,36 @@ def test_download_timeout_holds_inside_and_is_put_back_after_even_on_an_error():
         assert socket.getdefaulttimeout() is None
     finally:
         socket.setdefaulttimeout(before)
+
+
+def test_what_a_killed_writer_left_goes_with_the_next_write(tmp_path):
+    path = tmp_path / "results.json"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    left = tmp_path / f"results.json.tmp{gone}"
+    left.write_text('{"half')  # a process killed while it wrote
+    running = tmp_path / f"results.json.tmp{os.getppid()}"
+    running.write_text('{"half')  # a process that still writes
+    other = tmp_path / "other.json.tmp1"
+    other.write_text("")  # another file's
+    files.save_json(path, {"a": 1})
+    assert not left.exists() and running.exists() and other.exists()
+    assert json.loads(path.read_text()) == {"a": 1}
+
+
+def test_read_response_gives_up_on_a_server_that_trickles(monkeypatch):
+    monkeypatch.setattr(files, "DOWNLOAD_TIMEOUT_S", 0.2)
+
+    class Trickle:  # a byte every 20 ms, never the end: 50 bytes a second
+        def read1(self, size):
+            time.sleep(0.02)
+            return b"x"
+
+    with pytest.raises(TimeoutError, match="too slow"):
+        files.read_response(Trickle())
+
+    class Whole(io.BytesIO):
+        read1 = io.BytesIO.read1
+
+    body = os.urandom(200_000)
+    assert files.read_response(Whole(body)) == body

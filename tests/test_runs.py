@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import predict
+import train
 from harness import runs
+from harness.cli import parse_args
 from harness.runs import pick_device
 from helpers import (
     HANG_GUARD_S,
@@ -203,3 +205,18 @@ def test_auto_device_follows_lightnings_order(monkeypatch):
         assert pick_device("auto").type == expected
         if expected != "cpu":
             assert pick_device("gpu").type == expected
+
+
+def test_lightnings_checkpoints_are_renamed_into_place_from_their_own_folder(tmp_path, monkeypatch):
+    """Lightning writes a checkpoint in the system's temporary folder and moves it: a copy, where
+    that is another file system, which a kill leaves half done. Here it is renamed from beside."""
+    renamed = []
+    replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: renamed.append((a, b)) or replace(a, b))
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    runs.AtomicCheckpointIO().save_checkpoint({"epoch": 3}, path)
+    assert [os.path.dirname(a) for a, b in renamed] == [str(path.parent)]
+    assert torch.load(path, weights_only=True) == {"epoch": 3}
+    assert os.listdir(path.parent) == ["last.ckpt"]
+    trainer = train.make_trainer(parse_args([]), str(tmp_path), [])
+    assert isinstance(trainer.strategy.checkpoint_io, runs.AtomicCheckpointIO)
