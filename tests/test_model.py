@@ -583,7 +583,7 @@ def test_fast_is_chosen_when_loading_and_never_saved(tmp_path):
     trainer = quiet_trainer()
     trainer.strategy.connect(fast_model)
     trainer.save_checkpoint(tmp_path / "fast.ckpt")
-    ckpt = torch.load(tmp_path / "fast.ckpt", weights_only=False)
+    ckpt = torch.load(tmp_path / "fast.ckpt", weights_only=True)
     assert "fast_parts" not in ckpt["hyper_parameters"]  # the file is what the faithful path writes
     faithful = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", strict=True)
     fast = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", fast_parts=FAST_PARTS)

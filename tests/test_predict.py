@@ -405,7 +405,7 @@ def test_high_bit_depth_and_float_pictures_look_as_in_a_viewer(tmp_path, name, p
 def overflowing_model(trained, path):
     """trained's model with one input weight of 3e38: finite, so it loads, but every activation it
     touches overflows to inf and the probabilities to NaN."""
-    ckpt = torch.load(trained / "synthetic" / "SetAnomalyDetect.ckpt", weights_only=False)
+    ckpt = torch.load(trained / "synthetic" / "SetAnomalyDetect.ckpt", weights_only=True)
     weights = [k for k in ckpt["state_dict"] if k.startswith("input_net") and k.endswith("weight")]
     ckpt["state_dict"][weights[0]][0, 0] = 3e38
     torch.save(ckpt, path)

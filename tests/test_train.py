@@ -244,6 +244,17 @@ def check_resumed(proc, interrupted, folder):
     assert read_results(folder)["trained"] is True
 
 
+def test_resume_without_its_best_epoch_is_refused_before_training(interrupted_run, tmp_path):
+    folder = shutil.copytree(interrupted_run[0], tmp_path / "run")
+    checkpoints = os.path.dirname(last_of(folder))
+    (best,) = [f for f in os.listdir(checkpoints) if f.startswith("epoch=")]
+    os.remove(os.path.join(checkpoints, best))
+    proc = train_in_process(*RESUMED, "--checkpoint-dir", folder, "--resume")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1
+    assert f"continues from its best epoch {best}, which is not in" in proc.stderr
+    assert "Epoch" not in proc.stdout  # before any training
+
+
 def test_resume_refuses_another_strategy(interrupted_run, tmp_path):
     folder = shutil.copytree(interrupted_run[0], tmp_path / "run")
     proc = train_in_process(*RESUMED, "--checkpoint-dir", folder, "--strategy", "ddp", "--resume")
