@@ -69,6 +69,7 @@ def open_cifar100(data_dir):
     """({"train", "test"}: torchvision's CIFAR100 with the post's transform, the ImageNet ResNet34),
     downloaded where missing. Raises MissingResources naming everything that could not be had."""
     missing, datasets, backbone = [], {}, None
+    made_here = not os.path.exists(data_dir)
     try:
         with download_timeout():
             for split in CIFAR100_SIZES:
@@ -80,6 +81,8 @@ def open_cifar100(data_dir):
                 )
     except Exception as error:
         folder = os.path.abspath(data_dir)
+        if made_here and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)  # torchvision made it for a download that never came
         missing.append(
             f"CIFAR-100 ({type(error).__name__}: {error}): expected at "
             f"{os.path.join(folder, 'cifar-100-python')}/. To place it by hand, download "

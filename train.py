@@ -7,8 +7,11 @@ are set up (数据处理), a Lightning Trainer fits the model or the saved one i
 
 from harness import stops
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    stops.while_starting()
+if __name__ == "__main__":
+    stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
+    from harness.cli import OFFLINE, parse_args
+
+    parse_args()  # -h and a mistyped flag answer now, before the large libraries load (seconds)
 
 
 import math
@@ -35,7 +38,7 @@ from data import (
 )
 from features import MissingResources, cifar100_features
 from harness import files, pretrained, runs
-from harness.cli import check_before_work, parse_args
+from harness.cli import OFFLINE, parse_args
 from harness.runlog import RunLog, quiet_lightning
 from harness.synthetic import synthetic_features
 from model import (
@@ -62,7 +65,9 @@ def anomaly_setup(args, run_folder, device):
                 args.data_dir, run_folder, device, args.num_workers, args.fast
             )
         datasets = anomaly_datasets(*feats["train"], *feats["test"], args.set_size)
-    except (MissingResources, ValueError) as error:
+    except MissingResources as error:  # offline, say: name what runs without the downloads
+        sys.exit(f"error: {error}\n{OFFLINE}")
+    except ValueError as error:
         sys.exit(f"error: {error}")
     # Train accuracy is measured on fixed sets of the training images, drawn as val's and test's
     # are, so that one model always scores the same; training itself draws fresh sets.
@@ -278,7 +283,7 @@ def main(argv=None):
     if rank_zero_only.rank > 0:  # a process that Lightning's DDP started: the first one prints
         sys.stdout = open(os.devnull, "w")
     start, seconds = time.time(), {}
-    run_folder, device = check_before_work(args, lock=rank_zero_only.rank == 0)
+    run_folder, device = runs.check_before_work(args, lock=rank_zero_only.rank == 0)
     runs.use_cpu_threads(args.task, args.devices if device.type == "cpu" else 1)
     if args.pretrained:  # fetched and verified first: the features may take long
         published = pretrained.published_model(args.checkpoint_dir, args.task)

@@ -1,23 +1,14 @@
-"""train.py's command line: each task's defaults, the flags, and the checks that refuse a run
-before any work. `python train.py -h` shows them all.
+"""train.py's command line: each task's defaults and the flags, each value checked as it is
+parsed. `python train.py -h` shows them all. Only the standard library here: train.py parses its
+command line before the large libraries load, so that -h and a mistyped flag answer at once. (The
+checks that need the run's folder and device are runs.check_before_work.)
 """
 
 import argparse
 import difflib
-import glob
 import math
 import os
 import shlex
-import sys
-
-import torch
-
-from features import CACHE_FILES, DATASET_PATH, cache_path
-from harness import runs
-from harness.files import make_writable
-from harness.pretrained import PUBLISHED, pretrained_dir
-from harness.runs import CHECKPOINT_PATH
-from harness.synthetic import SYNTHETIC
 
 DESCRIPTION = """\
 The post's experiment end to end (数据处理和模型训练, 模型训练和推理): CIFAR-100 features from a
@@ -28,7 +19,20 @@ sequence tasks: the tutorial's reversal, and sorting with the encoder-decoder.
     python train.py --synthetic      # every stage offline on generated images, in seconds on a CPU
     python train.py --task reverse   # the tutorial's sequence task: reverse a sequence (encoder)
     python train.py --task seq2seq   # the decoder the post describes: sorting, token by token
+
+Defaults given as 'a; b; c' are those of --task anomaly; reverse; seq2seq.
 """
+
+# The post's folders: where CIFAR-100 goes and where features, models and results go.
+DATASET_PATH = "datasets"
+CHECKPOINT_PATH = "saved_models"
+SYNTHETIC_EPOCHS = 2  # --synthetic's epochs: its data are small, a run takes seconds
+# What runs without CIFAR-100 and the ResNet34 weights, for a run that could not download them.
+OFFLINE = (
+    "Offline? `python train.py --synthetic` runs every stage on generated images, in seconds; "
+    "`python train.py --pretrained` tests the tutorial author's model instead of training one "
+    "(with the same features, so these files too)."
+)
 
 # Each task's defaults, the one place they are set: the post's run for anomaly, the tutorial's for
 # reverse. A flag overrides any of them.
@@ -44,8 +48,14 @@ TASK_DEFAULTS = {
                     gradient_clip_val=5.0),
 }  # fmt: skip
 
+
+def usable_cores():
+    """The CPU cores this process may run on (its affinity: a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 # Feature extraction's DataLoader workers: one per core, at most the post's 4.
-DEFAULT_WORKERS = min(4, runs.usable_cores())
+DEFAULT_WORKERS = min(4, usable_cores())
 
 
 def positive_int(text):
@@ -143,15 +153,29 @@ def task_defaults_text(name):
     """A flag's defaults as the help shows them: 'anomaly; reverse; seq2seq' from TASK_DEFAULTS."""
     values = [f"{d[name]:g}" for d in TASK_DEFAULTS.values() if d[name] is not None]
     if name == "epochs":
-        values[0] += f" ({SYNTHETIC['epochs']} with --synthetic)"
+        values[0] += f" ({SYNTHETIC_EPOCHS} with --synthetic)"
     return "; ".join(values)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error is one line: a mistyped flag names the closest one, and -h
+    is named for the rest, instead of the usage block."""
+
+    def error(self, message):
+        unknown = message.removeprefix("unrecognized arguments: ")
+        if unknown != message:
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            words = [word.split("=")[0] for word in unknown.split() if word.startswith("-")]
+            close = [match for word in words for match in difflib.get_close_matches(word, flags, 1)]
+            message += f"; did you mean {', '.join(close)}?" if close else ""
+        self.exit(2, f"{self.prog}: error: {message} (`python {self.prog} -h` lists every flag)\n")
+
+
 def make_parser():
-    p = argparse.ArgumentParser(
+    p = Parser(
+        prog="train.py",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Defaults given as 'a; b; c' are those of --task anomaly; reverse; seq2seq.",
     )
     p.add_argument(
         "--task",
@@ -171,6 +195,8 @@ def make_parser():
 def refuse_for_pretrained(p, args):
     """--pretrained evaluates the published model as it is, trained with the tutorial's settings:
     a flag that would change or train it is refused."""
+    from harness.pretrained import PUBLISHED  # with torch: loaded only when asked for
+
     if args.task not in PUBLISHED:
         p.error(f"--pretrained: the tutorial publishes models for --task anomaly and reverse, "
                 f"not {args.task}")  # fmt: skip
@@ -195,7 +221,7 @@ def parse_args(argv=None):
         refuse_for_pretrained(p, args)
     task_defaults = dict(TASK_DEFAULTS[args.task])
     if args.synthetic:
-        task_defaults["epochs"] = SYNTHETIC["epochs"]
+        task_defaults["epochs"] = SYNTHETIC_EPOCHS
     for name, value in task_defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -208,9 +234,9 @@ def parse_args(argv=None):
         p.error(f"--model-dim {args.model_dim} must be divisible by --num-heads {args.num_heads}")
     if args.num_workers < 0:
         p.error(f"--num-workers must be 0 or more, got {args.num_workers}")
-    if args.num_workers > runs.usable_cores():  # more would only wait for each other
+    if args.num_workers > usable_cores():  # more would only wait for each other
         p.error(
-            f"--num-workers {args.num_workers}: this process may use {runs.usable_cores()} CPU "
+            f"--num-workers {args.num_workers}: this process may use {usable_cores()} CPU "
             "cores, a worker each at most"
         )
     return args
@@ -225,91 +251,3 @@ def train_command(*flags, synthetic=False, checkpoint_dir=CHECKPOINT_PATH, task=
     if checkpoint_dir != CHECKPOINT_PATH:
         words += ["--checkpoint-dir", shlex.quote(str(checkpoint_dir))]
     return " ".join(words)
-
-
-def outputs(args, run_folder):
-    """(files, folders) that the run writes: each must be of its kind, or be made."""
-    if args.pretrained:
-        name = PUBLISHED[args.task][0]
-        folder = pretrained_dir(args.checkpoint_dir, args.task)
-        files = [os.path.join(args.checkpoint_dir, "pretrained", name)]
-        return files + [os.path.join(folder, "results.json")], [os.path.dirname(folder), folder]
-    folder = runs.task_dir(run_folder, args.task)
-    files = [runs.model_file(run_folder, args.task)]
-    files += [os.path.join(folder, name) for name in ("results.json", "evaluation.json")]
-    if args.task == "anomaly":
-        files += [cache_path(run_folder, split, args.fast) for split in CACHE_FILES]
-    logs = os.path.join(folder, "lightning_logs")
-    folders = [folder, os.path.join(folder, "checkpoints"), logs]
-    # TensorBoard's version_N folders: one that is a file would stop the run once it has begun.
-    folders += sorted(glob.glob(os.path.join(logs, "version_*")))
-    return files, [run_folder, *folders]
-
-
-def usable_devices(device):
-    """How many devices of device's kind this process may train on: its CPU cores (a process
-    each), the GPUs PyTorch sees, Apple's one MPS device."""
-    if device.type == "cuda":
-        return torch.cuda.device_count()
-    if device.type == "mps":
-        return 1
-    return runs.usable_cores()
-
-
-def lightning_strategies():
-    """The names --strategy may take: auto and those Lightning registers (ddp, fsdp, ...)."""
-    from pytorch_lightning.strategies import StrategyRegistry  # loaded by train.py already
-
-    return ["auto", *StrategyRegistry.available_strategies()]
-
-
-def check_before_work(args, lock=True):
-    """(run folder, device) of the run, once shown usable: exits with one line, before anything is
-    computed or deleted, if --resume has nothing to continue from, --strategy is not Lightning's,
-    the device is not here or there are fewer than --devices of it, an output is there as another
-    kind (a folder for a file, or a file for a folder), or the folder is not writable; then, with
-    lock, takes the task's folder for this process (runs.lock_folder). A run that Lightning's DDP
-    started takes no lock."""
-    run_folder = runs.run_dir(args.checkpoint_dir, args.synthetic)
-    last = runs.last_checkpoint(run_folder, args.task)
-    if args.resume and not os.path.isfile(last):
-        sys.exit(
-            f"error: --resume found no {last} to continue from. Run without --resume to start anew."
-        )
-    known = lightning_strategies()
-    if args.strategy not in known:
-        close = difflib.get_close_matches(args.strategy, known, n=1)
-        maybe = f" (did you mean {close[0]}?)" if close else ""
-        sys.exit(
-            f"error: --strategy {args.strategy} is not one of Lightning's{maybe}: auto, ddp, "
-            "ddp_spawn, fsdp, ... (pytorch_lightning.strategies.StrategyRegistry)."
-        )
-    device = runs.pick_device(args.accelerator)
-    usable = usable_devices(device)
-    if args.devices > usable:
-        sys.exit(
-            f"error: --devices {args.devices}: this machine has {usable} "
-            f"{'CPU cores' if device.type == 'cpu' else device.type.upper() + ' devices'} to train "
-            "on, a process each. Use fewer."
-        )
-    saved = runs.model_file(run_folder, args.task)
-    training = not (args.resume or args.retrain or args.fast_dev_run or args.pretrained)
-    if training and os.path.isfile(last) and not os.path.isfile(saved):  # never deleted unasked
-        sys.exit(
-            f"error: {last} holds a training that stopped before its model was saved: run the same "
-            "command with --resume to go on from it, or with --retrain to train anew (deleting it)."
-        )
-    files, folders = outputs(args, run_folder)
-    for path, kind in [(f, "file") for f in files] + [(f, "folder") for f in folders]:
-        if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
-            sys.exit(
-                f"error: {path} is a {'file' if kind == 'folder' else 'folder'}, where the run "
-                f"keeps a {kind}. Move it away, or use another --checkpoint-dir."
-            )
-    try:
-        make_writable(run_folder)
-    except OSError as error:
-        sys.exit(f"error: --checkpoint-dir: cannot write to {run_folder} ({error}).")
-    if lock:
-        runs.lock_folder(os.path.dirname(files[-1]) if args.pretrained else folders[1])
-    return run_folder, device

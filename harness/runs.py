@@ -19,6 +19,8 @@ uses. train.py, predict.py, visualize.py and bench.py share these.
 """
 
 import atexit
+import difflib
+import glob
 import inspect
 import io
 import os
@@ -34,6 +36,7 @@ import pytorch_lightning as pl
 import torch
 import torchvision
 from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.strategies import StrategyRegistry
 
 try:
     import fcntl
@@ -41,11 +44,11 @@ except ImportError:  # Windows
     fcntl = None
 
 from data import NUM_CATEGORIES
-from features import FEATURE_DIM
-from harness.files import save_atomically
+from features import CACHE_FILES, FEATURE_DIM, cache_path
+from harness.cli import CHECKPOINT_PATH, usable_cores  # noqa: F401 (CHECKPOINT_PATH: for predict, visualize)
+from harness.files import make_writable, save_atomically
 from model import BitMaskDropout
 
-CHECKPOINT_PATH = "saved_models"  # the post's: where a run keeps its files (--checkpoint-dir)
 # Each task's folder (<name>/: logs, checkpoints, results.json) and best model (<name>.ckpt).
 TASK_NAMES = {"anomaly": "SetAnomalyDetect", "reverse": "ReverseTask", "seq2seq": "Seq2SeqTask"}
 # Each task's model inputs and outputs: a feature in, one anomaly logit out, per image of a set; a
@@ -131,6 +134,99 @@ def release_locks():
             os.remove(path)
         f.close()
     HELD_LOCKS.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# Before any work: the checks that need the run's folder and device
+# --------------------------------------------------------------------------------------------------
+
+
+def outputs(args, run_folder):
+    """(files, folders) that the run writes: each must be of its kind, or be made."""
+    from harness.pretrained import PUBLISHED, pretrained_dir  # pretrained.py imports this module
+
+    if args.pretrained:
+        name = PUBLISHED[args.task][0]
+        folder = pretrained_dir(args.checkpoint_dir, args.task)
+        files = [os.path.join(args.checkpoint_dir, "pretrained", name)]
+        return files + [os.path.join(folder, "results.json")], [os.path.dirname(folder), folder]
+    folder = task_dir(run_folder, args.task)
+    files = [model_file(run_folder, args.task)]
+    files += [os.path.join(folder, name) for name in ("results.json", "evaluation.json")]
+    if args.task == "anomaly":
+        files += [cache_path(run_folder, split, args.fast) for split in CACHE_FILES]
+    logs = os.path.join(folder, "lightning_logs")
+    folders = [folder, os.path.join(folder, "checkpoints"), logs]
+    # TensorBoard's version_N folders: one that is a file would stop the run once it has begun.
+    folders += sorted(glob.glob(os.path.join(logs, "version_*")))
+    return files, [run_folder, *folders]
+
+
+def usable_devices(device):
+    """How many devices of device's kind this process may train on: its CPU cores (a process
+    each), the GPUs PyTorch sees, Apple's one MPS device."""
+    if device.type == "cuda":
+        return torch.cuda.device_count()
+    if device.type == "mps":
+        return 1
+    return usable_cores()
+
+
+def lightning_strategies():
+    """The names --strategy may take: auto and those Lightning registers (ddp, fsdp, ...)."""
+    return ["auto", *StrategyRegistry.available_strategies()]
+
+
+def check_before_work(args, lock=True):
+    """(run folder, device) of the run, once shown usable: exits with one line, before anything is
+    computed or deleted, if --resume has nothing to continue from, --strategy is not Lightning's,
+    the device is not here or there are fewer than --devices of it, an output is there as another
+    kind (a folder for a file, or a file for a folder), or the folder is not writable; then, with
+    lock, takes the task's folder for this process (lock_folder). A run that Lightning's DDP
+    started takes no lock. (The flags' own values were checked as they were parsed: cli.py.)"""
+    run_folder = run_dir(args.checkpoint_dir, args.synthetic)
+    last = last_checkpoint(run_folder, args.task)
+    if args.resume and not os.path.isfile(last):
+        sys.exit(
+            f"error: --resume found no {last} to continue from. Run without --resume to start anew."
+        )
+    known = lightning_strategies()
+    if args.strategy not in known:
+        close = difflib.get_close_matches(args.strategy, known, n=1)
+        maybe = f" (did you mean {close[0]}?)" if close else ""
+        sys.exit(
+            f"error: --strategy {args.strategy} is not one of Lightning's{maybe}: auto, ddp, "
+            "ddp_spawn, fsdp, ... (pytorch_lightning.strategies.StrategyRegistry)."
+        )
+    device = pick_device(args.accelerator)
+    usable = usable_devices(device)
+    if args.devices > usable:
+        sys.exit(
+            f"error: --devices {args.devices}: this machine has {usable} "
+            f"{'CPU cores' if device.type == 'cpu' else device.type.upper() + ' devices'} to train "
+            "on, a process each. Use fewer."
+        )
+    saved = model_file(run_folder, args.task)
+    training = not (args.resume or args.retrain or args.fast_dev_run or args.pretrained)
+    if training and os.path.isfile(last) and not os.path.isfile(saved):  # never deleted unasked
+        sys.exit(
+            f"error: {last} holds a training that stopped before its model was saved: run the same "
+            "command with --resume to go on from it, or with --retrain to train anew (deleting it)."
+        )
+    files, folders = outputs(args, run_folder)
+    for path, kind in [(f, "file") for f in files] + [(f, "folder") for f in folders]:
+        if os.path.exists(path) and os.path.isdir(path) != (kind == "folder"):
+            sys.exit(
+                f"error: {path} is a {'file' if kind == 'folder' else 'folder'}, where the run "
+                f"keeps a {kind}. Move it away, or use another --checkpoint-dir."
+            )
+    try:
+        make_writable(run_folder)
+    except OSError as error:
+        sys.exit(f"error: --checkpoint-dir: cannot write to {run_folder} ({error}).")
+    if lock:
+        lock_folder(os.path.dirname(files[-1]) if args.pretrained else folders[1])
+    return run_folder, device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,11 +538,6 @@ def pick_device(accelerator):
             "can use. Use --accelerator auto or cpu."
         )
     return torch.device(found[0])
-
-
-def usable_cores():
-    """The CPU cores this process may run on (its affinity: a container's or taskset's share)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def cpu_threads(task, devices=1):

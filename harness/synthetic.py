@@ -11,9 +11,7 @@ import torch
 
 from features import ImageArray, cache_meta, cached_features, image_transform, resnet34_backbone
 
-SYNTHETIC = dict(
-    num_classes=10, per_class={"train": 110, "test": 20}, image_size=64, seed=42, epochs=2
-)
+SYNTHETIC = dict(num_classes=10, per_class={"train": 110, "test": 20}, image_size=64, seed=42)
 
 
 class GeneratedImages(ImageArray):

@@ -1,13 +1,15 @@
 """The command line (cli.py): the post's and the tutorial's defaults, values refused with
-argparse's error, flags refused where they mean nothing; and check_before_work's refusals,
-made before anything is computed or deleted."""
+argparse's error in one line, a mistyped flag named with the closest one, flags refused where
+they mean nothing; and all of it before the large libraries load."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
 from harness.cli import parse_args
-from helpers import copy_caches, train_in_process
+from helpers import HANG_GUARD_S, ROOT
 
 
 def test_defaults_are_the_posts_run():
@@ -106,66 +108,6 @@ def test_flags_it_cannot_honour_are_refused(argv, capsys):
     assert exit_info.value.code == 2 and "--pretrained" in capsys.readouterr().err
 
 
-def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted(
-    synthetic_run, tmp_path
-):
-    folder = copy_caches(synthetic_run, tmp_path)
-    kept = tmp_path / "synthetic" / "SetAnomalyDetect" / "checkpoints" / "last.ckpt"
-    kept.parent.mkdir(parents=True)
-    kept.write_bytes(b"an interrupted run's")
-    proc = train_in_process("--synthetic", "--checkpoint-dir", folder, "--retrain",
-                            "--devices", "99999", "--accelerator", "cpu")  # fmt: skip
-    cores = len(os.sched_getaffinity(0))
-    assert proc.returncode == 1 and proc.stderr == (
-        f"error: --devices 99999: this machine has {cores} CPU cores to train on, a process each. "
-        "Use fewer.\n"
-    )
-    assert kept.read_bytes() == b"an interrupted run's"
-
-
-@pytest.mark.parametrize(
-    "path, kind",
-    [
-        ("synthetic/SetAnomalyDetect.ckpt", "folder"),
-        ("synthetic/SetAnomalyDetect/results.json", "folder"),
-        ("synthetic/train_set_features.tar", "folder"),
-        ("synthetic/SetAnomalyDetect", "file"),
-        ("synthetic/SetAnomalyDetect/checkpoints", "file"),
-        # TensorBoard's next log folder: as a file, the run would stop once it had begun.
-        ("synthetic/SetAnomalyDetect/lightning_logs/version_1", "file"),
-    ],
-)
-def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, path, kind):
-    spoiled = tmp_path / path
-    spoiled.parent.mkdir(parents=True, exist_ok=True)
-    spoiled.mkdir() if kind == "folder" else spoiled.write_text("")
-    proc = train_in_process("--synthetic", "--checkpoint-dir", tmp_path)
-    found, wanted = kind, "file" if kind == "folder" else "folder"
-    assert proc.returncode == 1 and proc.stderr == (
-        f"error: {spoiled} is a {found}, where the run keeps a {wanted}. Move it away, or use "
-        "another --checkpoint-dir.\n"
-    )
-    assert proc.stdout == ""  # no features extracted, nothing else done
-
-
-def test_a_pretrained_folder_that_is_a_file_is_one_line_before_any_work(tmp_path):
-    (tmp_path / "pretrained").write_text("")
-    proc = train_in_process("--task", "reverse", "--pretrained", "--checkpoint-dir", tmp_path)
-    assert proc.returncode == 1 and proc.stderr == (
-        f"error: {tmp_path / 'pretrained'} is a file, where the run keeps a folder. Move it away, "
-        "or use another --checkpoint-dir.\n"
-    )
-    assert proc.stdout == ""  # nothing downloaded
-
-
-def test_a_strategy_lightning_does_not_know_is_refused_before_any_work(tmp_path):
-    proc = train_in_process("--synthetic", "--strategy", "dpp", "--checkpoint-dir", tmp_path)
-    assert proc.returncode == 1 and proc.stderr.startswith(
-        "error: --strategy dpp is not one of Lightning's (did you mean ddp?): "
-    )
-    assert proc.stderr.count("\n") == 1 and proc.stdout == ""  # no features extracted
-
-
 def test_more_feature_workers_than_cores_are_refused(capsys):
     cores = len(os.sched_getaffinity(0))
     assert parse_args(["--num-workers", str(cores)]).num_workers == cores
@@ -173,3 +115,39 @@ def test_more_feature_workers_than_cores_are_refused(capsys):
         parse_args(["--num-workers", str(cores + 1)])
     assert exit_info.value.code == 2
     assert f"--num-workers {cores + 1}: this process may use {cores} CPU" in capsys.readouterr().err
+
+
+def test_a_mistyped_flag_names_the_closest_one_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--synthtic", "--epocs", "3"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err == (
+        "train.py: error: unrecognized arguments: --synthtic --epocs 3; did you mean --synthetic, "
+        "--epochs? (`python train.py -h` lists every flag)\n"
+    )
+
+
+# train.py run as a user runs it, with -h or a mistyped flag, reporting what it had imported.
+ANSWER = """
+import runpy, sys
+sys.argv = ["train.py", *sys.argv[1:]]
+try:
+    runpy.run_path("train.py", run_name="__main__")
+finally:
+    print("torch loaded" if "torch" in sys.modules else "torch not loaded", file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize("argv", [["-h"], ["--synthtic"], ["--epochs", "0"]])
+def test_help_and_a_mistyped_flag_answer_before_torch_loads(argv):
+    proc = subprocess.run(
+        [sys.executable, "-c", ANSWER, *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=HANG_GUARD_S,
+    )
+    assert proc.returncode == (0 if argv == ["-h"] else 2), proc.stderr
+    assert proc.stderr.endswith("torch not loaded\n")
+    assert ("--synthetic" in proc.stdout) if argv == ["-h"] else ("error:" in proc.stderr)

@@ -220,3 +220,63 @@ def test_lightnings_checkpoints_are_renamed_into_place_from_their_own_folder(tmp
     assert os.listdir(path.parent) == ["last.ckpt"]
     trainer = train.make_trainer(parse_args([]), str(tmp_path), [])
     assert isinstance(trainer.strategy.checkpoint_io, runs.AtomicCheckpointIO)
+
+
+def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted(
+    synthetic_run, tmp_path
+):
+    folder = copy_caches(synthetic_run, tmp_path)
+    kept = tmp_path / "synthetic" / "SetAnomalyDetect" / "checkpoints" / "last.ckpt"
+    kept.parent.mkdir(parents=True)
+    kept.write_bytes(b"an interrupted run's")
+    proc = train_in_process("--synthetic", "--checkpoint-dir", folder, "--retrain",
+                            "--devices", "99999", "--accelerator", "cpu")  # fmt: skip
+    cores = len(os.sched_getaffinity(0))
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: --devices 99999: this machine has {cores} CPU cores to train on, a process each. "
+        "Use fewer.\n"
+    )
+    assert kept.read_bytes() == b"an interrupted run's"
+
+
+@pytest.mark.parametrize(
+    "path, kind",
+    [
+        ("synthetic/SetAnomalyDetect.ckpt", "folder"),
+        ("synthetic/SetAnomalyDetect/results.json", "folder"),
+        ("synthetic/train_set_features.tar", "folder"),
+        ("synthetic/SetAnomalyDetect", "file"),
+        ("synthetic/SetAnomalyDetect/checkpoints", "file"),
+        # TensorBoard's next log folder: as a file, the run would stop once it had begun.
+        ("synthetic/SetAnomalyDetect/lightning_logs/version_1", "file"),
+    ],
+)
+def test_an_output_of_the_wrong_kind_is_one_line_before_any_work(tmp_path, path, kind):
+    spoiled = tmp_path / path
+    spoiled.parent.mkdir(parents=True, exist_ok=True)
+    spoiled.mkdir() if kind == "folder" else spoiled.write_text("")
+    proc = train_in_process("--synthetic", "--checkpoint-dir", tmp_path)
+    found, wanted = kind, "file" if kind == "folder" else "folder"
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: {spoiled} is a {found}, where the run keeps a {wanted}. Move it away, or use "
+        "another --checkpoint-dir.\n"
+    )
+    assert proc.stdout == ""  # no features extracted, nothing else done
+
+
+def test_a_pretrained_folder_that_is_a_file_is_one_line_before_any_work(tmp_path):
+    (tmp_path / "pretrained").write_text("")
+    proc = train_in_process("--task", "reverse", "--pretrained", "--checkpoint-dir", tmp_path)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: {tmp_path / 'pretrained'} is a file, where the run keeps a folder. Move it away, "
+        "or use another --checkpoint-dir.\n"
+    )
+    assert proc.stdout == ""  # nothing downloaded
+
+
+def test_a_strategy_lightning_does_not_know_is_refused_before_any_work(tmp_path):
+    proc = train_in_process("--synthetic", "--strategy", "dpp", "--checkpoint-dir", tmp_path)
+    assert proc.returncode == 1 and proc.stderr.startswith(
+        "error: --strategy dpp is not one of Lightning's (did you mean ddp?): "
+    )
+    assert proc.stderr.count("\n") == 1 and proc.stdout == ""  # no features extracted

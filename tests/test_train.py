@@ -540,3 +540,16 @@ def test_fast_with_several_devices_samples_on_the_device():
     args = cli.parse_args(["--fast", "--devices", "2", "--strategy", "ddp"])
     loaders = train.make_loaders(args, datasets, torch.device("cpu"))
     assert all(isinstance(loader, SetBatches) for loader in loaders.values())
+
+
+def test_offline_the_message_names_what_runs_without_downloads(tmp_path, monkeypatch):
+    # A proxy on a closed local port makes every download fail at once, whatever the network.
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    data = tmp_path / "datasets"
+    proc = train_in_process("--data-dir", data, "--checkpoint-dir", tmp_path / "models")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "CIFAR-100" in proc.stderr and "resnet34-b627a593.pth" in proc.stderr
+    assert "python train.py --synthetic" in proc.stderr and "--pretrained" in proc.stderr
+    assert not data.exists()  # no empty folder left for a download that never came
