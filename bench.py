@@ -22,6 +22,7 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no 
 
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -110,17 +111,39 @@ class StepOps(pl.Callback):
     """The operators that one training step (the batch at index `at`) dispatches."""
 
     def __init__(self, at):
-        self.at, self.count, self.profiler = at, None, None
+        self.at, self.count, self.profiler, self.silence = at, None, None, None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.at:
+            self.silence = native_output_silenced()
+            self.silence.__enter__()
             self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
             self.profiler.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx == self.at:
             self.profiler.__exit__(None, None, None)
+            self.silence.__exit__(None, None, None)
             self.count = dispatched_ops(self.profiler.events())
+
+
+@contextlib.contextmanager
+def native_output_silenced():
+    """Sends what C++ code writes to stdout and stderr to /dev/null meanwhile: the profiler's
+    library (Kineto) logs its start and stop, and on a CPU machine with the CUDA build of torch an
+    `ERROR: gpuGetDeviceCount failed`, none of which says anything about the measurement."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    kept = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        for fd, copy in zip((1, 2), kept, strict=True):
+            os.dup2(copy, fd)
+            os.close(copy)
 
 
 def generated_datasets():
@@ -173,7 +196,7 @@ def ablation(device, steps, warmup):
         + [(f"only {part}", (part,)) for part in PARTS]
         + [("all (--fast)", PARTS), ("all, no dropout", PARTS + ("no dropout",))]
     )
-    print(f"\n{'training step':24s}{'ms':>8s}{'of faithful':>14s}")
+    print(f"{'training step':24s}{'ms':>8s}{'of faithful':>14s}")
     times = {}
     for name, parts in rows:
         times[name] = 1000 * time_training(False, device, datasets, steps, warmup, parts)[0]
@@ -207,9 +230,10 @@ def matmul_rate(device):
 
 def time_extraction(fast, device, backbone, images, min_seconds):
     """(images per second, features of images) of one path. Set-up comes first, untimed: the fast
-    path's backbone is prepared, the post's DataLoader (PIL transforms, batch 128, 4 workers) starts
-    its workers, and one batch of the timed size warms each up. Then passes over images are timed
-    until they add up to at least min_seconds of work."""
+    path's backbone is prepared, the post's DataLoader (PIL transforms, batch 128, train.py's
+    workers: the post's 4, at most one a core) starts its workers, and one batch of the timed size
+    warms each up. Then passes over images are timed until they add up to at least min_seconds of
+    work."""
     if fast:
         model, batch = fast_backbone(backbone, device), fast_batch_size(device)
         extract_features_fast(model, images[:batch], device)
@@ -217,7 +241,11 @@ def time_extraction(fast, device, backbone, images, min_seconds):
     else:
         dataset = ImageArray(images, [0] * len(images), image_transform(IMAGE_SIZE))
         loader = DataLoader(
-            dataset, 128, num_workers=4, persistent_workers=True, worker_init_fn=stops.ignore_stops
+            dataset,
+            128,
+            num_workers=cli.DEFAULT_WORKERS,
+            persistent_workers=cli.DEFAULT_WORKERS > 0,
+            worker_init_fn=stops.ignore_stops,
         )
         with torch.no_grad():  # the workers start, and then stay for every pass
             backbone.to(device)(next(iter(loader))[0].to(device))
@@ -283,11 +311,36 @@ def make_parser():
     )
     add = p.add_argument
     add("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    add("--steps", type=int, default=60, help="timed training steps per path (default: 60)")
-    add("--warmup", type=int, default=10, help="untimed training steps first (default: 10)")
-    add("--images", type=int, default=256, help="images to time extraction on (default: 256)")
-    add("--min-seconds", type=float, default=10, help="least timed extraction (default: 10)")
-    add("--rounds", type=int, default=2, help="turns per path, the best counts (default: 2)")
+    add(
+        "--steps",
+        type=int,
+        default=60,
+        help="timed training steps per path, at least 50 for a steady median (default: 60)",
+    )
+    add(
+        "--warmup",
+        type=int,
+        default=10,
+        help="untimed training steps first, at least 1 (default: 10)",
+    )
+    add(
+        "--images",
+        type=int,
+        default=256,
+        help="images to time extraction on, at least 1 (default: 256)",
+    )
+    add(
+        "--min-seconds",
+        type=float,
+        default=10,
+        help="least timed extraction, in seconds, 0 or more (default: 10)",
+    )
+    add(
+        "--rounds",
+        type=int,
+        default=2,
+        help="turns per path, the best counts, at least 1 (default: 2)",
+    )
     add("--out", default="bench.json", help="where the results go (default: %(default)s)")
     add(
         "--ablation",
@@ -320,7 +373,7 @@ def path_results(rounds, steps_per_epoch, device, num_images, path):
 
 
 def print_report(report, keys):
-    print(f"\n{report['device']}, torch {report['torch']}, {report['threads']} threads")
+    print(f"{report['device']}, torch {report['torch']}, {report['threads']} threads")
     print(f"{'':24s}{'faithful':>12s}{'fast':>12s}{'fast/faithful':>15s}")
     for key in keys:
         row = report[key]

@@ -82,7 +82,8 @@ class RunLog(pl.Callback):
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         shown = [
             f"{name.replace('_', ' ')} {100 * metrics[name]:.2f}%"
-            for name in ("train_acc", "val_acc")
+            # seq2seq's training scores tokens (teacher-forced), its validation whole sequences.
+            for name in ("train_acc", "train_token_acc", "val_acc")
             if name in metrics
         ]
         seconds = time.time() - self.epoch_start

@@ -3,13 +3,16 @@ anything; and it replaces only the reports it wrote itself."""
 
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import bench
-from helpers import ROOT
+from helpers import HANG_GUARD_S, ROOT
 
 
 def test_dispatched_ops_counts_operators_not_views():
@@ -69,3 +72,41 @@ def test_bench_replaces_only_its_own_reports(tmp_path):
     other.write_text(json.dumps({"command": "something else"}))
     assert bench.written_by_bench(own) and not bench.written_by_bench(other)
     assert not bench.written_by_bench(tmp_path / "missing.json")
+
+
+def test_counting_a_steps_operators_prints_nothing():
+    # The profiler's library logs its start and stop, and on a CPU machine with the CUDA build of
+    # torch an ERROR line: none of it may reach the report.
+    code = (
+        "import torch, bench; ops = bench.StepOps(at=0); "
+        "ops.on_train_batch_start(None, None, None, 0); torch.ones(3).add(1); "
+        "ops.on_train_batch_end(None, None, None, None, 0); print(ops.count)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S
+    )
+    assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "2\n"  # ones, add
+
+
+def test_extraction_starts_no_more_workers_than_cores(recwarn):
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 224 * 224, 4)).eval()
+    rate, feats = bench.time_extraction(False, torch.device("cpu"), backbone, images, 0)
+    assert feats.shape == (2, 4) and rate > 0
+    assert not [w for w in recwarn if "worker processes" in str(w.message)]
+
+
+def test_the_report_begins_with_its_first_line(capsys):
+    rows = ["train_step_ms"]
+    row = {"faithful": 2.0, "fast": 1.0, "fast/faithful": 0.5}
+    report = dict(device="cpu", torch="2", threads=2, train_step_ms=row, train_step_floor_ms=0.5,
+                  matmul_peak_gflops=1, feature_cosine_mean=1, feature_cosine_worst=1)  # fmt: skip
+    bench.print_report(report, rows)
+    assert capsys.readouterr().out.startswith("cpu, torch 2, 2 threads\n")
+
+
+def test_help_states_each_flags_limits(capsys):
+    with pytest.raises(SystemExit):
+        bench.make_parser().parse_args(["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "at least 50" in text and "0 or more" in text and text.count("at least 1") >= 3

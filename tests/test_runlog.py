@@ -5,6 +5,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 import types
 import warnings
 
@@ -59,6 +60,23 @@ def test_a_line_as_training_starts_and_one_after_each_epoch(capsys):
     assert epochs[1][3] == f"{100 * right / len(val_set):.2f}"
     # Not a terminal: no progress bar, on stdout or stderr (where tqdm draws).
     assert "\r" not in out + err and "Epoch" not in err
+
+
+def test_an_epoch_line_shows_the_training_accuracy_each_task_logs(capsys):
+    # seq2seq logs the teacher-forced tokens' accuracy in training, whole sequences in validation.
+    log = RunLog()
+    trainer = types.SimpleNamespace(
+        is_global_zero=True,
+        current_epoch=0,
+        max_epochs=10,
+        callback_metrics={"train_token_acc": torch.tensor(0.8), "val_acc": torch.tensor(0.994)},
+    )
+    log.epoch_start = time.time()
+    log.on_train_epoch_end(trainer, None)
+    assert re.fullmatch(
+        r"Epoch 1/10: train token acc 80\.00%, val acc 99\.40% \(\d+\.\d s\)\n",
+        capsys.readouterr().out,
+    )
 
 
 def interrupt(log, fn, exception=None, is_global_zero=True):
