@@ -49,6 +49,7 @@ from harness.cli import CHECKPOINT_PATH, usable_cores  # noqa: F401 (CHECKPOINT_
 from harness.files import make_writable, save_atomically
 from model import BitMaskDropout
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py's
 # Each task's folder (<name>/: logs, checkpoints, results.json) and best model (<name>.ckpt).
 TASK_NAMES = {"anomaly": "SetAnomalyDetect", "reverse": "ReverseTask", "seq2seq": "Seq2SeqTask"}
 # Each task's model inputs and outputs: a feature in, one anomaly logit out, per image of a set; a
@@ -226,7 +227,21 @@ def check_before_work(args, lock=True):
         sys.exit(f"error: --checkpoint-dir: cannot write to {run_folder} ({error}).")
     if lock:
         lock_folder(os.path.dirname(files[-1]) if args.pretrained else folders[1])
+        say_where(args, run_folder)
     return run_folder, device
+
+
+def say_where(args, run_folder):
+    """Run from another folder than the repository's, the default --checkpoint-dir is a folder of
+    its own: says where the files go, and points to the model that a run in the repository left
+    beside train.py, if the folder used has none."""
+    if args.checkpoint_dir != CHECKPOINT_PATH or os.path.samefile(os.getcwd(), ROOT):
+        return
+    print(f"Files go to {os.path.abspath(run_folder)} (--checkpoint-dir, in this folder).")
+    beside = os.path.join(ROOT, CHECKPOINT_PATH)
+    model = model_file(run_dir(beside, args.synthetic), args.task)
+    if os.path.isfile(model) and not os.path.isfile(model_file(run_folder, args.task)):
+        print(f"The model beside train.py, {model}, is used with --checkpoint-dir {beside}.")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -280,3 +280,25 @@ def test_a_strategy_lightning_does_not_know_is_refused_before_any_work(tmp_path)
         "error: --strategy dpp is not one of Lightning's (did you mean ddp?): "
     )
     assert proc.stderr.count("\n") == 1 and proc.stdout == ""  # no features extracted
+
+
+def test_run_from_another_folder_it_says_where_files_go_and_where_the_model_is(
+    tmp_path, monkeypatch, capsys
+):
+    repository, elsewhere = tmp_path / "repository", tmp_path / "elsewhere"
+    model = repository / "saved_models" / "synthetic" / "SetAnomalyDetect.ckpt"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"")
+    elsewhere.mkdir()
+    monkeypatch.setattr(runs, "ROOT", str(repository))
+    monkeypatch.chdir(elsewhere)
+    args = parse_args(["--synthetic"])
+    runs.say_where(args, runs.run_dir(args.checkpoint_dir, args.synthetic))
+    assert capsys.readouterr().out == (
+        f"Files go to {elsewhere / 'saved_models' / 'synthetic'} (--checkpoint-dir, in this "
+        f"folder).\nThe model beside train.py, {model}, is used with --checkpoint-dir "
+        f"{repository / 'saved_models'}.\n"
+    )
+    monkeypatch.chdir(repository)  # in the repository: nothing to say
+    runs.say_where(args, runs.run_dir(args.checkpoint_dir, args.synthetic))
+    assert capsys.readouterr().out == ""
