@@ -24,7 +24,6 @@ from tqdm.auto import tqdm
 from harness.files import download_timeout, free_mb, save_atomically
 from harness.stops import ignore_stops
 
-DATASET_PATH = "datasets"  # the post's: where CIFAR-100 goes (--data-dir's default)
 # ImageNet statistics: the backbone was trained on images normalised with them.
 DATA_MEANS = (0.485, 0.456, 0.406)
 DATA_STD = (0.229, 0.224, 0.225)

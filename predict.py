@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import stat
 import sys
 
@@ -32,12 +33,15 @@ from torch.utils.data import DataLoader
 import features
 from data import SetAnomalyDataset
 from harness import cli, synthetic
-from harness.runs import CHECKPOINT_PATH, IO_DIMS, load_model, model_file, pick_device, run_dir
+from harness.cli import CHECKPOINT_PATH
+from harness.runs import IO_DIMS, load_model, model_file, pick_device, run_dir
 from model import AnomalyPredictor
 
 # The odd one out is declared only when it is this many times as likely as the next image: a model
 # that cannot tell gives every image about the same probability, and the top one is then chance.
 CLEAR_RATIO = 1.5
+# The folder of this script: run from elsewhere, its saved_models/ is where a model may be.
+SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -156,7 +160,28 @@ def synthetic_hint(args):
     if args.synthetic or args.ckpt or not os.path.isfile(model):
         return ""
     command = cli.train_command(synthetic=True, checkpoint_dir=args.checkpoint_dir)
-    return f" The model of `{command}` is at {model}: add --synthetic to use it."
+    return f" The model of `{command}` is at {os.path.abspath(model)}: add --synthetic to use it."
+
+
+def script_folder_hint(args):
+    """Run from another folder, a relative --checkpoint-dir (the default, say) misses the models
+    beside predict.py: a sentence that names the one there, if any (that of --synthetic where the
+    other is missing), and the flags that reach it."""
+    if args.ckpt or os.path.isabs(args.checkpoint_dir):
+        return ""
+    folder = os.path.normpath(os.path.join(SCRIPT_DIR, args.checkpoint_dir))
+    for of_synthetic in dict.fromkeys([args.synthetic, True]):
+        model = model_file(run_dir(folder, of_synthetic))
+        if os.path.isfile(model):
+            flags = "--synthetic " * (of_synthetic and not args.synthetic)
+            flags += f"--checkpoint-dir {shlex.quote(folder)}"
+            return f" There is one beside predict.py, {model}: add {flags} to use it."
+    return ""
+
+
+def model_hints(args):
+    """The sentences that point to a model elsewhere, for the message that there is none."""
+    return synthetic_hint(args) + script_folder_hint(args)
 
 
 def load_set_model(path, device, command="`python train.py`", other=""):
@@ -166,8 +191,8 @@ def load_set_model(path, device, command="`python train.py`", other=""):
         sys.exit(f"error: --ckpt {path} is a folder; give the SetAnomalyDetect.ckpt file in it.")
     if not os.path.isfile(path):
         sys.exit(
-            f"error: no trained model at {path}. {command} trains one and saves it there, or "
-            f"point --ckpt at a SetAnomalyDetect.ckpt.{other}"
+            f"error: no trained model at {os.path.abspath(path)}. {command} trains one and saves "
+            f"it there, or point --ckpt at a SetAnomalyDetect.ckpt.{other}"
         )
     try:
         return load_model(path, AnomalyPredictor, IO_DIMS["anomaly"], device)[0]
@@ -181,11 +206,17 @@ def is_clear(probs):
     return bool(top >= CLEAR_RATIO * runner_up)
 
 
+def at_chance(probs):
+    """Whether the model cannot tell the images apart: the most likely is not CLEAR_RATIO times as
+    likely as the least likely, so every image lies near 1/N. Never clear (is_clear) then."""
+    return bool(np.max(probs) < CLEAR_RATIO * np.min(probs))
+
+
 def percent_texts(probs):
-    """Percentages with the decimals it takes to tell them apart (visualize.probability_texts)."""
+    """Percentages with the decimals it takes to tell them apart: those of the figure too."""
     import visualize  # matplotlib: loaded only here
 
-    return [f"{t}%" for t in visualize.probability_texts(100 * np.asarray(probs))]
+    return visualize.percent_texts(probs)
 
 
 @torch.no_grad()
@@ -306,25 +337,35 @@ def refuse_unwritable_figure(figure):
         sys.exit(f"error: --figure {figure}: no permission to write in {folder}; choose another.")
 
 
-def print_verdict(files, probs, clear, shown, json_out=None):
+def print_verdict(files, probs, clear, chance, shown, json_out=None):
     """Each file's probability, most likely first, then the odd one out, or that there is no clear
-    one; with json_out, all of it as JSON there. shown: the probabilities as text."""
+    one, and if the model scores at chance, that; with json_out, all of it as JSON there. clear,
+    chance: is_clear and at_chance of probs; shown: the probabilities as text."""
     odd = int(np.argmax(probs))
     if json_out:
         probabilities = [float(q) for q in probs]
         result = dict(files=files, probabilities=probabilities, predicted_index=odd, clear=clear)
-        print(json.dumps(dict(result, predicted_file=files[odd]), indent=2), file=json_out)
+        result |= dict(predicted_file=files[odd], at_chance=chance)
+        print(json.dumps(result, indent=2), file=json_out)
+        return
+    order = np.argsort(-probs, kind="stable")
+    print("Probability of being the odd one out:")
+    for i in order:
+        print(f"{shown[i]:>7s}  {files[i]}")
+    if clear:
+        print(f"Odd one out: {files[odd]} ({shown[odd]})")
     else:
-        order = np.argsort(-probs, kind="stable")
-        for i in order:
-            print(f"{shown[i]:>7s}  {files[i]}")
-        if clear:
-            print(f"Odd one out: {files[odd]} ({shown[odd]})")
-        else:
-            print(
-                f"No clear odd one out: the most likely, {files[odd]} ({shown[odd]}), is not "
-                f"{CLEAR_RATIO:g} times as likely as the next ({shown[order[1]]})."
-            )
+        print(
+            f"No clear odd one out: the most likely, {files[odd]} ({shown[odd]}), is not "
+            f"{CLEAR_RATIO:g} times as likely as the next ({shown[order[1]]})."
+        )
+    if chance:
+        n = len(files)
+        least = shown[order[-1]]
+        print(
+            f"The model cannot tell these pictures apart: each gets about 1/{n} ({100 / n:.2f}%), "
+            f"the most likely not {CLEAR_RATIO:g} times as likely as the least ({least})."
+        )
 
 
 def main(argv=None):
@@ -348,7 +389,7 @@ def predict_or_measure(p, args, out):
             p.error("--set-sizes measures on the test features; give no images with it")
         if min(args.set_sizes) < 2:
             p.error("a set needs at least 2 images")
-        model = load_set_model(ckpt, device, train_command(args), synthetic_hint(args))
+        model = load_set_model(ckpt, device, train_command(args), model_hints(args))
         return set_size_accuracies(args, run_folder, model, device, out)
 
     files = image_files(args.images)
@@ -358,7 +399,7 @@ def predict_or_measure(p, args, out):
     if len(files) < 2:
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
     images = load_images(files)
-    model = load_set_model(ckpt, device, train_command(args), synthetic_hint(args))
+    model = load_set_model(ckpt, device, train_command(args), model_hints(args))
     get_backbone = synthetic.synthetic_backbone if args.synthetic else features.imagenet_resnet34
     try:
         backbone = get_backbone()
@@ -371,16 +412,18 @@ def predict_or_measure(p, args, out):
     names = [os.path.basename(f) for f in files]
     odd = int(np.argmax(probs))
 
-    clear, shown = is_clear(probs), percent_texts(probs)
+    clear, chance, shown = is_clear(probs), at_chance(probs), percent_texts(probs)
     if args.figure:
         import visualize  # matplotlib only when a figure is asked for
 
         verdict = "Odd one out" if clear else "No clear odd one out; most likely"
         title = f"{verdict}: {names[odd]} ({shown[odd]})"
-        visualize.plot_set_prediction(args.figure, images / 255, probs, maps, title, names)
-        print(f"Figure written to {args.figure}", file=sys.stderr)
-    print_verdict(files, probs, clear, shown, out if args.json else None)
-    return {"files": files, "probabilities": probs, "predicted_index": odd, "clear": clear}
+        visualize.plot_set_prediction(args.figure, images / 255, probs, maps, title, names, clear)
+    print_verdict(files, probs, clear, chance, shown, out if args.json else None)
+    if args.figure:  # after the table; with --json on stderr, as stdout is redirected there
+        print(f"Figure written to {args.figure}")
+    result = dict(files=files, probabilities=probs, predicted_index=odd, clear=clear)
+    return dict(result, at_chance=chance)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import textwrap
 
 import matplotlib
 
@@ -29,23 +30,16 @@ matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib import patheffects
 from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import CIFAR100
 
 from data import SEQ_LEN, ReverseDataset, SetAnomalyDataset
-from features import CIFAR100_CLASSES, DATASET_PATH, cached_test_features, cifar100_meta
-from harness.cli import TASK_DEFAULTS, train_command
+from features import CIFAR100_CLASSES, cached_test_features, cifar100_meta
+from harness.cli import CHECKPOINT_PATH, DATASET_PATH, TASK_DEFAULTS, train_command
 from harness.files import make_writable, save_atomically
-from harness.runs import (
-    CHECKPOINT_PATH,
-    IO_DIMS,
-    load_model,
-    lock_folder,
-    model_file,
-    run_dir,
-    task_dir,
-)
+from harness.runs import IO_DIMS, load_model, lock_folder, model_file, run_dir, task_dir
 from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
 
@@ -119,6 +113,20 @@ def probability_texts(probs):
     return texts
 
 
+def percent_texts(probs):
+    """probs as percentages, "12.34%", with the decimals that tell them apart (probability_texts):
+    the unit of every probability shown, in the figures and in predict.py's table alike."""
+    return [f"{t}%" for t in probability_texts(100 * np.asarray(probs, dtype=np.float64))]
+
+
+def caption(name, percent, width_in, fontsize=8):
+    """'name: p=12.34%' wrapped to lines that fit width_in inches at fontsize, so that long file
+    names under neighbouring images neither meet nor leave the figure."""
+    # 0.7 em a character: wider than the average of DejaVu Sans, matplotlib's font.
+    chars = max(int(width_in * 72 / (0.7 * fontsize)), 8)
+    return "\n".join(textwrap.wrap(f"{name}: p={percent}", chars))
+
+
 def mark_predicted(ax):
     """A red frame and a red label: the image the model picks as the odd one out."""
     for spine in ax.spines.values():
@@ -138,7 +146,7 @@ def plot_image_rows(path, images, title, probs=None, row_label="Set"):
         num_rows, num_cols, figsize=(1.2 * num_cols, 1.3 * num_rows + 0.6), squeeze=False
     )
     for r in range(num_rows):
-        texts = probability_texts(probs[r]) if probs is not None else None
+        texts = percent_texts(probs[r]) if probs is not None else None
         for c in range(num_cols):
             ax = axes[r, c]
             ax.imshow(images[r, c])
@@ -158,33 +166,38 @@ def plot_image_rows(path, images, title, probs=None, row_label="Set"):
     return save_figure(fig, path)
 
 
-def plot_attention_grid(fig, attention_maps, tick_labels, axis_name):
-    """Draws every layer's and head's attention into fig, each map from its own smallest to its
-    largest weight with a colour bar of its own: a map whose weights all lie near 1/SetSize shows
-    its differences as clearly as one that picks a single key shows that key.
+def plot_attention_grid(fig, attention_maps, tick_labels, key_label, query_label):
+    """Draws every layer's and head's attention into fig as matrices: query i is row i from the
+    top, key j column j from the left. Each map's colours run from 0 to its largest weight, and
+    its colour bar gives that weight and marks 1/n, the weight of even attention over n keys: a
+    map whose weights all lie near 1/n looks flat, one that picks a single key does not.
 
     attention_maps - layers × [Head, Query, Key], each row a distribution over the keys
     """
     num_layers, num_heads = len(attention_maps), attention_maps[0].shape[0]
     axes = fig.subplots(num_layers, num_heads, squeeze=False)
+    keys = attention_maps[0].shape[-1]
+    # White edged in black: seen on viridis' dark bottom and on its yellow top alike.
+    edged = [patheffects.withStroke(linewidth=3, foreground="black")]
     for layer, maps in enumerate(attention_maps):
         for head in range(num_heads):
             ax = axes[layer, head]
-            low, high = maps[head].min(), maps[head].max()
-            image = ax.imshow(maps[head], origin="lower", vmin=low if high > low else 0, vmax=high)
+            high = max(float(maps[head].max()), 1 / keys)
+            image = ax.imshow(maps[head], origin="upper", vmin=0, vmax=high)
             ax.set_xticks(range(len(tick_labels)))
             ax.set_xticklabels(tick_labels, fontsize=7)
             ax.set_yticks(range(len(tick_labels)))
             ax.set_yticklabels(tick_labels, fontsize=7)
-            ax.set_xlabel(f"attended {axis_name} (key)", fontsize=8)
-            ax.set_ylabel(f"{axis_name} (query)", fontsize=8)
+            ax.set_xlabel(key_label, fontsize=8)
+            ax.set_ylabel(query_label, fontsize=8)
             ax.set_title(f"Layer {layer + 1}, head {head + 1}", fontsize=9)
             bar = fig.colorbar(image, ax=ax, shrink=0.8)
-            bar.ax.tick_params(labelsize=7)
-            bar.set_label("attention weight", fontsize=7)
+            bar.set_ticks([0, high], labels=["0", f"{high:.3g}"], fontsize=7)
+            bar.ax.axhline(1 / keys, color="white", linewidth=1.5, path_effects=edged)
+            bar.set_label(f"attention weight (line: 1/{keys}, even)", fontsize=7)
 
 
-def plot_set_prediction(path, images, probs, attention_maps, title=None, names=None):
+def plot_set_prediction(path, images, probs, attention_maps, title=None, names=None, clear=True):
     """One set: its images with the predicted probability of each being the anomaly, the predicted
     one framed in red, and the attention maps of every layer and head.
 
@@ -193,39 +206,45 @@ def plot_set_prediction(path, images, probs, attention_maps, title=None, names=N
     attention_maps - layers × [Head, SetSize, SetSize]
     title          - defaults to the prediction against the true anomaly, the last image
     names          - labels under the images
+    clear          - False: no image stands out (predict.is_clear), none is framed or "predicted"
     """
     set_size, num_layers, num_heads = len(images), len(attention_maps), attention_maps[0].shape[0]
-    fig = plt.figure(
-        figsize=(max(1.2 * set_size, 2.6 * num_heads), 2.0 + 2.6 * num_layers), layout="constrained"
-    )
+    width = max(1.2 * set_size, 2.6 * num_heads)
+    fig = plt.figure(figsize=(width, 2.0 + 2.6 * num_layers), layout="constrained")
     top, bottom = fig.subfigures(2, 1, height_ratios=[2.0, 2.6 * num_layers])
     axes = top.subplots(1, set_size, squeeze=False)[0]
-    predicted, texts = int(np.argmax(probs)), probability_texts(probs)
+    predicted, texts = int(np.argmax(probs)), percent_texts(probs)
     for i, ax in enumerate(axes):
         ax.imshow(images[i])
         ax.set_xticks([])
         ax.set_yticks([])
-        label = f"{names[i] if names else i + 1}: p={texts[i]}"
-        ax.set_xlabel(label + ("\npredicted" if i == predicted else ""), fontsize=8)
-    mark_predicted(axes[predicted])
+        label = caption(names[i] if names else i + 1, texts[i], width / set_size)
+        ax.set_xlabel(label + ("\npredicted" if clear and i == predicted else ""), fontsize=8)
+    if clear:
+        mark_predicted(axes[predicted])
     axes[0].set_ylabel("image", fontsize=8)
     top.suptitle(
         title or f"Predicted anomaly: image {predicted + 1} (the true one is image {set_size})"
     )
-    plot_attention_grid(bottom, attention_maps, [str(i + 1) for i in range(set_size)], "image")
+    numbers = [str(i + 1) for i in range(set_size)]
+    plot_attention_grid(bottom, attention_maps, numbers, "attended image (key)", "image (query)")
     return save_figure(fig, path)
 
 
 def plot_reverse_attention(path, sequence, attention_maps):
-    """The reverse model's attention for one input sequence: layers × heads maps over positions."""
+    """The reverse model's attention for one input sequence: layers × heads maps over positions,
+    output position (query) i in row i from the top, so that reversal is the anti-diagonal."""
     num_layers, num_heads = len(attention_maps), attention_maps[0].shape[0]
-    fig = plt.figure(figsize=(5 * num_heads, 5 * num_layers + 0.6), layout="constrained")
+    # Square maps with their bars, 5 in wide: 4.4 in tall holds them without a band of empty
+    # space between the title and the maps.
+    fig = plt.figure(figsize=(5 * num_heads, 4.4 * num_layers + 0.4), layout="constrained")
     fig.suptitle(
         f"Reverse task attention for the input {' '.join(str(int(t)) for t in sequence)}",
         fontsize=10,
     )
     positions = [str(i + 1) for i in range(len(sequence))]
-    plot_attention_grid(fig, attention_maps, positions, "input position")
+    keys, queries = "input position (key)", "output position (query)"
+    plot_attention_grid(fig, attention_maps, positions, keys, queries)
     return save_figure(fig, path)
 
 
@@ -285,8 +304,11 @@ def plot_training_curves(path, scalars, title, set_size=10):
     training loss of the steps logged in each epoch, validation loss, training and validation
     accuracy, each where logged, with chance (1 / set_size) drawn for comparison."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    losses = {"train_loss": "training (mean of the logged steps)", "val_loss": "validation"}
-    accuracies = {"train_acc": "training", "val_acc": "validation"}
+    # Why training lies below validation: it draws fresh sets with dropout on, validation scores
+    # the same fixed sets without dropout.
+    training, validation = "training: fresh sets, dropout on", "validation: fixed sets, no dropout"
+    losses = {"train_loss": f"{training} (mean of the logged steps)", "val_loss": validation}
+    accuracies = {"train_acc": training, "val_acc": validation}
     for ax, ylabel, scale, curves in (
         (axes[0], "Loss", 1, losses),
         (axes[1], "Accuracy (%)", 100, accuracies),
@@ -303,7 +325,7 @@ def plot_training_curves(path, scalars, title, set_size=10):
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
-            ax.legend()
+            ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return save_figure(fig, path)

@@ -45,7 +45,7 @@ except ImportError:  # Windows
 
 from data import NUM_CATEGORIES
 from features import CACHE_FILES, FEATURE_DIM, cache_path
-from harness.cli import CHECKPOINT_PATH, usable_cores  # noqa: F401 (CHECKPOINT_PATH: for predict, visualize)
+from harness.cli import CHECKPOINT_PATH, usable_cores
 from harness.files import make_writable, save_atomically
 from model import BitMaskDropout
 

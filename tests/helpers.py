@@ -17,6 +17,7 @@ import warnings
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from PIL import Image
 
 import train
 from harness import runs
@@ -253,3 +254,34 @@ TUTORIAL_KEYS = (
         "output_net.4.bias",
     ]
 )
+
+
+# Reading back what a figure shows (test_visualize, test_predict)
+
+
+def drawn(fig, ndim):
+    """{axes: the array it shows} of fig's axes that show an image of ndim dimensions (3: a picture,
+    2: an attention map), in the figure's order."""
+    arrays = {ax: ax.get_images()[0].get_array() for ax in fig.axes if ax.get_images()}
+    return {ax: array for ax, array in arrays.items() if array.ndim == ndim}
+
+
+def true_runs(mask):
+    """(first, last) index of each run of True in a 1-D mask."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
+    return list(zip(edges[::2], edges[1::2] - 1, strict=True))
+
+
+def red_and_grey(path):
+    """Masks of a PNG's pure red pixels and of its mid-grey ones."""
+    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
+    return red, (np.abs(pixels - 128) <= 1).all(axis=-1)
+
+
+def red_frames(path):
+    """How many red frames a PNG holds: each is two horizontal red edges, its top and bottom, of
+    50 pixels or more (an image is 80 or more wide; the red in pictures and labels runs shorter)."""
+    red, _ = red_and_grey(path)
+    longest = [max((b - a + 1 for a, b in true_runs(row)), default=0) for row in red]
+    return len(true_runs(np.array(longest) >= 50)) / 2

@@ -3,6 +3,7 @@ train.py offline."""
 
 import json
 import os
+import re
 import shlex
 import shutil
 
@@ -16,11 +17,12 @@ from torch.utils.data import DataLoader
 
 import features
 import predict
+import visualize
 from data import SetAnomalyDataset
 from features import extract_features, extraction_meta, image_transform
 from harness import synthetic
 from harness.synthetic import GeneratedImages
-from helpers import SMALL_SET_MODEL, quiet_trainer, run_script
+from helpers import SMALL_SET_MODEL, drawn, quiet_trainer, red_frames, run_script
 from model import AnomalyPredictor
 
 IMAGE_SIZE = synthetic.SYNTHETIC["image_size"]
@@ -88,7 +90,7 @@ def test_the_odd_image_is_found(trained, tmp_path, offline_backbone, capsys, odd
     assert result["predicted_index"] == odd_position
     out = capsys.readouterr().out.splitlines()
     assert out[-1].startswith("Odd one out: ") and names[odd_position] in out[-1]
-    assert len(out) == 11 and names[odd_position] in out[0]  # sorted: the most likely first
+    assert len(out) == 12 and names[odd_position] in out[1]  # sorted: the most likely first
     assert result["probabilities"].sum() == pytest.approx(1.0, abs=1e-5)
 
 
@@ -113,7 +115,7 @@ def test_json_matches_the_text(trained, tmp_path, offline_backbone, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["predicted_index"] == 3 and result["predicted_file"] == result["files"][3]
     assert result["clear"] is True
-    for line in text[:-1]:
+    for line in text[1:-1]:  # the table, between its header and the verdict
         percent, name = line.split()
         assert float(percent.rstrip("%")) == pytest.approx(
             100 * result["probabilities"][result["files"].index(name)], abs=0.006
@@ -310,12 +312,13 @@ def test_a_set_of_like_images_has_no_clear_odd_one(trained, tmp_path, offline_ba
     probs = sorted(result["probabilities"], reverse=True)
     assert result["clear"] is False and probs[0] < predict.CLEAR_RATIO * probs[1]
     out = capsys.readouterr().out.splitlines()
-    assert out[-1].startswith(f"No clear odd one out: the most likely, {tmp_path / 'set'}/")
-    assert out[-1].endswith(
-        f"is not {predict.CLEAR_RATIO:g} times as likely as the next ({out[1].split()[0]})."
+    table, verdict = out[1:5], out[5]  # after the header; the verdict after the table
+    assert verdict.startswith(f"No clear odd one out: the most likely, {tmp_path / 'set'}/")
+    assert verdict.endswith(
+        f"is not {predict.CLEAR_RATIO:g} times as likely as the next ({table[1].split()[0]})."
     )
     # Printed with the decimals that rank them: no two of the four read alike.
-    assert len({line.split()[0] for line in out[:4]}) == 4 and len(names) == 4
+    assert len({line.split()[0] for line in table}) == 4 and len(names) == 4
 
 
 def test_without_a_cifar_model_the_synthetic_one_is_named(trained, tmp_path):
@@ -482,3 +485,121 @@ def test_a_checkpoint_folder_with_a_space_is_quoted_in_the_command(tmp_path):
         predict.main(["--checkpoint-dir", str(folder), *[str(tmp_path / "set" / n) for n in names]])
     command = str(exit_info.value.code).split("`")[1]
     assert shlex.split(command) == ["python", "train.py", "--checkpoint-dir", str(folder)]
+
+
+@pytest.fixture
+def kept_figures(monkeypatch):
+    """The figures that predict.py --figure saves, kept for what they draw."""
+    made, save = [], visualize.save_figure
+    monkeypatch.setattr(
+        visualize, "save_figure", lambda fig, path: made.append(fig) or save(fig, path)
+    )
+    return made
+
+
+def captions(fig):
+    """The captions under the pictures of a figure, each on one line."""
+    return [ax.get_xlabel().replace("\n", " ") for ax in drawn(fig, 3)]
+
+
+def test_a_figure_frames_the_odd_one_only_when_it_is_clear(
+    trained, tmp_path, offline_backbone, kept_figures
+):
+    write_set(tmp_path / "like", odd_position=None, size=4)  # four images of one class
+    assert run(trained, tmp_path / "like", "--figure", tmp_path / "like.png")["clear"] is False
+    write_set(tmp_path / "odd", odd_position=2, size=4)
+    assert run(trained, tmp_path / "odd", "--figure", tmp_path / "odd.png")["clear"] is True
+    assert red_frames(tmp_path / "like.png") == 0 and red_frames(tmp_path / "odd.png") == 1
+    like, odd = map(captions, kept_figures)
+    assert not any("predicted" in caption for caption in like)
+    assert [i for i, caption in enumerate(odd) if "predicted" in caption] == [2]
+
+
+def test_the_figure_and_the_table_give_the_same_percentages(
+    trained, tmp_path, offline_backbone, capsys, kept_figures
+):
+    names = write_set(tmp_path / "set", odd_position=4, size=9)
+    run(trained, tmp_path / "set", "--figure", tmp_path / "odd.png")
+    rows = [line.split(maxsplit=1) for line in capsys.readouterr().out.splitlines()[1:10]]
+    table = {os.path.basename(path): percent for percent, path in rows}
+    shown = [re.search(r"p=(\S+)", caption).group(1) for caption in captions(kept_figures[0])]
+    assert shown == [table[name] for name in names]
+    assert all(re.fullmatch(r"\d+\.\d{2,6}%", percent) for percent in shown)
+
+
+def test_the_table_says_what_its_percentages_are(trained, tmp_path, offline_backbone, capsys):
+    write_set(tmp_path / "set", odd_position=1, size=3)
+    run(trained, tmp_path / "set")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Probability of being the odd one out:"
+    assert len(out) == 5 and not any("cannot tell" in line for line in out)
+    run(trained, tmp_path / "set", "--json")
+    assert json.loads(capsys.readouterr().out)["at_chance"] is False
+
+
+def at_chance_model(trained, path):
+    """trained's model with the weights of its last layer zeroed: every image gets the same logit,
+    so the same probability, whatever the pictures."""
+    ckpt = torch.load(trained / "synthetic" / "SetAnomalyDetect.ckpt", weights_only=True)
+    last = [k for k in ckpt["state_dict"] if k.startswith("output_net") and k.endswith("weight")]
+    ckpt["state_dict"][last[-1]].zero_()
+    torch.save(ckpt, path)
+    return path
+
+
+def test_a_model_at_chance_says_it_cannot_tell_the_pictures_apart(
+    trained, tmp_path, offline_backbone, capsys
+):
+    write_set(tmp_path / "set", odd_position=3, size=9)
+    ckpt = at_chance_model(trained, tmp_path / "chance.ckpt")
+    result = run(trained, tmp_path / "set", "--ckpt", ckpt)
+    assert result["probabilities"] == pytest.approx(np.full(9, 1 / 9))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "Probability of being the odd one out:"
+    assert [line.split()[0] for line in out[1:10]] == ["11.11%"] * 9
+    assert out[10].startswith("No clear odd one out")
+    assert out[11].startswith("The model cannot tell these pictures apart: ")
+    assert "1/9 (11.11%)" in out[11] and len(out) == 12
+    run(trained, tmp_path / "set", "--ckpt", ckpt, "--json")
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["at_chance"] is True and shown["clear"] is False
+    assert shown["probabilities"] == pytest.approx([1 / 9] * 9)  # the fields there were, kept
+
+
+def test_the_figure_is_named_after_the_table(trained, tmp_path, offline_backbone, capsys):
+    write_set(tmp_path / "set", odd_position=1, size=3)
+    run(trained, tmp_path / "set", "--figure", tmp_path / "a.png")
+    out, err = capsys.readouterr()
+    assert out.splitlines()[-1] == f"Figure written to {tmp_path / 'a.png'}"
+    assert out.splitlines()[-2].startswith("Odd one out: ") and "Figure" not in err
+    # With --json stdout holds the JSON alone: the note goes to stderr.
+    run(trained, tmp_path / "set", "--figure", tmp_path / "b.png", "--json")
+    out, err = capsys.readouterr()
+    assert json.loads(out)["predicted_index"] == 1
+    assert f"Figure written to {tmp_path / 'b.png'}" in err.splitlines()
+
+
+@pytest.mark.parametrize("synthetic", [["--synthetic"], []], ids=["synthetic", "cifar"])
+def test_from_another_folder_the_model_beside_the_script_is_named(
+    trained, tmp_path, offline_backbone, monkeypatch, synthetic
+):
+    write_set(tmp_path / "set", odd_position=2, size=4)
+    # predict.py in tmp_path/project, where `train.py --synthetic` left its model in saved_models/;
+    # run from tmp_path/elsewhere with the default --checkpoint-dir, with or without --synthetic.
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    model = project / "saved_models" / "synthetic" / "SetAnomalyDetect.ckpt"
+    os.makedirs(model.parent)
+    shutil.copy(trained / "synthetic" / "SetAnomalyDetect.ckpt", model)
+    monkeypatch.setattr(predict, "SCRIPT_DIR", str(project))
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([*synthetic, str(tmp_path / "set")])
+    message = str(exit_info.value.code)
+    missing = elsewhere / "saved_models" / ("synthetic" if synthetic else "")
+    assert message.startswith(f"error: no trained model at {missing / 'SetAnomalyDetect.ckpt'}. ")
+    flags = ("" if synthetic else "--synthetic ") + f"--checkpoint-dir {project / 'saved_models'}"
+    assert message.endswith(f" There is one beside predict.py, {model}: add {flags} to use it.")
+    # The flags it names reach that model.
+    result = predict.main([*synthetic, *flags.split(), str(tmp_path / "set")])
+    assert result["predicted_index"] == 2

@@ -3,20 +3,23 @@ shows (the data it draws, checked against formulas and inputs written out here, 
 training curves read back from TensorBoard logs; the skip notes."""
 
 import glob
+import itertools
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.text import Text
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 import features
 import visualize
 from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
-from helpers import spoil_truncate
+from helpers import drawn, red_and_grey, red_frames, spoil_truncate, true_runs
 from model import AnomalyPredictor, ReversePredictor
 
 
@@ -100,13 +103,6 @@ def saved(monkeypatch):
     return made
 
 
-def drawn(fig, ndim):
-    """{axes: the array it shows} of fig's axes that show an image of ndim dimensions (3: a picture,
-    2: an attention map), in the figure's order."""
-    arrays = {ax: ax.get_images()[0].get_array() for ax in fig.axes if ax.get_images()}
-    return {ax: array for ax, array in arrays.items() if array.ndim == ndim}
-
-
 def panel_titles(num_layers, num_heads):
     """The attention maps' titles, layer by layer and head by head."""
     layers, heads = range(1, num_layers + 1), range(1, num_heads + 1)
@@ -162,8 +158,10 @@ def test_the_lr_schedule_is_linear_warm_up_then_half_a_cosine(tmp_path, saved):
 
 
 def printed_probability(label):
-    """The probability in an image's label, "...p=0.25\n...": as a number."""
-    return float(label.split("p=")[1].split("\n")[0])
+    """The probability in an image's label, "...p=25.00%\n...": as a number, 0.25."""
+    percent = label.split("p=")[1].split("\n")[0]
+    assert percent.endswith("%")
+    return float(percent[:-1]) / 100
 
 
 @pytest.mark.parametrize("with_probs", [False, True])
@@ -184,27 +182,6 @@ def test_image_rows_show_each_set_in_order_with_its_probabilities(tmp_path, save
         assert labels == [[f"image {c}" for c in range(1, 10)] + ["anomaly"]] * 4
 
 
-def runs(mask):
-    """(first, last) index of each run of True in a 1-D mask."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(int), [0]])))
-    return list(zip(edges[::2], edges[1::2] - 1, strict=True))
-
-
-def red_and_grey(path):
-    """Masks of a PNG's pure red pixels and of its mid-grey ones."""
-    pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    red = (pixels[..., 0] > 200) & (pixels[..., 1] < 60) & (pixels[..., 2] < 60)
-    return red, (np.abs(pixels - 128) <= 1).all(axis=-1)
-
-
-def red_frames(path):
-    """How many red frames a PNG holds: each is two horizontal red edges, its top and bottom, of
-    50 pixels or more (an image is 80 or more wide; the red in pictures and labels runs shorter)."""
-    red, _ = red_and_grey(path)
-    longest = [max((b - a + 1 for a, b in runs(row)), default=0) for row in red]
-    return len(runs(np.array(longest) >= 50)) / 2
-
-
 def coloured_pixels(path):
     """How many pixels of a PNG are neither white, black nor grey: what is drawn besides the text
     and the axes."""
@@ -219,7 +196,7 @@ def test_the_predicted_image_is_framed_in_red(tmp_path, predicted):
     probs[0, predicted] = 0.6
     images = np.full((1, 5, 8, 8, 3), 0.5)
     red, grey = red_and_grey(visualize.plot_image_rows(tmp_path / "p.png", images, "", probs))
-    image_columns = runs(grey.sum(axis=0) > 20)  # text antialiasing greys a few pixels at most
+    image_columns = true_runs(grey.sum(axis=0) > 20)  # text antialiasing greys a few pixels at most
     assert len(image_columns) == 5
     red_x = np.nonzero(red)[1]
     framed = [i for i, (a, b) in enumerate(image_columns) if red_x.min() < a and b < red_x.max()]
@@ -256,6 +233,35 @@ def test_set_prediction_shows_the_images_and_their_probabilities(tmp_path, saved
     assert [i for i, label in enumerate(labels) if "predicted" in label] == [np.argmax(probs)]
 
 
+def test_long_captions_fit_the_figure_without_running_into_each_other(figures):
+    # Nine pictures with long file names, as predict.py --figure draws them.
+    names = [f"flower_from_the_garden_{i}.jpg" for i in range(1, 10)]
+    probs = np.random.default_rng(0).dirichlet(np.ones(9))
+    maps = [np.full((1, 9, 9), 1 / 9)]
+    visualize.plot_set_prediction("set.png", np.zeros((9, 8, 8, 3)), probs, maps, names=names)
+    fig = figures[0]
+    fig.canvas.draw()
+    captions = [ax.xaxis.label for ax in drawn(fig, 3)]
+    boxes = [caption.get_window_extent(fig.canvas.get_renderer()) for caption in captions]
+    page = fig.bbox
+    assert all(page.x0 <= b.x0 and b.x1 <= page.x1 and page.y0 <= b.y0 for b in boxes)
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+    # Wrapped, each caption still holds the whole name and the probability.
+    for name, caption, p in zip(names, captions, probs, strict=True):
+        assert caption.get_text().replace("\n", "").startswith(name + ":")
+        assert printed_probability(caption.get_text()) == pytest.approx(p, abs=0.00005)
+
+
+def test_the_figures_give_probabilities_in_percent(figures):
+    probs = np.array([0.1234, 0.1237, 0.7529])
+    visualize.plot_set_prediction("s.png", np.zeros((3, 8, 8, 3)), probs, [np.full((1, 3, 3), 0.3)])
+    visualize.plot_image_rows("rows.png", np.zeros((1, 3, 8, 8, 3)), "rows", probs[None])
+    for fig in figures:
+        captions = [ax.get_xlabel() for ax in drawn(fig, 3)]
+        shown = [re.search(r"p=(\S+)", caption).group(1) for caption in captions]
+        assert shown == ["12.34%", "12.37%", "75.29%"]  # the decimals that tell them apart
+
+
 def test_set_prediction_shows_every_layer_and_head_with_a_colour_bar_each(saved, tmp_path):
     rng = np.random.default_rng(1)
     maps = [rng.dirichlet(np.ones(5), size=(2, 5)) for _ in range(3)]  # 3 layers of 2 heads
@@ -272,7 +278,7 @@ def test_the_set_prediction_frames_the_most_probable_image_in_red(tmp_path):
     maps = [np.full((1, 5, 5), 0.2)]  # one layer, one head
     images = np.full((5, 8, 8, 3), 0.5)  # grey: the only red is the mark
     red, grey = red_and_grey(visualize.plot_set_prediction(tmp_path / "s.png", images, probs, maps))
-    image_columns = runs(grey.sum(axis=0) > 20)
+    image_columns = true_runs(grey.sum(axis=0) > 20)
     assert len(image_columns) == 5
     red_x = np.nonzero(red)[1]
     framed = [i for i, (a, b) in enumerate(image_columns) if red_x.min() < a and b < red_x.max()]
@@ -284,7 +290,7 @@ def test_reverse_attention_shows_every_map_over_the_positions(tmp_path, saved):
     sequence = rng.integers(0, 10, 16)
     maps = [rng.dirichlet(np.ones(16), size=(2, 16)) for _ in range(2)]  # 2 layers of 2 heads
     path = visualize.plot_reverse_attention(tmp_path / "rev.png", sequence, maps)
-    assert png_size(path) == (1000, 1060)  # 5 in per head, 5 in per layer + 0.6 in for the title
+    assert png_size(path) == (1000, 920)  # 5 in per head, 4.4 in per layer + 0.4 in for the title
     fig = saved[0]
     assert fig.get_suptitle().endswith(" ".join(str(t) for t in sequence))
     panels = drawn(fig, 2)
@@ -293,10 +299,39 @@ def test_reverse_attention_shows_every_map_over_the_positions(tmp_path, saved):
     assert all(map(np.array_equal, panels.values(), expected)) and len(panels) == 4
     positions = [str(i) for i in range(1, 17)]
     for ax in panels:
-        assert ax.get_xlabel() == "attended input position (key)"
-        assert ax.get_ylabel() == "input position (query)"
+        assert ax.get_xlabel() == "input position (key)"
+        assert ax.get_ylabel() == "output position (query)"
         assert [t.get_text() for t in ax.get_xticklabels()] == positions
         assert [t.get_text() for t in ax.get_yticklabels()] == positions
+
+
+def test_reverse_attention_reads_as_a_matrix_with_position_1_at_the_top(tmp_path, figures):
+    reversal = np.eye(16)[::-1][None]  # output position i attends to input position 17 - i
+    visualize.plot_reverse_attention("rev.png", np.arange(16) % 10, [reversal])
+    fig = figures[0]
+    fig.savefig(tmp_path / "rev.png", dpi=visualize.DPI)
+    (ax,) = drawn(fig, 2)
+    assert ax.get_xlabel() == "input position (key)"
+    assert ax.get_ylabel() == "output position (query)"
+    assert ax.get_ylim() == (15.5, -0.5)  # row 1 (position 1) at the top, 16 at the bottom
+    assert ax.get_xlim() == (-0.5, 15.5)
+    # In the PNG, the bright (viridis' yellow) cells run from the top right to the bottom left.
+    pixels = np.asarray(Image.open(tmp_path / "rev.png").convert("RGB")).astype(int)
+    height, width = pixels.shape[:2]
+    box = ax.get_position()
+    panel = pixels[
+        round((1 - box.y1) * height) : round((1 - box.y0) * height),
+        round(box.x0 * width) : round(box.x1 * width),
+    ]
+    rows, columns = np.nonzero((panel[..., 0] > 200) & (panel[..., 1] > 200) & (panel[..., 2] < 80))
+    assert len(rows) > 16 * 100 and np.corrcoef(rows, columns)[0, 1] < -0.99
+    top_row = columns[rows == rows.min()]  # the top cell: in the last column of 16
+    assert top_row.min() > panel.shape[1] * 0.9
+    # The title sits just above the panel's, not an inch above it.
+    renderer = fig.canvas.get_renderer()
+    (title,) = fig.findobj(lambda a: isinstance(a, Text) and a.get_text() == fig.get_suptitle())
+    gap = title.get_window_extent(renderer).y0 - ax.title.get_window_extent(renderer).y1
+    assert 0 < gap < 0.3 * visualize.DPI  # 0.6 in and more before
 
 
 def test_training_curves_are_read_back_as_logged(tmp_path):
@@ -363,7 +398,7 @@ def test_main_makes_what_it_can_and_says_what_it_skips(tmp_path, capsys):
         "reverse_attention.png",
     ]
     # 2 heads, 2 layers.
-    assert png_size(checkpoint_dir / "figures" / "reverse_attention.png") == (1000, 1060)
+    assert png_size(checkpoint_dir / "figures" / "reverse_attention.png") == (1000, 920)
     out = capsys.readouterr().out
     assert "skipped set-task figures: no CIFAR-100" in out
     assert "skipped training curves: no TensorBoard logs" in out
@@ -616,15 +651,25 @@ def colour_bars(fig):
     return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
 
 
-def test_each_attention_map_has_its_own_scale_and_colour_bar(figures):
-    # Layer 1 spreads every query evenly over 4 keys, layer 2 nearly so; layer 3 picks one key.
-    nearly = np.tile([0.2, 0.3, 0.25, 0.25], (2, 4, 1))
-    maps = [np.full((2, 4, 4), 0.25), nearly, np.repeat(np.eye(4)[None], 2, axis=0)]
-    visualize.plot_set_prediction("set.png", np.zeros((4, 8, 8, 3)), np.full(4, 0.25), maps)
-    panels = [im for ax in figures[0].axes for im in ax.get_images() if im.get_array().ndim == 2]
-    limits = [tuple(round(float(v), 6) for v in im.get_clim()) for im in panels]
-    assert limits == [(0, 0.25)] * 2 + [(0.2, 0.3)] * 2 + [(0, 1)] * 2
-    assert len(colour_bars(figures[0])) == 6
+def test_each_colour_bar_runs_from_0_to_its_maps_largest_weight_with_1_over_n_marked(figures):
+    # Layer 1 spreads every query nearly evenly over 10 keys, 0.097 to 0.103; layer 2 picks one.
+    flat = np.full((1, 10, 10), 0.1)
+    flat[0, :, 0], flat[0, :, 1] = 0.103, 0.097
+    peaked = np.eye(10)[None]
+    visualize.plot_set_prediction(
+        "set.png", np.zeros((10, 8, 8, 3)), np.full(10, 0.1), [flat, peaked]
+    )
+    figures[0].canvas.draw()
+    panels = drawn(figures[0], 2)
+    for ax, largest in zip(panels, ["0.103", "1"], strict=True):
+        image = ax.get_images()[0]
+        assert image.get_clim() == pytest.approx((0, float(largest)))
+        bar = image.colorbar
+        assert [t.get_text() for t in bar.ax.get_yticklabels()] == ["0", largest]
+        # The weight of even attention, 1/10, is a line across the bar, and named.
+        assert [line.get_ydata()[0] for line in bar.ax.lines] == pytest.approx([0.1])
+        assert "1/10" in bar.ax.get_ylabel()
+    assert len(colour_bars(figures[0])) == 2
 
 
 def test_the_true_anomaly_column_is_labelled(figures):
@@ -641,6 +686,16 @@ def test_accuracy_curves_show_chance(figures):
     accuracy = figures[0].axes[1]
     chance = [line for line in accuracy.lines if line.get_label() == "chance (1 in 10)"]
     assert len(chance) == 1 and list(chance[0].get_ydata()) == [10, 10]
+
+
+def test_the_curves_say_why_training_accuracy_lies_below_validation(figures):
+    scalars = {"epoch": {0: 0}, "train_loss": {0: 2.0}, "val_loss": {0: 1.5}}
+    scalars |= {"train_acc": {0: 0.2}, "val_acc": {0: 0.3}}
+    visualize.plot_training_curves("curves.png", scalars, "curves", set_size=10)
+    for ax in figures[0].axes:
+        labels = [text.get_text() for text in ax.get_legend().get_texts()]
+        assert labels[0].startswith("training: fresh sets, dropout on")
+        assert labels[1] == "validation: fixed sets, no dropout"
 
 
 def test_the_positional_encoding_colour_bar_spans_minus_one_to_one(figures):
