@@ -43,6 +43,17 @@ def run_script(script, *args, env=None):
     )
 
 
+def run_code(code, *args):
+    """`python -c code args` in the repository: its exit code and output."""
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S,
+        cwd=ROOT,
+    )
+
+
 def run_train(*args, env=None):
     return run_script("train.py", "--num-workers", "0", *args, env=env)
 

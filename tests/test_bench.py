@@ -3,8 +3,6 @@ anything; and it replaces only the reports it wrote itself."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
-from helpers import HANG_GUARD_S, ROOT
+from helpers import ROOT, run_code
 
 
 def test_dispatched_ops_counts_operators_not_views():
@@ -82,9 +80,7 @@ def test_counting_a_steps_operators_prints_nothing():
         "ops.on_train_batch_start(None, None, None, 0); torch.ones(3).add(1); "
         "ops.on_train_batch_end(None, None, None, None, 0); print(ops.count)"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=HANG_GUARD_S
-    )
+    proc = run_code(code)
     assert proc.returncode == 0 and proc.stderr == "" and proc.stdout == "2\n"  # ones, add
 
 

@@ -3,13 +3,11 @@ argparse's error in one line, a mistyped flag named with the closest one, flags 
 they mean nothing; and all of it before the large libraries load."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
 from harness.cli import parse_args
-from helpers import HANG_GUARD_S, ROOT
+from helpers import run_code
 
 
 def test_defaults_are_the_posts_run():
@@ -141,13 +139,7 @@ finally:
 
 @pytest.mark.parametrize("argv", [["-h"], ["--synthtic"], ["--epochs", "0"]])
 def test_help_and_a_mistyped_flag_answer_before_torch_loads(argv):
-    proc = subprocess.run(
-        [sys.executable, "-c", ANSWER, *argv],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=HANG_GUARD_S,
-    )
+    proc = run_code(ANSWER, *argv)
     assert proc.returncode == (0 if argv == ["-h"] else 2), proc.stderr
     assert proc.stderr.endswith("torch not loaded\n")
     assert ("--synthetic" in proc.stdout) if argv == ["-h"] else ("error:" in proc.stderr)

@@ -3,8 +3,6 @@ quiet_lightning silences, which the scripts set in main and no module sets on im
 
 import logging
 import re
-import subprocess
-import sys
 import time
 import types
 import warnings
@@ -16,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from data import SetAnomalyDataset
 from harness.runlog import RunLog, quiet_lightning
-from helpers import HANG_GUARD_S, ROOT, SMALL_SET_MODEL, clustered_features, quiet_trainer
+from helpers import SMALL_SET_MODEL, clustered_features, quiet_trainer, run_code
 from model import AnomalyPredictor
 
 EPOCH_LINE = re.compile(
@@ -178,12 +176,6 @@ for name in sys.argv[1:]:
 
 
 def test_importing_a_module_changes_no_logging_level_or_warning_filter():
-    proc = subprocess.run(
-        [sys.executable, "-c", IMPORT_CHECK, *MODULES],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=HANG_GUARD_S,
-    )
+    proc = run_code(IMPORT_CHECK, *MODULES)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout == "", proc.stdout  # the modules that changed them, and what they set
