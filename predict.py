@@ -34,14 +34,12 @@ import features
 from data import SetAnomalyDataset
 from harness import cli, synthetic
 from harness.cli import CHECKPOINT_PATH
-from harness.runs import IO_DIMS, load_model, model_file, pick_device, run_dir
+from harness.runs import IO_DIMS, ROOT, load_model, model_file, pick_device, run_dir
 from model import AnomalyPredictor
 
 # The odd one out is declared only when it is this many times as likely as the next image: a model
 # that cannot tell gives every image about the same probability, and the top one is then chance.
 CLEAR_RATIO = 1.5
-# The folder of this script: run from elsewhere, its saved_models/ is where a model may be.
-SCRIPT_DIR = os.path.dirname(os.path.abspath(__file__))
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -169,7 +167,7 @@ def script_folder_hint(args):
     other is missing), and the flags that reach it."""
     if args.ckpt or os.path.isabs(args.checkpoint_dir):
         return ""
-    folder = os.path.normpath(os.path.join(SCRIPT_DIR, args.checkpoint_dir))
+    folder = os.path.normpath(os.path.join(ROOT, args.checkpoint_dir))
     for of_synthetic in dict.fromkeys([args.synthetic, True]):
         model = model_file(run_dir(folder, of_synthetic))
         if os.path.isfile(model):

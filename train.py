@@ -140,35 +140,13 @@ def steps_per_epoch(args, loaders, datasets):
 # --------------------------------------------------------------------------------------------------
 
 
-class SeedEachProcess(pl.Callback):
-    """With several processes, seeds process r with seed + r once they are set up.
-
-    Lightning seeds every process alike, so without this each would draw the same random sets
-    (numpy) and dropout masks (torch) as the others. One process keeps the run's seed untouched.
-    """
-
-    def __init__(self, seed):
-        self.seed = seed
-
-    def setup(self, trainer, pl_module, stage):
-        if trainer.world_size > 1:
-            pl.seed_everything(self.seed + trainer.global_rank, verbose=False)
-            # But Lightning's DistributedSampler shuffles with PL_GLOBAL_SEED, which must be the
-            # same in every process: otherwise their shares of an epoch overlap.
-            os.environ["PL_GLOBAL_SEED"] = str(self.seed)
-
-
 def make_trainer(args, root_dir, callbacks, **overrides):
     """The Lightning Trainer of a run: devices, precision, epochs, clipping, each process's seed,
     TensorBoard logs under root_dir. The run prints its own progress (RunLog)."""
-    logs = os.path.join(root_dir, "lightning_logs")
-    version = None  # a new version_N folder; --resume goes on in the newest, so its curves continue
-    if args.resume and os.path.isdir(logs):
-        found = [name[8:] for name in os.listdir(logs) if name.startswith("version_")]
-        version = max((int(n) for n in found if n.isdigit()), default=None)
+    version = runs.logs_version(root_dir, args.resume)
     settings = dict(
         default_root_dir=root_dir,
-        callbacks=[*callbacks, SeedEachProcess(args.seed)],
+        callbacks=[*callbacks, runs.SeedEachProcess(args.seed)],
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         logger=TensorBoardLogger(root_dir, "lightning_logs", version, default_hp_metric=False),
         enable_progress_bar=False,

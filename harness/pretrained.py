@@ -26,6 +26,11 @@ def pretrained_dir(checkpoint_dir, task):
     return task_dir(os.path.join(checkpoint_dir, "pretrained"), task)
 
 
+def published_path(checkpoint_dir, task):
+    """Where the published model of task is kept: <checkpoint-dir>/pretrained/<its file name>."""
+    return os.path.join(checkpoint_dir, "pretrained", PUBLISHED[task][0])
+
+
 def git_blob_id(contents):
     """The id git gives a file of these bytes: the SHA-1 of b"blob <size>\\0" and the bytes."""
     return hashlib.sha1(b"blob %d\0" % len(contents) + contents).hexdigest()
@@ -38,7 +43,7 @@ def published_model(checkpoint_dir, task):
     data (runs.read_checkpoint), so a file put in its place meanwhile is never loaded. A download
     is kept only once it is whole and verified. Exits with one line otherwise."""
     name, expected = PUBLISHED[task]
-    path = os.path.join(checkpoint_dir, "pretrained", name)
+    path = published_path(checkpoint_dir, task)
     if os.path.isfile(path):
         with open(path, "rb") as f:
             contents = f.read()

@@ -115,7 +115,7 @@ def lock_folder(folder):
             )
         # A run that finished between the open and the flock removed the file locked here: lock
         # the one at the path now, or two runs would each hold a file of their own.
-        if os.path.lexists(path) and os.path.samestat(os.fstat(f.fileno()), os.lstat(path)):
+        if is_file_at(f, path):
             break
         f.close()
     f.truncate()
@@ -131,10 +131,15 @@ def release_locks():
     lock naming a process that is gone. (A killed run's lock stays, and flock holds it no more.)"""
     for folder, f in HELD_LOCKS.items():
         path = os.path.join(folder, ".lock")
-        if os.path.lexists(path) and os.path.samestat(os.fstat(f.fileno()), os.lstat(path)):
+        if is_file_at(f, path):
             os.remove(path)
         f.close()
     HELD_LOCKS.clear()
+
+
+def is_file_at(f, path):
+    """Whether the open file f is the one at path (not one removed, nor another made there)."""
+    return os.path.lexists(path) and os.path.samestat(os.fstat(f.fileno()), os.lstat(path))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -144,12 +149,11 @@ def release_locks():
 
 def outputs(args, run_folder):
     """(files, folders) that the run writes: each must be of its kind, or be made."""
-    from harness.pretrained import PUBLISHED, pretrained_dir  # pretrained.py imports this module
+    from harness.pretrained import pretrained_dir, published_path  # it imports this module
 
     if args.pretrained:
-        name = PUBLISHED[args.task][0]
         folder = pretrained_dir(args.checkpoint_dir, args.task)
-        files = [os.path.join(args.checkpoint_dir, "pretrained", name)]
+        files = [published_path(args.checkpoint_dir, args.task)]
         return files + [os.path.join(folder, "results.json")], [os.path.dirname(folder), folder]
     folder = task_dir(run_folder, args.task)
     files = [model_file(run_folder, args.task)]
@@ -352,6 +356,34 @@ def run_settings(args, resume=False):
             strategy=args.strategy,
         )
     return settings
+
+
+class SeedEachProcess(pl.Callback):
+    """With several processes, seeds process r with seed + r once they are set up.
+
+    Lightning seeds every process alike, so without this each would draw the same random sets
+    (numpy) and dropout masks (torch) as the others. One process keeps the run's seed untouched.
+    """
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def setup(self, trainer, pl_module, stage):
+        if trainer.world_size > 1:
+            pl.seed_everything(self.seed + trainer.global_rank, verbose=False)
+            # But Lightning's DistributedSampler shuffles with PL_GLOBAL_SEED, which must be the
+            # same in every process: otherwise their shares of an epoch overlap.
+            os.environ["PL_GLOBAL_SEED"] = str(self.seed)
+
+
+def logs_version(root_dir, resume):
+    """The TensorBoard version_N folder a run logs to under root_dir/lightning_logs: None for a new
+    one; with --resume the newest, so that the interrupted run's curves continue."""
+    logs = os.path.join(root_dir, "lightning_logs")
+    if not (resume and os.path.isdir(logs)):
+        return None
+    found = [name[8:] for name in os.listdir(logs) if name.startswith("version_")]
+    return max((int(n) for n in found if n.isdigit()), default=None)
 
 
 class KeepRunState(pl.Callback):

@@ -590,7 +590,7 @@ def test_from_another_folder_the_model_beside_the_script_is_named(
     model = project / "saved_models" / "synthetic" / "SetAnomalyDetect.ckpt"
     os.makedirs(model.parent)
     shutil.copy(trained / "synthetic" / "SetAnomalyDetect.ckpt", model)
-    monkeypatch.setattr(predict, "SCRIPT_DIR", str(project))
+    monkeypatch.setattr(predict, "ROOT", str(project))
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     with pytest.raises(SystemExit) as exit_info:

@@ -6,6 +6,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -302,3 +303,26 @@ def test_run_from_another_folder_it_says_where_files_go_and_where_the_model_is(
     monkeypatch.chdir(repository)  # in the repository: nothing to say
     runs.say_where(args, runs.run_dir(args.checkpoint_dir, args.synthetic))
     assert capsys.readouterr().out == ""
+
+
+class FakeTrainer:
+    def __init__(self, world_size, global_rank):
+        self.world_size, self.global_rank = world_size, global_rank
+
+
+def test_each_process_is_seeded_apart_and_one_process_is_left_alone(monkeypatch):
+    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # as pl.seed_everything(42) left it
+    np.random.seed(7)
+    before = np.random.get_state()[1].copy()
+    runs.SeedEachProcess(42).setup(FakeTrainer(world_size=1, global_rank=0), None, "fit")
+    assert np.array_equal(np.random.get_state()[1], before)  # a single run keeps its seed
+    draws = []
+    for rank in (0, 1):
+        runs.SeedEachProcess(42).setup(FakeTrainer(world_size=2, global_rank=rank), None, "fit")
+        draws.append((np.random.randint(2**31), torch.randint(2**31, ()).item()))
+        np.random.seed(42 + rank)  # what process `rank` is seeded with: reproducible
+        torch.manual_seed(42 + rank)
+        assert draws[-1] == (np.random.randint(2**31), torch.randint(2**31, ()).item())
+        # The seed Lightning's DistributedSampler shuffles with stays the run's in every process.
+        assert os.environ["PL_GLOBAL_SEED"] == "42"
+    assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]

@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 
-import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -31,7 +30,6 @@ from helpers import (
     train_in_process,
 )
 from model import FAST_PARTS, AnomalyPredictor, compile_training_forward, fast_path_parts
-from train import SeedEachProcess
 
 SPLITS = ("train", "val", "test")
 CACHES = ("train", "test")  # the feature caches: the val sets come from the train split
@@ -417,29 +415,6 @@ def test_each_process_trains_on_its_half_and_draws_its_own_sets(tmp_path, fast):
     # Each draws its own images around them: Lightning seeds both processes alike, which would
     # give the k-th set of each the same random positions.
     assert ranks[0]["positions"] != ranks[1]["positions"]
-
-
-class FakeTrainer:
-    def __init__(self, world_size, global_rank):
-        self.world_size, self.global_rank = world_size, global_rank
-
-
-def test_each_process_is_seeded_apart_and_one_process_is_left_alone(monkeypatch):
-    monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # as pl.seed_everything(42) left it
-    np.random.seed(7)
-    before = np.random.get_state()[1].copy()
-    SeedEachProcess(42).setup(FakeTrainer(world_size=1, global_rank=0), None, "fit")
-    assert np.array_equal(np.random.get_state()[1], before)  # a single run keeps its seed
-    draws = []
-    for rank in (0, 1):
-        SeedEachProcess(42).setup(FakeTrainer(world_size=2, global_rank=rank), None, "fit")
-        draws.append((np.random.randint(2**31), torch.randint(2**31, ()).item()))
-        np.random.seed(42 + rank)  # what process `rank` is seeded with: reproducible
-        torch.manual_seed(42 + rank)
-        assert draws[-1] == (np.random.randint(2**31), torch.randint(2**31, ()).item())
-        # The seed Lightning's DistributedSampler shuffles with stays the run's in every process.
-        assert os.environ["PL_GLOBAL_SEED"] == "42"
-    assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
 
 
 @pytest.mark.parametrize("accelerator", ["cuda", "gpu", "mps"])
