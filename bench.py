@@ -17,11 +17,13 @@ step's matrix products alone set.
 
 from harness import stops
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    stops.while_starting()
+if __name__ == "__main__":
+    stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
+    from harness import cli
+
+    cli.bench_parser(__doc__).parse_args()  # -h and a mistyped flag answer before torch loads
 
 
-import argparse
 import contextlib
 import functools
 import json
@@ -305,51 +307,6 @@ def memory_workload(fast, device, num_images):
     return {"rss": peak_rss_mb(), "gpu": gpu}
 
 
-def make_parser():
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add = p.add_argument
-    add("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    add(
-        "--steps",
-        type=int,
-        default=60,
-        help="timed training steps per path, at least 50 for a steady median (default: 60)",
-    )
-    add(
-        "--warmup",
-        type=int,
-        default=10,
-        help="untimed training steps first, at least 1 (default: 10)",
-    )
-    add(
-        "--images",
-        type=int,
-        default=256,
-        help="images to time extraction on, at least 1 (default: 256)",
-    )
-    add(
-        "--min-seconds",
-        type=float,
-        default=10,
-        help="least timed extraction, in seconds, 0 or more (default: 10)",
-    )
-    add(
-        "--rounds",
-        type=int,
-        default=2,
-        help="turns per path, the best counts, at least 1 (default: 2)",
-    )
-    add("--out", default="bench.json", help="where the results go (default: %(default)s)")
-    add(
-        "--ablation",
-        action="store_true",
-        help="only the training step: faithful, each part of the fast path alone, and all of them",
-    )
-    return p
-
-
 def path_results(rounds, steps_per_epoch, device, num_images, path):
     """One path's figures from its rounds (the best of each), and its peak memory, measured in a
     process of its own, since a process's peak only grows."""
@@ -442,7 +399,7 @@ def checked_device(p, args):
 
 
 def main(argv=None):
-    p = make_parser()
+    p = cli.bench_parser(__doc__)
     args = p.parse_args(argv)
     device = checked_device(p, args)
     quiet_lightning()

@@ -43,12 +43,12 @@ FEATURE_DIM = 512
 
 class MissingResources(RuntimeError):
     """CIFAR-100 or the ResNet34 weights are neither on disk nor downloadable; the message names
-    each missing item (a list of lines) and says where to put it."""
+    each missing item (a list of lines) and says where to put it. needs: whose they are."""
 
-    def __init__(self, items):
+    def __init__(self, items, needs="the feature extraction"):
         self.items = items
         super().__init__(
-            "cannot get what the feature extraction needs (no internet?):\n"
+            f"cannot get what {needs} needs (no internet?):\n"
             + "\n".join(f"  - {item}" for item in items)
         )
 

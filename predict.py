@@ -1,5 +1,6 @@
 """Find the odd one out among your own pictures with the trained set-anomaly model.
 
+    python predict.py photos/ --pretrained      # the tutorial author's trained model: no training
     python predict.py photos/                   # every image file in the folder, sorted by name
     python predict.py a.jpg b.jpg c.png         # or the files themselves; two or more
     python predict.py photos/ --json            # the same, as JSON for scripts
@@ -7,17 +8,21 @@
     python predict.py --set-sizes 2 5 10 20     # accuracy on the test features, per set size
 
 Each image goes through the transform and the ImageNet ResNet34 of the training features
-(features.py), the set through the AnomalyPredictor that `python train.py` saved. The model was
-trained on sets of 10, but its attention fixes no set size: any set of two or more images works.
+(features.py), the set through the AnomalyPredictor that `python train.py` saved, or with
+--pretrained the one the tutorial's author trained (downloaded once and verified, as `python
+train.py --pretrained` does). The model was trained on sets of 10, but its attention fixes no set
+size: any set of two or more images works.
 """
 
 from harness import stops
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    stops.while_starting()
+if __name__ == "__main__":
+    stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
+    from harness import cli
+
+    cli.predict_parser(__doc__).parse_args()  # -h and a mistyped flag answer before torch loads
 
 
-import argparse
 import contextlib
 import json
 import os
@@ -27,13 +32,12 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader
 
 import features
 from data import SetAnomalyDataset
-from harness import cli, synthetic
-from harness.cli import CHECKPOINT_PATH
+from harness import cli, pretrained, synthetic
 from harness.runs import IO_DIMS, ROOT, load_model, model_file, pick_device, run_dir
 from model import AnomalyPredictor
 
@@ -86,10 +90,11 @@ def eight_bit(image):
 
 
 def load_image(path):
-    """The image at path as CIFAR-100 holds its images: 32×32 RGB. Transparent parts become white,
-    grey and palette images RGB, 16-bit and float ones 8-bit; the largest centred square is shrunk
-    to 32×32, so the training features' image transform then sees what it saw in training. Raises
-    Unreadable saying why where path is no image it can read."""
+    """The image at path as CIFAR-100 holds its images: 32×32 RGB, upright as a viewer shows it
+    (its EXIF orientation applied). Transparent parts become white, grey and palette images RGB,
+    16-bit and float ones 8-bit; the largest centred square is shrunk to 32×32, so the training
+    features' image transform then sees what it saw in training. Raises Unreadable saying why
+    where path is no image it can read."""
     try:
         # A named pipe or a device would make open or read wait, maybe forever: regular files only,
         # opened without blocking in case one is swapped in after this check.
@@ -98,7 +103,9 @@ def load_image(path):
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
         with os.fdopen(fd, "rb") as file, Image.open(file) as image:
             image.load()
-            image = eight_bit(image)
+            # A phone stores a portrait photo as taken and tags the turn that shows it upright
+            # (EXIF orientation): turned as every viewer turns it, for the model and the figure.
+            image = eight_bit(ImageOps.exif_transpose(image))
             if image.mode in ("RGBA", "LA", "PA") or (
                 image.mode == "P" and "transparency" in image.info
             ):
@@ -139,6 +146,7 @@ def load_images(files):
 def train_command(args, *flags):
     """The train.py command that makes what this run of predict.py reads, in backquotes."""
     synthetic, checkpoint_dir = args.synthetic, args.checkpoint_dir
+    flags = ("--pretrained",) * args.pretrained + flags
     return f"`{cli.train_command(*flags, synthetic=synthetic, checkpoint_dir=checkpoint_dir)}`"
 
 
@@ -165,9 +173,9 @@ def script_folder_hint(args):
     """Run from another folder, a relative --checkpoint-dir (the default, say) misses the models
     beside predict.py: a sentence that names the one there, if any (that of --synthetic where the
     other is missing), and the flags that reach it."""
-    if args.ckpt or os.path.isabs(args.checkpoint_dir):
-        return ""
     folder = os.path.normpath(os.path.join(ROOT, args.checkpoint_dir))
+    if args.ckpt or folder == os.path.abspath(args.checkpoint_dir):  # absolute, or run from ROOT
+        return ""
     for of_synthetic in dict.fromkeys([args.synthetic, True]):
         model = model_file(run_dir(folder, of_synthetic))
         if os.path.isfile(model):
@@ -178,8 +186,49 @@ def script_folder_hint(args):
 
 
 def model_hints(args):
-    """The sentences that point to a model elsewhere, for the message that there is none."""
-    return synthetic_hint(args) + script_folder_hint(args)
+    """The sentences that point to a model elsewhere, for the message that there is none: the
+    one beside predict.py or of --synthetic, if any; and the tutorial author's (--pretrained)."""
+    published = (
+        " Or add --pretrained: the tutorial author's trained model, downloaded once (about 9 MB)."
+    )
+    return synthetic_hint(args) + script_folder_hint(args) + published * (not args.synthetic)
+
+
+def set_model_and_backbone(args, ckpt, device, backbone=True):
+    """(the set model, the backbone or None without backbone) that this run uses: with --pretrained
+    the tutorial author's model and the ImageNet ResNet34, with --synthetic those of `python
+    train.py --synthetic`, otherwise train.py's model and the ImageNet ResNet34. Exits with a
+    message where one cannot be had; with --pretrained naming each missing file at once."""
+    if args.pretrained:
+        return published_model_and_backbone(args, device, backbone)
+    model = load_set_model(ckpt, device, train_command(args), model_hints(args))
+    if not backbone:
+        return model, None
+    get_backbone = synthetic.synthetic_backbone if args.synthetic else features.imagenet_resnet34
+    try:
+        return model, get_backbone()
+    except features.MissingResources as error:
+        sys.exit(f"error: {error}")
+
+
+def published_model_and_backbone(args, device, backbone=True):
+    """(the tutorial author's set model, the ImageNet ResNet34 or None without backbone), each
+    downloaded once and verified, as train.py --pretrained does; offline, exits naming each file
+    that is missing and where it goes."""
+    missing, published, resnet = [], None, None
+    try:
+        published = pretrained.published_model(args.checkpoint_dir, "anomaly")
+    except features.MissingResources as error:
+        missing += error.items
+    if backbone:
+        try:
+            resnet = features.imagenet_resnet34()
+        except features.MissingResources as error:
+            missing += error.items
+    if missing:
+        sys.exit(f"error: {features.MissingResources(missing, needs='predict.py --pretrained')}")
+    model = pretrained.load_published(published, AnomalyPredictor, IO_DIMS["anomaly"])
+    return model.to(device), resnet
 
 
 def load_set_model(path, device, command="`python train.py`", other=""):
@@ -243,35 +292,6 @@ def set_size_accuracy(model, feats, labels, set_size, device):
             return float("nan")
         right += (logits.argmax(dim=-1).cpu() == label).sum().item()
     return right / len(labels)
-
-
-def make_parser():
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add = p.add_argument
-    add("images", nargs="*", help="two or more image files, or one folder of them")
-    add(
-        "--checkpoint-dir",
-        default=CHECKPOINT_PATH,
-        help="where train.py saved it (default: %(default)s)",
-    )
-    add("--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)")
-    add("--json", action="store_true", help="print the result as JSON")
-    add("--figure", help="save the images, their probabilities and attention maps to this PNG")
-    add(
-        "--set-sizes",
-        type=int,
-        nargs="+",
-        metavar="N",
-        help="instead of images: the model's accuracy on the cached test features at these sizes",
-    )
-    add(
-        "--synthetic",
-        action="store_true",
-        help="the model and backbone of `python train.py --synthetic` (untrained ResNet34)",
-    )
-    return p
 
 
 def set_size_accuracies(args, run_folder, model, device, out=None):
@@ -367,7 +387,7 @@ def print_verdict(files, probs, clear, chance, shown, json_out=None):
 
 
 def main(argv=None):
-    p = make_parser()
+    p = cli.predict_parser(__doc__)
     args = p.parse_args(argv)
     out = sys.stdout
     # With --json stdout holds the JSON alone: every note (a cache rebuilt, say) goes to stderr.
@@ -378,6 +398,9 @@ def main(argv=None):
 def predict_or_measure(p, args, out):
     """What main does: the odd one out of args.images, or with --set-sizes the accuracies; the
     JSON of --json is printed to out."""
+    if args.pretrained and (args.synthetic or args.ckpt):
+        p.error("--pretrained uses the tutorial author's model with the ImageNet ResNet34: "
+                "give it without --synthetic and --ckpt")  # fmt: skip
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     ckpt = args.ckpt or model_file(run_folder)
     check_figure(p, args)
@@ -385,11 +408,12 @@ def predict_or_measure(p, args, out):
     if args.set_sizes:
         if args.images:
             p.error("--set-sizes measures on the test features; give no images with it")
-        if min(args.set_sizes) < 2:
-            p.error("a set needs at least 2 images")
-        model = load_set_model(ckpt, device, train_command(args), model_hints(args))
+        model = set_model_and_backbone(args, ckpt, device, backbone=False)[0]
         return set_size_accuracies(args, run_folder, model, device, out)
 
+    if not args.images:
+        p.error("give the pictures to look at: two or more files, or a folder, e.g. "
+                "`python predict.py my_photos/`")  # fmt: skip
     files = image_files(args.images)
     if args.figure:
         check_figure(p, args, files)
@@ -397,12 +421,7 @@ def predict_or_measure(p, args, out):
     if len(files) < 2:
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
     images = load_images(files)
-    model = load_set_model(ckpt, device, train_command(args), model_hints(args))
-    get_backbone = synthetic.synthetic_backbone if args.synthetic else features.imagenet_resnet34
-    try:
-        backbone = get_backbone()
-    except features.MissingResources as error:
-        sys.exit(f"error: {error}")
+    model, backbone = set_model_and_backbone(args, ckpt, device)
     image_size = synthetic.SYNTHETIC["image_size"] if args.synthetic else features.IMAGE_SIZE
     probs, maps = predict(model, backbone, images, device, image_size)
     if not np.isfinite(probs).all():

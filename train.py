@@ -264,7 +264,10 @@ def main(argv=None):
     run_folder, device = runs.check_before_work(args, lock=rank_zero_only.rank == 0)
     runs.use_cpu_threads(args.task, args.devices if device.type == "cpu" else 1)
     if args.pretrained:  # fetched and verified first: the features may take long
-        published = pretrained.published_model(args.checkpoint_dir, args.task)
+        try:
+            published = pretrained.published_model(args.checkpoint_dir, args.task)
+        except MissingResources as error:
+            sys.exit(f"error: {error}")
     if args.task == "anomaly":
         model_class, io_dims, datasets = anomaly_setup(args, run_folder, device)
         seconds["features"] = time.time() - start

@@ -14,11 +14,15 @@ kind of picture of the real run, with no download.
 
 from harness import stops
 
-if __name__ == "__main__":  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    stops.while_starting()
+if __name__ == "__main__":
+    stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
+    from harness import cli
+
+    cli.visualize_parser(__doc__).parse_args()  # -h and a mistyped flag answer before torch loads
 
 
-import argparse
+import contextlib
+import functools
 import json
 import os
 import sys
@@ -30,20 +34,69 @@ matplotlib.use("Agg")  # files only, no screen needed
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from matplotlib import patheffects
+from matplotlib import font_manager, ft2font, patheffects
 from matplotlib.ticker import MaxNLocator
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torchvision.datasets import CIFAR100
 
 from data import SEQ_LEN, ReverseDataset, SetAnomalyDataset
 from features import CIFAR100_CLASSES, cached_test_features, cifar100_meta
-from harness.cli import CHECKPOINT_PATH, DATASET_PATH, TASK_DEFAULTS, train_command
+from harness import cli
+from harness.cli import TASK_DEFAULTS, train_command
 from harness.files import make_writable, save_atomically
-from harness.runs import IO_DIMS, load_model, lock_folder, model_file, run_dir, task_dir
+from harness.runs import (
+    IO_DIMS,
+    ROOT,
+    load_model,
+    lock_folder,
+    model_file,
+    run_dir,
+    run_from_elsewhere,
+    task_dir,
+)
 from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
+from predict import is_clear
 
 DPI = 100  # a figure of w×h inches is a PNG of (100·w)×(100·h) pixels
+# Fonts that draw Chinese, the post's language and that of file names such as 猫.jpg, of Linux,
+# Windows and macOS, the first found preferred: matplotlib's own DejaVu Sans draws none.
+CJK_FONTS = (
+    "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei",
+    "WenQuanYi Micro Hei", "Droid Sans Fallback", "SimHei", "Microsoft YaHei", "PingFang SC",
+    "Hiragino Sans GB", "Heiti SC", "Arial Unicode MS",
+)  # fmt: skip
+
+
+def use_cjk_font():
+    """Puts the first of CJK_FONTS installed here behind matplotlib's font: each character that
+    font lacks is then drawn with it. Returns the font's name, or None where there is none."""
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    found = next((name for name in CJK_FONTS if name in installed), None)
+    if found:
+        plt.rcParams["font.family"] = [plt.rcParams["font.sans-serif"][0], found]
+    return found
+
+
+@functools.cache
+def font_characters(families):
+    """The characters that the fonts of families (rcParams' font.family) can draw."""
+    characters = set()
+    for family in families:
+        with contextlib.suppress(ValueError):  # a family not installed here draws nothing
+            path = font_manager.findfont(family, fallback_to_default=False)
+            characters |= set(ft2font.FT2Font(path).get_charmap())
+    return characters
+
+
+def drawable(text):
+    """text with each character that no font of the figures has (Chinese where no CJK font is
+    installed) written as its code, "\\u706b", instead of a box and a warning."""
+    known = font_characters(tuple(plt.rcParams["font.family"]))
+    return "".join(c if ord(c) in known or not c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+use_cjk_font()
 
 
 def save_figure(fig, path):
@@ -177,24 +230,34 @@ def plot_attention_grid(fig, attention_maps, tick_labels, key_label, query_label
     num_layers, num_heads = len(attention_maps), attention_maps[0].shape[0]
     axes = fig.subplots(num_layers, num_heads, squeeze=False)
     keys = attention_maps[0].shape[-1]
-    # White edged in black: seen on viridis' dark bottom and on its yellow top alike.
-    edged = [patheffects.withStroke(linewidth=3, foreground="black")]
+    ticks = tick_positions(len(tick_labels))
+    # White edged in black, wider than the bar: seen on viridis' dark bottom and yellow top alike.
+    edged = [patheffects.withStroke(linewidth=4.5, foreground="black")]
     for layer, maps in enumerate(attention_maps):
         for head in range(num_heads):
             ax = axes[layer, head]
             high = max(float(maps[head].max()), 1 / keys)
             image = ax.imshow(maps[head], origin="upper", vmin=0, vmax=high)
-            ax.set_xticks(range(len(tick_labels)))
-            ax.set_xticklabels(tick_labels, fontsize=7)
-            ax.set_yticks(range(len(tick_labels)))
-            ax.set_yticklabels(tick_labels, fontsize=7)
+            ax.set_xticks(ticks, [tick_labels[i] for i in ticks], fontsize=7)
+            ax.set_yticks(ticks, [tick_labels[i] for i in ticks], fontsize=7)
             ax.set_xlabel(key_label, fontsize=8)
             ax.set_ylabel(query_label, fontsize=8)
             ax.set_title(f"Layer {layer + 1}, head {head + 1}", fontsize=9)
             bar = fig.colorbar(image, ax=ax, shrink=0.8)
             bar.set_ticks([0, high], labels=["0", f"{high:.3g}"], fontsize=7)
-            bar.ax.axhline(1 / keys, color="white", linewidth=1.5, path_effects=edged)
-            bar.set_label(f"attention weight (line: 1/{keys}, even)", fontsize=7)
+            bar.ax.axhline(
+                1 / keys, -0.3, 1.3, color="white", linewidth=2.5, path_effects=edged, clip_on=False
+            )
+            bar.set_label(f"attention weight; line: 1/{keys}, all {keys} alike", fontsize=7)
+
+
+def tick_positions(count):
+    """The indices of count positions that get a labelled tick: all of up to 16, otherwise the
+    first and every 5th or 10th (about ten), so that the numbers never run into each other."""
+    if count <= 16:
+        return list(range(count))
+    step = 5 if count <= 60 else 10
+    return [0] + list(range(step - 1, count, step))
 
 
 def plot_set_prediction(path, images, probs, attention_maps, title=None, names=None, clear=True):
@@ -209,23 +272,35 @@ def plot_set_prediction(path, images, probs, attention_maps, title=None, names=N
     clear          - False: no image stands out (predict.is_clear), none is framed or "predicted"
     """
     set_size, num_layers, num_heads = len(images), len(attention_maps), attention_maps[0].shape[0]
-    width = max(1.2 * set_size, 2.6 * num_heads)
-    fig = plt.figure(figsize=(width, 2.0 + 2.6 * num_layers), layout="constrained")
-    top, bottom = fig.subfigures(2, 1, height_ratios=[2.0, 2.6 * num_layers])
-    axes = top.subplots(1, set_size, squeeze=False)[0]
+    # Rows of at most 10 images; maps grow with the set, so that its positions stay apart.
+    per_row = min(set_size, 10)
+    rows = -(-set_size // per_row)
+    side = min(2.6 + 0.05 * max(set_size - 10, 0), 4.5)
+    width = max(1.2 * per_row, side * num_heads)
+    fig = plt.figure(figsize=(width, 2.0 * rows + side * num_layers), layout="constrained")
+    top, bottom = fig.subfigures(2, 1, height_ratios=[2.0 * rows, side * num_layers])
+    cells = top.subplots(rows, per_row, squeeze=False).flat
+    axes = list(cells)[:set_size]
+    for ax in list(cells)[set_size:]:
+        ax.axis("off")  # the last row's empty places
     predicted, texts = int(np.argmax(probs)), percent_texts(probs)
     for i, ax in enumerate(axes):
         ax.imshow(images[i])
         ax.set_xticks([])
         ax.set_yticks([])
-        label = caption(names[i] if names else i + 1, texts[i], width / set_size)
+        label = caption(drawable(str(names[i])) if names else i + 1, texts[i], width / per_row)
         ax.set_xlabel(label + ("\npredicted" if clear and i == predicted else ""), fontsize=8)
     if clear:
         mark_predicted(axes[predicted])
     axes[0].set_ylabel("image", fontsize=8)
-    top.suptitle(
-        title or f"Predicted anomaly: image {predicted + 1} (the true one is image {set_size})"
-    )
+    truth = f"the true one is image {set_size}"
+    verdict = f"Predicted anomaly: image {predicted + 1} ({truth})"
+    if not clear:
+        verdict = (
+            f"No clear odd one out: image {predicted + 1} is the most likely "
+            f"({texts[predicted]}); {truth}"
+        )
+    top.suptitle(drawable(title or verdict))
     numbers = [str(i + 1) for i in range(set_size)]
     plot_attention_grid(bottom, attention_maps, numbers, "attended image (key)", "image (query)")
     return save_figure(fig, path)
@@ -321,6 +396,12 @@ def plot_training_curves(path, scalars, title, set_size=10):
             ax.axhline(
                 100 / set_size, color="grey", linestyle="--", label=f"chance (1 in {set_size})"
             )
+        else:  # from 0, with chance's loss: a loss that stays at chance then looks flat
+            ax.axhline(
+                np.log(set_size), color="grey", linestyle="--",
+                label=f"chance: ln {set_size} = {np.log(set_size):.2f}",
+            )  # fmt: skip
+            ax.set_ylim(bottom=0, top=max(ax.get_ylim()[1], 1.1 * np.log(set_size)))
         ax.set_xlabel("Epoch")
         ax.set_ylabel(ylabel)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -423,7 +504,8 @@ def anomaly_figures(images, labels, checkpoint_dir, out_dir, synthetic=False, nu
         maps = model.get_attention_maps(feats[:1], add_positional_encoding=False)
     path = os.path.join(out_dir, "anomaly_prediction.png")
     first_set = images[set_indices[0]] / 255
-    made.append(plot_set_prediction(path, first_set, probs[0], [m[0].numpy() for m in maps]))
+    first_maps, clear = [m[0].numpy() for m in maps], is_clear(probs[0])
+    made.append(plot_set_prediction(path, first_set, probs[0], first_maps, clear=clear))
     # The sets that gave the true anomaly (last) the lowest probability.
     worst = np.argsort(probs[:, -1])[:num_mistakes]
     title = "The model's worst test sets: probability of being the anomaly (true one last)"
@@ -448,7 +530,7 @@ def training_curves_figure(checkpoint_dir, out_dir, synthetic=False):
         why = f"no TensorBoard logs of training in {logs} ({command} makes them)"
         return skip("training curves", why)
     folder, scalars = found
-    title = f"Set task training curves ({os.path.basename(folder)})"
+    title = "Set task training curves" + (" (--synthetic)" if synthetic else "")
     path = os.path.join(out_dir, "training_curves.png")
     return [plot_training_curves(path, scalars, title, trained_set_size(run_folder))]
 
@@ -473,26 +555,14 @@ def recorded_set_size(settings):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument(
-        "--checkpoint-dir",
-        default=CHECKPOINT_PATH,
-        help="where train.py saved its models (default: %(default)s)",
-    )
-    p.add_argument(
-        "--data-dir", default=DATASET_PATH, help="where CIFAR-100 is (default: %(default)s)"
-    )
-    p.add_argument(
-        "--synthetic",
-        action="store_true",
-        help="the set task's figures of python train.py --synthetic, from its generated images, "
-        "into <checkpoint-dir>/synthetic/figures/ (no CIFAR-100 needed)",
-    )
-    args = p.parse_args(argv)
+    args = cli.visualize_parser(__doc__).parse_args(argv)
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     out_dir = os.path.join(run_folder, "figures")
+    if run_from_elsewhere(args.checkpoint_dir):  # a folder of its own here: say so, and the other
+        print(f"Figures go to {os.path.abspath(out_dir)} (--checkpoint-dir, in this folder).")
+        beside = os.path.join(ROOT, cli.CHECKPOINT_PATH)
+        if os.path.isdir(beside):
+            print(f"To draw the runs beside visualize.py instead, add --checkpoint-dir {beside}.")
     try:  # every figure goes here: find out first that it can
         make_writable(out_dir)
     except OSError as error:

@@ -1,7 +1,8 @@
-"""train.py's command line: each task's defaults and the flags, each value checked as it is
-parsed. `python train.py -h` shows them all. Only the standard library here: train.py parses its
-command line before the large libraries load, so that -h and a mistyped flag answer at once. (The
-checks that need the run's folder and device are runs.check_before_work.)
+"""The commands' flags: train.py's (each task's defaults, each value checked as it is parsed),
+predict.py's, visualize.py's and bench.py's. `python <command> -h` shows them. Only the standard
+library here: each script parses its command line before the large libraries load, so that -h and
+a mistyped flag answer at once. (The checks that need the run's folder and device are
+runs.check_before_work.)
 """
 
 import argparse
@@ -159,7 +160,17 @@ def task_defaults_text(name):
 
 class Parser(argparse.ArgumentParser):
     """argparse's parser, whose error is one line: a mistyped flag names the closest one, and -h
-    is named for the rest, instead of the usage block."""
+    is named for the rest, instead of the usage block. A flag is taken only as spelled in full:
+    argparse would take `--epoch 3` for --epochs, a flag the user never wrote."""
+
+    def __init__(self, prog, description, **settings):
+        super().__init__(
+            prog=prog,
+            description=description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
+            **settings,
+        )
 
     def error(self, message):
         unknown = message.removeprefix("unrecognized arguments: ")
@@ -172,11 +183,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def make_parser():
-    p = Parser(
-        prog="train.py",
-        description=DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """train.py's parser."""
+    p = Parser("train.py", DESCRIPTION)
     p.add_argument(
         "--task",
         choices=list(TASK_DEFAULTS),
@@ -251,3 +259,101 @@ def train_command(*flags, synthetic=False, checkpoint_dir=CHECKPOINT_PATH, task=
     if checkpoint_dir != CHECKPOINT_PATH:
         words += ["--checkpoint-dir", shlex.quote(str(checkpoint_dir))]
     return " ".join(words)
+
+
+def predict_parser(description):
+    """predict.py's parser; description: predict.py's docstring."""
+    p = Parser("predict.py", description)
+    add = p.add_argument
+    add("images", nargs="*", help="two or more image files, or one folder of them")
+    add(
+        "--pretrained",
+        action="store_true",
+        help="the tutorial author's trained set model (SetAnomalyTask.ckpt, downloaded once to "
+        "<checkpoint-dir>/pretrained/ and verified, as train.py --pretrained does) with the "
+        "ImageNet ResNet34: no CIFAR-100, no training",
+    )
+    add(
+        "--checkpoint-dir",
+        default=CHECKPOINT_PATH,
+        help="where train.py saved its model (default: %(default)s)",
+    )
+    add("--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)")
+    add("--json", action="store_true", help="print the result as JSON")
+    add("--figure", help="save the images, their probabilities and attention maps to this PNG")
+    add(
+        "--set-sizes",
+        type=set_size,
+        nargs="+",
+        metavar="N",
+        help="instead of images: the model's accuracy on the cached test features at these sizes",
+    )
+    add(
+        "--synthetic",
+        action="store_true",
+        help="the model and backbone of `python train.py --synthetic` (untrained ResNet34)",
+    )
+    return p
+
+
+def visualize_parser(description):
+    """visualize.py's parser; description: visualize.py's docstring."""
+    p = Parser("visualize.py", description)
+    add = p.add_argument
+    add(
+        "--checkpoint-dir",
+        default=CHECKPOINT_PATH,
+        help="where train.py saved its models (default: %(default)s)",
+    )
+    add("--data-dir", default=DATASET_PATH, help="where CIFAR-100 is (default: %(default)s)")
+    add(
+        "--synthetic",
+        action="store_true",
+        help="the set task's figures of python train.py --synthetic, from its generated images, "
+        "into <checkpoint-dir>/synthetic/figures/ (no CIFAR-100 needed)",
+    )
+    return p
+
+
+def bench_parser(description):
+    """bench.py's parser; description: bench.py's docstring. The limits are checked by bench.py."""
+    p = Parser("bench.py", description)
+    add = p.add_argument
+    add("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    add(
+        "--steps",
+        type=int,
+        default=60,
+        help="timed training steps per path, at least 50 for a steady median (default: 60)",
+    )
+    add(
+        "--warmup",
+        type=int,
+        default=10,
+        help="untimed training steps first, at least 1 (default: 10)",
+    )
+    add(
+        "--images",
+        type=int,
+        default=256,
+        help="images to time extraction on, at least 1 (default: 256)",
+    )
+    add(
+        "--min-seconds",
+        type=float,
+        default=10,
+        help="least timed extraction, in seconds, 0 or more (default: 10)",
+    )
+    add(
+        "--rounds",
+        type=int,
+        default=2,
+        help="turns per path, the best counts, at least 1 (default: 2)",
+    )
+    add("--out", default="bench.json", help="where the results go (default: %(default)s)")
+    add(
+        "--ablation",
+        action="store_true",
+        help="only the training step: faithful, each part of the fast path alone, and all of them",
+    )
+    return p

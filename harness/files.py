@@ -58,6 +58,24 @@ def make_writable(folder):
         raise PermissionError("not writable")
 
 
+def make_folders(folder):
+    """Makes folder and those above it that are missing; returns the ones it made, innermost first,
+    for remove_empty to take back if nothing comes of the work they were made for."""
+    made, missing = [], os.path.abspath(folder)
+    while not os.path.isdir(missing):
+        made.append(missing)
+        missing = os.path.dirname(missing)
+    os.makedirs(folder, exist_ok=True)
+    return made
+
+
+def remove_empty(folders):
+    """Removes each of folders (innermost first) that is empty; leaves the others."""
+    for folder in folders:
+        with contextlib.suppress(OSError):  # not empty, or gone already
+            os.rmdir(folder)
+
+
 class WriteError(OSError):
     """A file could not be written (disk full, no permission); the message names the file, the
     cause and the space left. Nothing half-written is left behind."""
@@ -68,7 +86,7 @@ def save_atomically(path, write):
     and what a killed writer left (path.tmp<its process id>) goes now. Raises WriteError if it
     cannot be written."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    made = make_folders(folder)
     remove_left_temporaries(path)
     tmp_path = f"{path}.tmp{os.getpid()}"
     try:
@@ -86,6 +104,8 @@ def save_atomically(path, write):
     finally:
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
+        if not os.path.exists(path):  # nothing written: no empty folder made for it stays
+            remove_empty(made)
 
 
 def remove_left_temporaries(path):

@@ -8,6 +8,7 @@ import os
 import sys
 import urllib.request
 
+from features import MissingResources
 from harness.files import download_timeout, read_response, save_atomically
 from harness.runs import load_model, read_checkpoint, task_dir
 
@@ -41,7 +42,8 @@ def published_model(checkpoint_dir, task):
     <checkpoint-dir>/pretrained/, first downloaded if it is not there. The file is read once: its
     bytes are verified by their git blob id, and the checkpoint is read from those very bytes, as
     data (runs.read_checkpoint), so a file put in its place meanwhile is never loaded. A download
-    is kept only once it is whole and verified. Exits with one line otherwise."""
+    is kept only once it is whole and verified. Raises MissingResources where the file is neither
+    there nor downloadable; exits with one line where it is another file."""
     name, expected = PUBLISHED[task]
     path = published_path(checkpoint_dir, task)
     if os.path.isfile(path):
@@ -63,7 +65,8 @@ def published_model(checkpoint_dir, task):
 
 def download(url, path, expected):
     """The bytes at url, once their git blob id is shown to be expected, kept at path (written
-    atomically). Exits with one line if they cannot be had."""
+    atomically). Raises MissingResources where they cannot be had (offline, say); exits with one
+    line where another file came."""
     print(f"Downloading {url} to {path}")
     got = []
 
@@ -81,11 +84,17 @@ def download(url, path, expected):
 
     try:
         save_atomically(path, write)
-    except (OSError, ValueError) as error:  # no network, HTTP errors, another file, too slow
-        sys.exit(
-            f"error: cannot get {url} ({type(error).__name__}: {error}). To place it by hand, "
-            f"download it to {path}."
-        )
+    except ValueError as error:  # another file than the published one: a proxy's page, say
+        sys.exit(f"error: cannot get {url} ({error}). To place it by hand, download it to {path}.")
+    except OSError as error:  # no network, HTTP errors, too slow
+        name = os.path.basename(path)
+        raise MissingResources(
+            [
+                f"the tutorial's {name} ({type(error).__name__}: {error}): expected at {path}. "
+                f"To place it by hand, download {url} to that path."
+            ],
+            needs="--pretrained",
+        ) from None
     return got[0]
 
 

@@ -46,7 +46,7 @@ except ImportError:  # Windows
 from data import NUM_CATEGORIES
 from features import CACHE_FILES, FEATURE_DIM, cache_path
 from harness.cli import CHECKPOINT_PATH, usable_cores
-from harness.files import make_writable, save_atomically
+from harness.files import make_folders, make_writable, remove_empty, save_atomically
 from model import BitMaskDropout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py's
@@ -83,7 +83,7 @@ def model_file(run_folder, task="anomaly"):
     return task_dir(run_folder, task) + ".ckpt"
 
 
-HELD_LOCKS = {}  # the folders this process holds, with their open .lock: held until it ends
+HELD_LOCKS = {}  # folder -> (its open .lock, the folders made for it), held until the process ends
 
 
 def lock_folder(folder):
@@ -94,7 +94,7 @@ def lock_folder(folder):
     a file is never opened through. Exits with one line naming the process that holds it."""
     if fcntl is None or os.path.realpath(folder) in HELD_LOCKS:  # Windows has no flock
         return
-    os.makedirs(folder, exist_ok=True)
+    made = make_folders(folder)
     path = os.path.join(folder, ".lock")
     while True:
         try:  # O_NOFOLLOW: a link planted there is refused, not written through
@@ -123,17 +123,19 @@ def lock_folder(folder):
     f.flush()
     if not HELD_LOCKS:
         atexit.register(release_locks)
-    HELD_LOCKS[os.path.realpath(folder)] = f
+    HELD_LOCKS[os.path.realpath(folder)] = f, made
 
 
 def release_locks():
     """Removes the .lock files this process holds, then lets go of them: a finished run leaves no
-    lock naming a process that is gone. (A killed run's lock stays, and flock holds it no more.)"""
-    for folder, f in HELD_LOCKS.items():
+    lock naming a process that is gone. (A killed run's lock stays, and flock holds it no more.)
+    The folders made for a lock go too where the run left them empty (it failed offline, say)."""
+    for folder, (f, made) in HELD_LOCKS.items():
         path = os.path.join(folder, ".lock")
         if is_file_at(f, path):
             os.remove(path)
         f.close()
+        remove_empty(made)
     HELD_LOCKS.clear()
 
 
@@ -235,17 +237,28 @@ def check_before_work(args, lock=True):
     return run_folder, device
 
 
+def run_from_elsewhere(checkpoint_dir):
+    """Whether a command runs from another folder than the repository's with the default
+    --checkpoint-dir, which is then a folder of its own there, not the one beside the scripts."""
+    return checkpoint_dir == CHECKPOINT_PATH and not os.path.samefile(os.getcwd(), ROOT)
+
+
 def say_where(args, run_folder):
     """Run from another folder than the repository's, the default --checkpoint-dir is a folder of
-    its own: says where the files go, and points to the model that a run in the repository left
-    beside train.py, if the folder used has none."""
-    if args.checkpoint_dir != CHECKPOINT_PATH or os.path.samefile(os.getcwd(), ROOT):
+    its own: says where the files go, and where the run trains anew while a run in the repository
+    left a model beside train.py, that it does not use it and how to."""
+    if not run_from_elsewhere(args.checkpoint_dir):
         return
     print(f"Files go to {os.path.abspath(run_folder)} (--checkpoint-dir, in this folder).")
     beside = os.path.join(ROOT, CHECKPOINT_PATH)
     model = model_file(run_dir(beside, args.synthetic), args.task)
-    if os.path.isfile(model) and not os.path.isfile(model_file(run_folder, args.task)):
-        print(f"The model beside train.py, {model}, is used with --checkpoint-dir {beside}.")
+    if args.pretrained or os.path.isfile(model_file(run_folder, args.task)):
+        return
+    if os.path.isfile(model):
+        print(
+            f"This run trains a new model there, not using the one beside train.py, {model}; to "
+            f"use that one instead, run with --checkpoint-dir {beside}."
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,12 +469,34 @@ def refuse_other_settings(path, ckpt, hparams, args, hint, resume=False):
     saved = dict(ckpt["hyper_parameters"], **trained_with)
     asked = run_settings(args, resume)
     asked = dict(hparams, **{k: v for k, v in asked.items() if k in trained_with})
-    differ = [f"{k} {saved.get(k)!r} (asked {v!r})" for k, v in asked.items() if saved.get(k) != v]
+    differ = {k: (saved.get(k), v) for k, v in asked.items() if saved.get(k) != v}
+    if differ.keys() & {"epochs", "batch_size"}:
+        differ.pop("max_iters", None)  # the steps follow from these two, named already
+    differ = [setting_text(k, *values) for k, values in differ.items()]
     if differ:
         sys.exit(
             f"error: {path} was trained with other settings than asked for: "
             f"{', '.join(differ)}. {hint}"
         )
+
+
+# The settings that no flag sets directly, as a user knows them.
+DERIVED_SETTINGS = {
+    "max_iters": "training steps",
+    "input_dim": "input features",
+    "num_classes": "classes",
+}
+
+
+def setting_text(name, saved, asked):
+    """A saved setting against the one asked for, in the user's flags: "--epochs 2 (asked 3)";
+    those that no flag sets by their own names: "training steps 30 (asked 45)"."""
+    if name in DERIVED_SETTINGS:
+        return f"{DERIVED_SETTINGS[name]} {saved!r} (asked {asked!r})"
+    flag = "--" + name.replace("_", "-")
+    if isinstance(asked, bool):
+        return f"{'with' if saved else 'without'} {flag} (asked {'with' if asked else 'without'})"
+    return f"{flag} {saved} (asked {asked})"
 
 
 def load_saved_model(path, model_class, hparams, args, fast_parts=()):

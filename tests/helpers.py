@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 import train
-from harness import runs
+from harness import pretrained, runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
@@ -296,3 +297,26 @@ def red_frames(path):
     red, _ = red_and_grey(path)
     longest = [max((b - a + 1 for a, b in true_runs(row)), default=0) for row in red]
     return len(true_runs(np.array(longest) >= 50)) / 2
+
+
+def save_like_the_tutorial(model, path):
+    """A checkpoint as the tutorial's files hold one: weights and hyper-parameters, no optimizer."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    ckpt = {
+        "epoch": 0,
+        "global_step": 0,
+        "state_dict": model.state_dict(),
+        "hyper_parameters": dict(model.hparams),
+        "pytorch-lightning_version": "1.0.2",
+    }
+    torch.save(ckpt, path)
+    return path
+
+
+def publish(monkeypatch, task, path, url=None):
+    """Makes path's file the published model of task (its own id), served from url if given."""
+    name = pretrained.PUBLISHED[task][0]
+    blob_id = pretrained.git_blob_id(Path(path).read_bytes())
+    monkeypatch.setitem(pretrained.PUBLISHED, task, (name, blob_id))
+    if url:
+        monkeypatch.setattr(pretrained, "PUBLISHED_URL", url)

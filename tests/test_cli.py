@@ -126,20 +126,49 @@ def test_a_mistyped_flag_names_the_closest_one_in_one_line(capsys):
     )
 
 
-# train.py run as a user runs it, with -h or a mistyped flag, reporting what it had imported.
+def test_a_flag_is_taken_only_as_spelled_in_full(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--synthetic", "--epoch", "3"])  # argparse would read --epochs 3
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --epoch 3; did you mean --epochs?" in capsys.readouterr().err
+
+
+# A command run as a user runs it, with -h or a mistyped flag, reporting what it had imported.
 ANSWER = """
 import runpy, sys
-sys.argv = ["train.py", *sys.argv[1:]]
+sys.argv = sys.argv[1:]
 try:
-    runpy.run_path("train.py", run_name="__main__")
+    runpy.run_path(sys.argv[0], run_name="__main__")
 finally:
     print("torch loaded" if "torch" in sys.modules else "torch not loaded", file=sys.stderr)
 """
+COMMANDS = ["train.py", "predict.py", "visualize.py", "bench.py"]
 
 
-@pytest.mark.parametrize("argv", [["-h"], ["--synthtic"], ["--epochs", "0"]])
-def test_help_and_a_mistyped_flag_answer_before_torch_loads(argv):
-    proc = run_code(ANSWER, *argv)
+@pytest.mark.parametrize("script", COMMANDS)
+@pytest.mark.parametrize("argv", [["-h"], ["--synthtic"]])
+def test_help_and_a_mistyped_flag_answer_before_torch_loads(script, argv):
+    proc = run_code(ANSWER, script, *argv)
     assert proc.returncode == (0 if argv == ["-h"] else 2), proc.stderr
     assert proc.stderr.endswith("torch not loaded\n")
-    assert ("--synthetic" in proc.stdout) if argv == ["-h"] else ("error:" in proc.stderr)
+    if argv == ["-h"]:
+        assert proc.stdout.startswith(f"usage: {script}")
+    else:
+        assert proc.stderr.startswith(f"{script}: error: unrecognized arguments: --synthtic")
+
+
+def test_a_bad_value_answers_before_torch_loads():
+    proc = run_code(ANSWER, "train.py", "--epochs", "0")
+    assert proc.returncode == 2 and proc.stderr.endswith("torch not loaded\n")
+    assert "argument --epochs: must be at least 1, got 0" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "script, mistyped, meant",
+    [("predict.py", "--jsn", "--json"), ("visualize.py", "--synthtic", "--synthetic"),
+     ("bench.py", "--ablaton", "--ablation"), ("train.py", "--retrian", "--retrain")],
+)  # fmt: skip
+def test_every_command_names_the_flag_meant(script, mistyped, meant):
+    proc = run_code(ANSWER, script, mistyped)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 2  # the line, and the import note
+    assert f"did you mean {meant}? (`python {script} -h` lists every flag)" in proc.stderr

@@ -12,6 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
+import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -22,7 +23,16 @@ from data import SetAnomalyDataset
 from features import extract_features, extraction_meta, image_transform
 from harness import synthetic
 from harness.synthetic import GeneratedImages
-from helpers import SMALL_SET_MODEL, drawn, quiet_trainer, red_frames, run_script
+from helpers import (
+    SMALL_SET_MODEL,
+    drawn,
+    publish,
+    quiet_trainer,
+    randomise,
+    red_frames,
+    run_script,
+    save_like_the_tutorial,
+)
 from model import AnomalyPredictor
 
 IMAGE_SIZE = synthetic.SYNTHETIC["image_size"]
@@ -328,7 +338,7 @@ def test_without_a_cifar_model_the_synthetic_one_is_named(trained, tmp_path):
     model = trained / "synthetic" / "SetAnomalyDetect.ckpt"
     assert str(exit_info.value.code).endswith(
         f"The model of `python train.py --synthetic --checkpoint-dir {trained}` is at {model}: add "
-        "--synthetic to use it."
+        f"--synthetic to use it.{PUBLISHED_HINT}"
     )
 
 
@@ -599,7 +609,112 @@ def test_from_another_folder_the_model_beside_the_script_is_named(
     missing = elsewhere / "saved_models" / ("synthetic" if synthetic else "")
     assert message.startswith(f"error: no trained model at {missing / 'SetAnomalyDetect.ckpt'}. ")
     flags = ("" if synthetic else "--synthetic ") + f"--checkpoint-dir {project / 'saved_models'}"
-    assert message.endswith(f" There is one beside predict.py, {model}: add {flags} to use it.")
+    assert f" There is one beside predict.py, {model}: add {flags} to use it." in message
+    assert message.endswith("to use it." + PUBLISHED_HINT * (not synthetic))
     # The flags it names reach that model.
     result = predict.main([*synthetic, *flags.split(), str(tmp_path / "set")])
     assert result["predicted_index"] == 2
+
+
+PUBLISHED_HINT = (
+    " Or add --pretrained: the tutorial author's trained model, downloaded once (about 9 MB)."
+)
+
+
+def test_run_from_the_repository_a_model_is_named_once(trained, tmp_path, monkeypatch):
+    # predict.py's own folder as the current one: the model of --synthetic beside it is the one
+    # in the default --checkpoint-dir, named once, with one way to use it.
+    write_set(tmp_path / "set", odd_position=2, size=3)
+    model = tmp_path / "saved_models" / "synthetic" / "SetAnomalyDetect.ckpt"
+    os.makedirs(model.parent)
+    shutil.copy(trained / "synthetic" / "SetAnomalyDetect.ckpt", model)
+    monkeypatch.setattr(predict, "ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(tmp_path / "set")])
+    message = str(exit_info.value.code)
+    assert message.count(str(model)) == 1 and "beside predict.py" not in message
+    assert "add --synthetic to use it. Or add --pretrained" in message
+
+
+def test_bare_command_says_what_to_give(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "give the pictures to look at" in err and "`python predict.py my_photos/`" in err
+    assert "-h` lists every flag" in err
+
+
+def resnet_weights(torch_home):
+    """Random ResNet34 weights where torchvision keeps the ImageNet ones it downloads, as a user
+    who placed them by hand has them; their state dict."""
+    torch.manual_seed(1)
+    state = features.resnet34_backbone().state_dict()
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    path = torch_home / "hub" / "checkpoints" / os.path.basename(features.WEIGHTS.url)
+    os.makedirs(path.parent)
+    torch.save(state, path)
+    return state
+
+
+def test_pretrained_uses_the_published_model_with_the_imagenet_resnet(
+    tmp_path, monkeypatch, capsys
+):
+    # The published file put where the download would put it, registered as published; ResNet34
+    # weights placed in torch's cache. No CIFAR-100, no training: the author's model answers.
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    state = resnet_weights(tmp_path / "torch")
+    torch.manual_seed(2)
+    model = randomise(AnomalyPredictor(input_dim=512, max_iters=10, **SMALL_SET_MODEL)).eval()
+    placed = save_like_the_tutorial(
+        model, str(tmp_path / "m" / "pretrained" / "SetAnomalyTask.ckpt")
+    )
+    publish(monkeypatch, "anomaly", placed, url="http://127.0.0.1:9/")
+    names = write_set(tmp_path / "set", odd_position=1, size=4)
+
+    result = predict.main(
+        [str(tmp_path / "set"), "--pretrained", "--checkpoint-dir", str(tmp_path / "m"), "--json"]
+    )
+    printed = json.loads(capsys.readouterr().out)
+    # The same probabilities from torchvision's ResNet34 with those weights and the model itself.
+    backbone = torchvision.models.resnet34()
+    backbone.load_state_dict(state)
+    backbone.fc = nn.Identity()
+    pictures = [predict.load_image(tmp_path / "set" / n) for n in names]
+    batch = torch.stack([image_transform(features.IMAGE_SIZE)(p) for p in pictures])
+    with torch.no_grad():
+        expected = model.anomaly_logits(backbone.eval()(batch)[None])[0].softmax(0).numpy()
+    assert printed["probabilities"] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert result["predicted_index"] == int(np.argmax(expected))
+    assert sorted(os.listdir(tmp_path / "m")) == ["pretrained"]  # no training, no features
+    assert os.listdir(tmp_path / "m" / "pretrained") == ["SetAnomalyTask.ckpt"]
+
+
+def test_pretrained_refuses_another_model(capsys):
+    for other in (["--synthetic"], ["--ckpt", "x.ckpt"]):
+        with pytest.raises(SystemExit) as exit_info:
+            predict.main(["a.png", "b.png", "--pretrained", *other])
+        assert exit_info.value.code == 2
+        assert "--pretrained uses the tutorial author's model" in capsys.readouterr().err
+
+
+def test_pretrained_offline_names_each_missing_file_and_leaves_nothing(tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env[var] = "http://127.0.0.1:9"  # every download fails at once, whatever the network
+    write_set(tmp_path / "set", 0, size=3)
+    models = tmp_path / "models"
+    proc = run_script(
+        "predict.py", tmp_path / "set", "--pretrained", "--checkpoint-dir", models, env=env
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    header, *items = proc.stderr.splitlines()
+    assert header == "error: cannot get what predict.py --pretrained needs (no internet?):"
+    assert len(items) == 2
+    where = models / "pretrained" / "SetAnomalyTask.ckpt"
+    assert items[0].startswith("  - the tutorial's SetAnomalyTask.ckpt (")
+    assert f"expected at {where}. To place it by hand, download https://" in items[0]
+    assert items[1].startswith("  - ResNet34 weights IMAGENET1K_V1 (")
+    assert str(tmp_path / "torch") in items[1]
+    assert not models.exists()  # nothing made for the files that never came

@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
@@ -20,8 +19,16 @@ from torch.utils.data import DataLoader
 
 import train
 from data import SEQ_SIZES, ReverseDataset, split_train_val
-from harness import pretrained
-from helpers import SMALL_SET_MODEL, RunsCode, clustered_features, quiet_trainer, randomise
+from harness import pretrained, runs
+from helpers import (
+    SMALL_SET_MODEL,
+    RunsCode,
+    clustered_features,
+    publish,
+    quiet_trainer,
+    randomise,
+    save_like_the_tutorial,
+)
 from model import AnomalyPredictor, ReversePredictor
 from predict import set_size_accuracy
 
@@ -30,20 +37,6 @@ TUTORIAL_REVERSE = dict(
     input_dim=10, model_dim=32, num_heads=1, num_classes=10, num_layers=1, dropout=0.0,
     lr=5e-4, warmup=50, max_iters=3900, input_dropout=0.0,
 )  # fmt: skip
-
-
-def save_like_the_tutorial(model, path):
-    """A checkpoint as the tutorial's files hold one: weights and hyper-parameters, no optimizer."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    ckpt = {
-        "epoch": 0,
-        "global_step": 0,
-        "state_dict": model.state_dict(),
-        "hyper_parameters": dict(model.hparams),
-        "pytorch-lightning_version": "1.0.2",
-    }
-    torch.save(ckpt, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +48,6 @@ def reverse_checkpoint(tmp_path_factory):
     batches = DataLoader(ReverseDataset(10, 16, 3200), batch_size=128)
     quiet_trainer(max_epochs=4, limit_val_batches=0).fit(model, batches)
     return save_like_the_tutorial(model, str(tmp_path_factory.mktemp("made") / "ReverseTask.ckpt"))
-
-
-def publish(monkeypatch, task, path, url=None):
-    """Makes path's file the published model of task (its own id), served from url if given."""
-    name = pretrained.PUBLISHED[task][0]
-    blob_id = pretrained.git_blob_id(Path(path).read_bytes())
-    monkeypatch.setitem(pretrained.PUBLISHED, task, (name, blob_id))
-    if url:
-        monkeypatch.setattr(pretrained, "PUBLISHED_URL", url)
 
 
 def run(*argv):
@@ -188,9 +172,13 @@ def test_a_download_that_is_not_the_published_file_is_not_kept(
 def test_no_network_names_where_to_put_the_file(reverse_checkpoint, tmp_path, monkeypatch):
     publish(monkeypatch, "reverse", reverse_checkpoint, url="http://127.0.0.1:9/")
     message = run("--task", "reverse", "--pretrained", "--checkpoint-dir", str(tmp_path))
+    runs.release_locks()  # as the process's end does
     where = tmp_path / "pretrained" / "ReverseTask.ckpt"
-    assert message.startswith("error: cannot get http://127.0.0.1:9/ReverseTask.ckpt")
-    assert message.endswith(f"download it to {where}.") and "\n" not in message
+    header, item = message.splitlines()  # what is missing, then a line for the file
+    assert header == "error: cannot get what --pretrained needs (no internet?):"
+    assert item.startswith("  - the tutorial's ReverseTask.ckpt (") and f"at {where}." in item
+    assert item.endswith("download http://127.0.0.1:9/ReverseTask.ckpt to that path.")
+    assert not (tmp_path / "pretrained").exists()  # no empty folder left for the file
 
 
 def test_a_changed_byte_is_refused_and_the_file_left_in_place(

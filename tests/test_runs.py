@@ -297,8 +297,8 @@ def test_run_from_another_folder_it_says_where_files_go_and_where_the_model_is(
     runs.say_where(args, runs.run_dir(args.checkpoint_dir, args.synthetic))
     assert capsys.readouterr().out == (
         f"Files go to {elsewhere / 'saved_models' / 'synthetic'} (--checkpoint-dir, in this "
-        f"folder).\nThe model beside train.py, {model}, is used with --checkpoint-dir "
-        f"{repository / 'saved_models'}.\n"
+        f"folder).\nThis run trains a new model there, not using the one beside train.py, {model}; "
+        f"to use that one instead, run with --checkpoint-dir {repository / 'saved_models'}.\n"
     )
     monkeypatch.chdir(repository)  # in the repository: nothing to say
     runs.say_where(args, runs.run_dir(args.checkpoint_dir, args.synthetic))

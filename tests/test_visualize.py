@@ -435,8 +435,9 @@ def test_set_task_figures_from_generated_cifar(tmp_path, monkeypatch, capsys):
         "anomaly_mistakes.png": (1200, 450),  # 3 sets of 10
     }
     assert all(coloured_pixels(p) > 1000 for p in made)
-    # One set predicted, each of the 3 worst sets: a frame each; the example sets, no prediction.
-    assert [red_frames(p) for p in made] == [0, 1, 3]
+    # Each of the 3 worst sets: a frame each; the example sets, no prediction; the one predicted
+    # set, by a random model, no clear odd one out: no frame (as predict.py draws it).
+    assert [red_frames(p) for p in made] == [0, 0, 3]
     assert "skipped" not in capsys.readouterr().out
 
 
@@ -468,9 +469,9 @@ def test_synthetic_mode_makes_every_kind_of_figure(made_up_run, capsys):
     }
     assert all(coloured_pixels(p) > 1000 for p in made)  # each draws something besides its text
     frames = {os.path.basename(str(p)): red_frames(p) for p in made if "anomaly" in str(p)}
-    assert frames == {  # a frame for each set with a prediction
+    assert frames == {  # a frame for each worst set; the random model's prediction is not clear
         "anomaly_example_sets.png": 0,
-        "anomaly_prediction.png": 1,
+        "anomaly_prediction.png": 0,
         "anomaly_mistakes.png": 5,
     }
     assert "skipped" not in capsys.readouterr().out
@@ -704,3 +705,32 @@ def test_the_positional_encoding_colour_bar_spans_minus_one_to_one(figures):
     assert table.axes[0].get_images()[0].get_clim() == (-1, 1)
     ticks = colour_bars(table)[0].get_yticks()
     assert min(ticks) == -1 and max(ticks) == 1
+
+
+@pytest.mark.parametrize("stand_out", [0.0, 3.0], ids=["all alike", "one stands out"])
+def test_the_set_prediction_frames_an_odd_one_only_when_it_is_clear(
+    made_up_run, tmp_path, figures, monkeypatch, stand_out
+):
+    # A model whose logit for an image is its first feature: 0 for every image but image 0, the
+    # anomaly of the set drawn, whose is stand_out. With 3 it is e³ ≈ 20 times as likely as each
+    # other image (clear, predict.py's rule); with 0 all are alike (not clear).
+    monkeypatch.setattr(AnomalyPredictor, "anomaly_logits", lambda self, x: x[..., 0])
+    run = shutil.copytree(made_up_run, tmp_path / "run")
+    cache = str(run / "synthetic" / "test_set_features.tar")
+    feats, labels = features.load_cache(cache, synthetic_meta("test"), SYNTHETIC["num_classes"])
+    feats[:, 0] = 0
+    feats[0, 0] = stand_out
+    features.save_cache(cache, feats, labels, synthetic_meta("test"))
+    visualize.main(["--synthetic", "--checkpoint-dir", str(run)])
+    (prediction,) = [fig for fig in figures if drawn(fig, 2) and fig.subfigs]
+    captions = [ax.get_xlabel() for ax in drawn(prediction, 3)]
+    title = prediction.subfigs[0].get_suptitle()
+    if stand_out:
+        assert [i for i, c in enumerate(captions) if "predicted" in c] == [4]  # anomaly last
+        assert title == "Predicted anomaly: image 5 (the true one is image 5)"
+    else:
+        assert not any("predicted" in c for c in captions)
+        expected = (
+            "No clear odd one out: image 1 is the most likely (20.00%); the true one is image 5"
+        )
+        assert title == expected
