@@ -439,6 +439,11 @@ def predict_or_measure(p, args, out):
     print_verdict(files, probs, clear, chance, shown, out if args.json else None)
     if args.figure:  # after the table; with --json on stderr, as stdout is redirected there
         print(f"Figure written to {args.figure}")
+        if any(visualize.drawable(name) != name for name in names):
+            print(
+                "No font here draws some characters of the file names: the figure writes them "
+                "as codes (\\u732b). A CJK font (Noto Sans CJK, WenQuanYi) draws them."
+            )
     result = dict(files=files, probabilities=probs, predicted_index=odd, clear=clear)
     return dict(result, at_chance=chance)
 

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -718,3 +719,50 @@ def test_pretrained_offline_names_each_missing_file_and_leaves_nothing(tmp_path)
     assert items[1].startswith("  - ResNet34 weights IMAGENET1K_V1 (")
     assert str(tmp_path / "torch") in items[1]
     assert not models.exists()  # nothing made for the files that never came
+
+
+def test_a_phone_photo_is_read_upright_as_a_viewer_shows_it(
+    trained, tmp_path, offline_backbone, capsys
+):
+    # A portrait photo as a phone stores it: the pixels as taken, 64 wide and 48 high, tagged with
+    # EXIF orientation 6, "turn 90° clockwise to show". Beside it the same decoded pixels turned
+    # by hand (numpy, not PIL) and saved losslessly: the picture every viewer shows.
+    rows, cols = np.mgrid[0:48, 0:64]
+    stored = np.stack([rows * 5, cols * 4, (rows + cols) % 256], axis=-1).astype(np.uint8)
+    folder = tmp_path / "photos"
+    write_set(folder, odd_position=None, size=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(stored).save(folder / "phone.jpg", exif=exif, quality=95)
+    with Image.open(folder / "phone.jpg") as jpeg:
+        decoded = np.asarray(jpeg.convert("RGB"))  # as stored: PIL turns nothing by itself
+    upright = tmp_path / "upright"
+    shutil.copytree(folder, upright)
+    os.remove(upright / "phone.jpg")
+    Image.fromarray(np.rot90(decoded, k=-1).copy()).save(upright / "phone.png")
+    Image.fromarray(decoded).save(tmp_path / "sideways.png")
+
+    read = np.asarray(predict.load_image(folder / "phone.jpg"))
+    assert np.array_equal(read, np.asarray(predict.load_image(upright / "phone.png")))
+    assert not np.array_equal(read, np.asarray(predict.load_image(tmp_path / "sideways.png")))
+    tagged, turned = run(trained, folder), run(trained, upright)
+    assert np.array_equal(tagged["probabilities"], turned["probabilities"])  # scores exactly alike
+
+
+def test_chinese_file_names_draw_no_warning(trained, tmp_path, offline_backbone, capsys):
+    folder = tmp_path / "照片"
+    names = write_set(folder, odd_position=1, size=3)
+    chinese = ["猫.png", "火箭.png", "狗.png"]
+    for name, new in zip(names, chinese, strict=True):
+        os.rename(folder / name, folder / new)
+    figure = tmp_path / "奇怪.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib's "Glyph … missing from font(s)" fails it
+        result = run(trained, folder, "--figure", figure)
+    assert os.path.isfile(figure) and [os.path.basename(f) for f in result["files"]] == sorted(
+        chinese
+    )
+    out = capsys.readouterr().out
+    assert "火箭.png" in out  # the terminal shows the names as they are
+    if visualize.use_cjk_font() is None:  # no CJK font here: the figure writes codes, and says so
+        assert "the figure writes them as codes (\\u732b)" in out

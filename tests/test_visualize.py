@@ -8,10 +8,12 @@ import json
 import os
 import re
 import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.axes import Axes
 from matplotlib.text import Text
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
@@ -734,3 +736,108 @@ def test_the_set_prediction_frames_an_odd_one_only_when_it_is_clear(
             "No clear odd one out: image 1 is the most likely (20.00%); the true one is image 5"
         )
         assert title == expected
+
+
+def cjk_font(path, name, characters):
+    """A TrueType font named name whose glyph for each of characters is a filled square of 0.8 em
+    (from 0.1 to 0.9 em across, 0 to 0.8 em up): a stand-in for Noto Sans CJK."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    def glyph(filled):
+        pen = TTGlyphPen(None)
+        if filled:
+            for point in ((100, 0), (100, 800), (900, 800), (900, 0)):
+                (pen.lineTo if point != (100, 0) else pen.moveTo)(point)
+            pen.closePath()
+        return pen.glyph()
+
+    names = {ord(c): f"uni{ord(c):04X}" for c in characters}
+    font = FontBuilder(1000, isTTF=True)
+    font.setupGlyphOrder([".notdef", *names.values()])
+    font.setupCharacterMap(names)
+    font.setupGlyf({".notdef": glyph(False), **{n: glyph(True) for n in names.values()}})
+    font.setupHorizontalMetrics({n: (1000, 0) for n in [".notdef", *names.values()]})
+    font.setupHorizontalHeader(ascent=880, descent=-120)
+    font.setupNameTable({"familyName": name, "styleName": "Regular"})
+    font.setupOS2(sTypoAscender=880, usWinAscent=880, usWinDescent=120)
+    font.setupPost()
+    font.save(str(path))
+    return path
+
+
+def test_chinese_names_are_drawn_with_an_installed_cjk_font(tmp_path, figures, monkeypatch):
+    # A font named as Noto Sans CJK SC, which draws 猫 and 火 as filled squares, installed here.
+    path = cjk_font(tmp_path / "cjk.ttf", "Noto Sans CJK SC", "猫火")
+    manager = visualize.font_manager.fontManager
+    monkeypatch.setattr(manager, "ttflist", list(manager.ttflist))  # uninstalled afterwards
+    manager.addfont(str(path))
+    monkeypatch.setitem(
+        visualize.plt.rcParams, "font.family", visualize.plt.rcParams["font.family"]
+    )
+    assert visualize.use_cjk_font() == "Noto Sans CJK SC"
+    names = ["猫.jpg", "火.jpg"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "Glyph … missing" warning
+        visualize.plot_set_prediction(
+            "s.png", np.zeros((2, 8, 8, 3)), np.array([0.7, 0.3]), [np.full((1, 2, 2), 0.5)],
+            names=names,
+        )  # fmt: skip
+        assert [c.split(":")[0] for c in map(Axes.get_xlabel, drawn(figures[0], 3))] == names
+        # The glyphs are the font's: 猫火 at 40 pt, 100 dpi, is two black squares of 0.8 em.
+        fig = visualize.plt.figure(figsize=(3, 1), dpi=100)
+        fig.text(0.05, 0.3, "猫火", fontsize=40)
+        fig.canvas.draw()
+    ink = (np.asarray(fig.canvas.buffer_rgba())[..., :3].mean(axis=-1) < 128).sum()
+    square = (0.8 * 40 / 72 * 100) ** 2
+    assert ink == pytest.approx(2 * square, rel=0.1)
+
+
+def test_without_a_cjk_font_chinese_is_written_as_codes_with_no_warning(figures, monkeypatch):
+    monkeypatch.setitem(visualize.plt.rcParams, "font.family", ["DejaVu Sans"])
+    assert visualize.drawable("火箭 rocket.jpg") == "\\u706b\\u7bad rocket.jpg"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        visualize.plot_set_prediction(
+            "s.png", np.zeros((2, 8, 8, 3)), np.array([0.7, 0.3]), [np.full((1, 2, 2), 0.5)],
+            title="Odd one out: 猫.jpg", names=["猫.jpg", "b.jpg"],
+        )  # fmt: skip
+        figures[0].canvas.draw()
+    captions = [ax.get_xlabel().split(":")[0] for ax in drawn(figures[0], 3)]
+    assert captions == ["\\u732b.jpg", "b.jpg"]
+    assert figures[0].subfigs[0].get_suptitle() == "Odd one out: \\u732b.jpg"
+
+
+def test_a_set_of_40_pictures_stays_legible(figures):
+    # predict.py's figure for 40 pictures and the post's model, 4 layers of 4 heads.
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(40))
+    maps = [rng.dirichlet(np.ones(40), size=(4, 40)) for _ in range(4)]
+    names = [f"holiday_photo_{i:02d}.jpg" for i in range(40)]
+    visualize.plot_set_prediction("s.png", rng.random((40, 8, 8, 3)), probs, maps, names=names)
+    fig = figures[0]
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.get_size_inches() * visualize.DPI
+    assert width <= 2000 and height <= 2600  # a picture a screen shows, not a 4800 px strip
+    pictures = list(drawn(fig, 3))
+    assert len({round(ax.get_position().y0, 4) for ax in pictures}) == 4  # 4 rows of 10
+    captions = [ax.xaxis.label.get_window_extent(renderer) for ax in pictures]
+    assert not any(a.overlaps(b) for a, b in itertools.combinations(captions, 2))
+    numbers = ["1"] + [str(n) for n in range(5, 41, 5)]
+    for ax in drawn(fig, 2):
+        for labels in (ax.get_xticklabels(), ax.get_yticklabels()):
+            assert [t.get_text() for t in labels] == numbers
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            assert not any(a.overlaps(b) for a, b in itertools.combinations(boxes, 2))
+        assert ax.get_window_extent(renderer).width >= 2.0 * visualize.DPI  # maps of 2 in or more
+
+
+def test_the_even_weight_is_named_in_words_on_each_colour_bar(figures):
+    visualize.plot_set_prediction(
+        "s.png", np.zeros((10, 8, 8, 3)), np.full(10, 0.1), [np.eye(10)[None]]
+    )
+    (bar,) = colour_bars(figures[0])
+    assert bar.get_ylabel() == "attention weight; line: 1/10, all 10 alike"
+    (line,) = bar.lines
+    assert line.get_xdata()[0] < 0 and line.get_xdata()[1] > 1  # out past both edges of the bar
