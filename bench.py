@@ -13,14 +13,20 @@ measured peak rate of a large matrix product, says how close each path runs to t
 step's matrix products alone set.
 
     python bench.py --ablation           # the training step only, each part of the fast path alone
+    python bench.py --threads            # each CPU-thread setting, quiet and beside busy processes
+
+--threads times `python train.py --synthetic --retrain` (seconds per epoch, the median of epochs 2
+to 6, from the moments its epoch lines arrive) with each way of running the CPU threads, the
+settings taking turns, on a quiet machine and beside one and two busy processes that it starts.
 """
 
 from harness import stops
 
 if __name__ == "__main__":
     stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    from harness import cli
+    from harness import cli, threads
 
+    threads.wait_briefly()  # before torch loads: how its idle threads wait
     cli.bench_parser(__doc__).parse_args()  # -h and a mistyped flag answer before torch loads
 
 
@@ -54,7 +60,7 @@ from features import (
     image_transform,
     resnet34_backbone,
 )
-from harness import cli, files, runs
+from harness import cli, files, runs, threads
 from harness.runlog import quiet_lightning
 from harness.runs import IO_DIMS
 from model import FAST_PARTS, AnomalyPredictor
@@ -398,14 +404,82 @@ def checked_device(p, args):
     return device
 
 
+# --threads: how train.py's CPU threads run (environment variables), each against one thread.
+THREAD_SETTINGS = {
+    "default": {},  # as train.py sets them: the usable cores, threads.SPIN_COUNT
+    "libgomp's spin (before)": {"GOMP_SPINCOUNT": "300000"},  # libgomp's own default
+    "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "OMP_NUM_THREADS=1": {"OMP_NUM_THREADS": "1"},
+}
+THREAD_EPOCHS = 6  # the first epoch's start-up is left out: the median of the other five
+BUSY = "while True: pass"  # a process that keeps a core busy, as a browser or a build does
+
+
+def epoch_seconds(settings, folder):
+    """Seconds per epoch of `python train.py --synthetic --retrain` in folder with settings
+    (environment variables): the median time between its epoch lines as they arrive, after the
+    first."""
+    command = [sys.executable, os.path.join(runs.ROOT, "train.py"), "--synthetic", "--retrain"]
+    command += ["--epochs", str(THREAD_EPOCHS), "--checkpoint-dir", folder]
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
+    env.pop("OMP_WAIT_POLICY", None)
+    with subprocess.Popen(
+        command, env=dict(env, **settings), stdout=subprocess.PIPE, text=True
+    ) as run:
+        arrived = [time.perf_counter() for line in run.stdout if line.startswith("Epoch ")]
+    if run.returncode != 0 or len(arrived) != THREAD_EPOCHS:
+        sys.exit(f"error: {' '.join(command)} failed (exit code {run.returncode})")
+    return statistics.median(b - a for a, b in zip(arrived, arrived[1:], strict=False))
+
+
+def cpu_model():
+    """The CPU's name as /proc/cpuinfo gives it, or the platform's."""
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    return runs.device_name("cpu")
+
+
+def thread_table(rounds, busy_counts=(0, 1, 2)):
+    """{busy processes: {setting: seconds per epoch}}, the median of rounds turns, printed as a
+    table with each setting's time against one thread's beside the same busy processes."""
+    table = {}
+    with tempfile.TemporaryDirectory() as folder:
+        epoch_seconds({}, folder)  # the feature caches, made once
+        for busy in busy_counts:
+            spinners = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
+            try:
+                times = {name: [] for name in THREAD_SETTINGS}
+                for _ in range(rounds):
+                    for name, settings in THREAD_SETTINGS.items():
+                        times[name].append(epoch_seconds(settings, folder))
+                load = os.getloadavg()[0]
+            finally:
+                for spinner in spinners:
+                    spinner.kill()
+            table[busy] = {name: statistics.median(t) for name, t in times.items()}
+            one = table[busy]["OMP_NUM_THREADS=1"]
+            print(f"beside {busy} busy processes (load average {load:.1f}):")
+            for name, seconds in table[busy].items():
+                print(
+                    f"  {name:26s}{seconds:6.2f} s an epoch, {seconds / one:5.2f} of one thread's"
+                )
+    return table
+
+
 def main(argv=None):
     p = cli.bench_parser(__doc__)
     args = p.parse_args(argv)
     device = checked_device(p, args)
     quiet_lightning()
-    runs.use_cpu_threads("anomaly")  # as train.py chooses them for the set task
+    threads.use_cpu_threads("anomaly")  # as train.py chooses them for the set task
     if args.ablation:
         return ablation(device, args.steps, args.warmup)
+    if args.threads:
+        print(f"{cpu_model()}, {threads.usable_cores()} usable cores, torch {torch.__version__}")
+        return thread_table(args.rounds)
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     datasets = generated_datasets()
     torch.manual_seed(0)

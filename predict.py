@@ -18,8 +18,9 @@ from harness import stops
 
 if __name__ == "__main__":
     stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    from harness import cli
+    from harness import cli, threads
 
+    threads.wait_briefly()  # before torch loads: how its idle threads wait
     cli.predict_parser(__doc__).parse_args()  # -h and a mistyped flag answer before torch loads
 
 
@@ -355,34 +356,51 @@ def refuse_unwritable_figure(figure):
         sys.exit(f"error: --figure {figure}: no permission to write in {folder}; choose another.")
 
 
-def print_verdict(files, probs, clear, chance, shown, json_out=None):
-    """Each file's probability, most likely first, then the odd one out, or that there is no clear
-    one, and if the model scores at chance, that; with json_out, all of it as JSON there. clear,
-    chance: is_clear and at_chance of probs; shown: the probabilities as text."""
-    odd = int(np.argmax(probs))
+def verdict(files, probs, clear, chance):
+    """What a run finds, as --json prints it and main returns it: each file's probability (probs),
+    the most likely file, and whether it is clearly the odd one out (is_clear; predicted_index and
+    predicted_file are None otherwise) or the model scores at chance (at_chance)."""
+    likely = int(np.argmax(probs))
+    odd = likely if clear else None
+    return dict(
+        files=files,
+        probabilities=probs,
+        most_likely_index=likely,
+        most_likely_file=files[likely],
+        clear=clear,
+        predicted_index=odd,
+        predicted_file=None if odd is None else files[odd],
+        at_chance=chance,
+    )
+
+
+def print_verdict(result, shown, json_out=None):
+    """Each file's probability, most likely first, then the odd one out; or that the model cannot
+    tell the pictures apart; or that none is clearly the odd one. With json_out, result (verdict's)
+    as JSON there. shown: the probabilities as text."""
     if json_out:
-        probabilities = [float(q) for q in probs]
-        result = dict(files=files, probabilities=probabilities, predicted_index=odd, clear=clear)
-        result |= dict(predicted_file=files[odd], at_chance=chance)
-        print(json.dumps(result, indent=2), file=json_out)
+        probabilities = [float(q) for q in result["probabilities"]]
+        print(json.dumps(dict(result, probabilities=probabilities), indent=2), file=json_out)
         return
+    files, probs, likely = result["files"], result["probabilities"], result["most_likely_index"]
     order = np.argsort(-probs, kind="stable")
+    width = max(map(len, shown))  # 9.9704% under 10.1080%, aligned
     print("Probability of being the odd one out:")
     for i in order:
-        print(f"{shown[i]:>7s}  {files[i]}")
-    if clear:
-        print(f"Odd one out: {files[odd]} ({shown[odd]})")
-    else:
-        print(
-            f"No clear odd one out: the most likely, {files[odd]} ({shown[odd]}), is not "
-            f"{CLEAR_RATIO:g} times as likely as the next ({shown[order[1]]})."
-        )
-    if chance:
+        print(f"{shown[i]:>{width}s}  {files[i]}")
+    if result["clear"]:
+        print(f"Odd one out: {files[likely]} ({shown[likely]})")
+    elif result["at_chance"]:
         n = len(files)
-        least = shown[order[-1]]
         print(
             f"The model cannot tell these pictures apart: each gets about 1/{n} ({100 / n:.2f}%), "
-            f"the most likely not {CLEAR_RATIO:g} times as likely as the least ({least})."
+            f"the most likely ({shown[likely]}) not {CLEAR_RATIO:g} times as likely as the least "
+            f"({shown[order[-1]]})."
+        )
+    else:
+        print(
+            f"No clear odd one out: the most likely, {files[likely]} ({shown[likely]}), is not "
+            f"{CLEAR_RATIO:g} times as likely as the next ({shown[order[1]]})."
         )
 
 
@@ -433,10 +451,11 @@ def predict_or_measure(p, args, out):
     if args.figure:
         import visualize  # matplotlib only when a figure is asked for
 
-        verdict = "Odd one out" if clear else "No clear odd one out; most likely"
-        title = f"{verdict}: {names[odd]} ({shown[odd]})"
+        heading = "Odd one out" if clear else "No clear odd one out; most likely"
+        title = f"{heading}: {names[odd]} ({shown[odd]})"
         visualize.plot_set_prediction(args.figure, images / 255, probs, maps, title, names, clear)
-    print_verdict(files, probs, clear, chance, shown, out if args.json else None)
+    result = verdict(files, probs, clear, chance)
+    print_verdict(result, shown, out if args.json else None)
     if args.figure:  # after the table; with --json on stderr, as stdout is redirected there
         print(f"Figure written to {args.figure}")
         if any(visualize.drawable(name) != name for name in names):
@@ -444,8 +463,7 @@ def predict_or_measure(p, args, out):
                 "No font here draws some characters of the file names: the figure writes them "
                 "as codes (\\u732b). A CJK font (Noto Sans CJK, WenQuanYi) draws them."
             )
-    result = dict(files=files, probabilities=probs, predicted_index=odd, clear=clear)
-    return dict(result, at_chance=chance)
+    return result
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ from harness import stops
 
 if __name__ == "__main__":
     stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
+    from harness import threads
     from harness.cli import OFFLINE, parse_args
 
+    threads.wait_briefly()  # before torch loads: how its idle threads wait
     parse_args()  # -h and a mistyped flag answer now, before the large libraries load (seconds)
 
 
@@ -37,7 +39,7 @@ from data import (
     anomaly_datasets,
 )
 from features import MissingResources, cifar100_features
-from harness import files, pretrained, runs
+from harness import files, pretrained, runs, threads
 from harness.cli import OFFLINE, parse_args
 from harness.runlog import RunLog, quiet_lightning
 from harness.synthetic import synthetic_features
@@ -262,7 +264,7 @@ def main(argv=None):
         sys.stdout = open(os.devnull, "w")
     start, seconds = time.time(), {}
     run_folder, device = runs.check_before_work(args, lock=rank_zero_only.rank == 0)
-    runs.use_cpu_threads(args.task, args.devices if device.type == "cpu" else 1)
+    threads.use_cpu_threads(args.task, args.devices if device.type == "cpu" else 1)
     if args.pretrained:  # fetched and verified first: the features may take long
         try:
             published = pretrained.published_model(args.checkpoint_dir, args.task)

@@ -16,8 +16,9 @@ from harness import stops
 
 if __name__ == "__main__":
     stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    from harness import cli
+    from harness import cli, threads
 
+    threads.wait_briefly()  # before torch loads: how its idle threads wait
     cli.visualize_parser(__doc__).parse_args()  # -h and a mistyped flag answer before torch loads
 
 

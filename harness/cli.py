@@ -356,4 +356,10 @@ def bench_parser(description):
         action="store_true",
         help="only the training step: faithful, each part of the fast path alone, and all of them",
     )
+    add(
+        "--threads",
+        action="store_true",
+        help="only the set task's epoch with each setting of the CPU threads, quiet and beside 1 "
+        "and 2 busy processes (--rounds turns each, the median counts); takes minutes",
+    )
     return p

@@ -86,15 +86,16 @@ def model_file(run_folder, task="anomaly"):
 HELD_LOCKS = {}  # folder -> (its open .lock, the folders made for it), held until the process ends
 
 
-def lock_folder(folder):
+def lock_folder(folder, made=()):
     """Takes folder for this process alone, before any work there: one run at a time writes a
     task's model, checkpoints and results. The lock is <folder>/.lock, held with flock, which the
     system releases when the process ends in any way, so a killed run never blocks the next; a run
     that ends normally removes it (release_locks). A .lock that is a link, a folder or anything but
-    a file is never opened through. Exits with one line naming the process that holds it."""
+    a file is never opened through. Exits with one line naming the process that holds it. made:
+    folders, outside folder, that were made for the run: removed with the lock where left empty."""
     if fcntl is None or os.path.realpath(folder) in HELD_LOCKS:  # Windows has no flock
         return
-    made = make_folders(folder)
+    made = make_folders(folder) + list(made)
     path = os.path.join(folder, ".lock")
     while True:
         try:  # O_NOFOLLOW: a link planted there is refused, not written through
@@ -228,11 +229,12 @@ def check_before_work(args, lock=True):
                 f"keeps a {kind}. Move it away, or use another --checkpoint-dir."
             )
     try:
+        made = make_folders(run_folder)
         make_writable(run_folder)
     except OSError as error:
         sys.exit(f"error: --checkpoint-dir: cannot write to {run_folder} ({error}).")
-    if lock:
-        lock_folder(os.path.dirname(files[-1]) if args.pretrained else folders[1])
+    if lock:  # the folders made here go too, where the run leaves them empty
+        lock_folder(os.path.dirname(files[-1]) if args.pretrained else folders[1], made)
         say_where(args, run_folder)
     return run_folder, device
 
@@ -622,23 +624,6 @@ def pick_device(accelerator):
     return torch.device(found[0])
 
 
-def cpu_threads(task, devices=1):
-    """The CPU threads a run computes with: one for the sequence tasks, whose tiny steps gain next
-    to nothing from a second but lose much when another process takes a core: PyTorch's threads
-    spin while they wait for each other, so a step waits for the thread that is not running
-    (BENCHMARKS.md, "A shared machine: CPU threads"). The set task keeps the usable cores, shared
-    between the run's processes. Chosen by the work, not by the load of the moment: the same
-    command trains the same model on every run."""
-    return 1 if task != "anomaly" else max(1, usable_cores() // devices)
-
-
-def use_cpu_threads(task, devices=1):
-    """Sets torch's CPU threads to cpu_threads(task, devices), unless OMP_NUM_THREADS chooses (as
-    OMP_NUM_THREADS=1 does best for the set task on a busy machine)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cpu_threads(task, devices))
-
-
 def device_name(device):
     """The GPU's name, or the CPU's as the platform reports it: what results are measured on."""
     device = torch.device(device)
@@ -649,7 +634,8 @@ def device_name(device):
 
 def results_record(result, args, device, seconds, **record):
     """What results.json holds: the accuracies (result), what was tested (record: trained,
-    checkpoint, ...), the run's settings, the device and library versions, and the seconds."""
+    checkpoint, ...), the run's settings, the device, its CPU threads and library versions, and the
+    seconds."""
     versions = {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -662,6 +648,7 @@ def results_record(result, args, device, seconds, **record):
         **record,
         settings=vars(args),
         device=device_name(device),
+        cpu_threads=torch.get_num_threads(),  # their number changes the arithmetic (threads.py)
         versions=versions,
         seconds=seconds,
     )

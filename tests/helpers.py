@@ -44,7 +44,7 @@ def run_script(script, *args, env=None):
     )
 
 
-def run_code(code, *args):
+def run_code(code, *args, env=None):
     """`python -c code args` in the repository: its exit code and output."""
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
@@ -52,6 +52,7 @@ def run_code(code, *args):
         text=True,
         timeout=HANG_GUARD_S,
         cwd=ROOT,
+        env=env,
     )
 
 

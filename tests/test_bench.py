@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
+from harness import cli
 from helpers import ROOT, run_code
 
 
@@ -103,6 +104,6 @@ def test_the_report_begins_with_its_first_line(capsys):
 
 def test_help_states_each_flags_limits(capsys):
     with pytest.raises(SystemExit):
-        bench.make_parser().parse_args(["-h"])
+        cli.bench_parser(bench.__doc__).parse_args(["-h"])
     text = " ".join(capsys.readouterr().out.split())
     assert "at least 50" in text and "0 or more" in text and text.count("at least 1") >= 3

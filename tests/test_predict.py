@@ -231,6 +231,8 @@ def test_offline_runs_fail_fast_and_name_what_is_missing(trained, tmp_path):
     weights_line = [line for line in predicted.stderr.splitlines() if "ResNet34 weights" in line]
     assert len(weights_line) == 1 and str(tmp_path / "torch") in weights_line[0]
     assert weights_line[0] in trained_run.stderr.splitlines()
+    # Nothing of the run that never began is left: no empty folder for its model or its data.
+    assert not (tmp_path / "models").exists() and not (tmp_path / "data").exists()
 
 
 def test_bad_input_to_the_script_is_one_line_and_exit_1(tmp_path):
@@ -324,9 +326,10 @@ def test_a_set_of_like_images_has_no_clear_odd_one(trained, tmp_path, offline_ba
     assert result["clear"] is False and probs[0] < predict.CLEAR_RATIO * probs[1]
     out = capsys.readouterr().out.splitlines()
     table, verdict = out[1:5], out[5]  # after the header; the verdict after the table
-    assert verdict.startswith(f"No clear odd one out: the most likely, {tmp_path / 'set'}/")
+    assert len(out) == 6  # one verdict: no clear odd one, or, as here, none told apart at all
+    assert verdict.startswith("The model cannot tell these pictures apart: each gets about 1/4")
     assert verdict.endswith(
-        f"is not {predict.CLEAR_RATIO:g} times as likely as the next ({table[1].split()[0]})."
+        f"not {predict.CLEAR_RATIO:g} times as likely as the least ({table[-1].split()[0]})."
     )
     # Printed with the decimals that rank them: no two of the four read alike.
     assert len({line.split()[0] for line in table}) == 4 and len(names) == 4
@@ -568,13 +571,41 @@ def test_a_model_at_chance_says_it_cannot_tell_the_pictures_apart(
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "Probability of being the odd one out:"
     assert [line.split()[0] for line in out[1:10]] == ["11.11%"] * 9
-    assert out[10].startswith("No clear odd one out")
-    assert out[11].startswith("The model cannot tell these pictures apart: ")
-    assert "1/9 (11.11%)" in out[11] and len(out) == 12
+    # One verdict: at chance says it all (no "No clear odd one out" line besides).
+    assert out[10].startswith("The model cannot tell these pictures apart: ")
+    assert "1/9 (11.11%)" in out[10] and len(out) == 11
     run(trained, tmp_path / "set", "--ckpt", ckpt, "--json")
     shown = json.loads(capsys.readouterr().out)
     assert shown["at_chance"] is True and shown["clear"] is False
     assert shown["probabilities"] == pytest.approx([1 / 9] * 9)  # the fields there were, kept
+    # Nothing is predicted: no file named as the odd one, only as the most likely.
+    assert shown["predicted_index"] is None and shown["predicted_file"] is None
+    assert shown["most_likely_file"] == shown["files"][shown["most_likely_index"]]
+
+
+def test_the_table_stays_aligned_when_percentages_differ_in_width(capsys):
+    files = ["a.png", "b.png", "c.png", "d.png"]
+    probs = np.array([0.101080, 0.101083, 0.099704, 0.698133])  # 4 decimals tell them apart
+    result = predict.verdict(files, probs, predict.is_clear(probs), predict.at_chance(probs))
+    predict.print_verdict(result, predict.percent_texts(probs))
+    table = capsys.readouterr().out.splitlines()[1:5]
+    assert [line.split()[0] for line in table] == ["69.8133%", "10.1083%", "10.1080%", "9.9704%"]
+    assert len({line.index(".png") for line in table}) == 1  # the names start in one column
+
+
+def test_no_clear_odd_one_names_the_most_likely_and_the_next(capsys):
+    files, probs = ["a.png", "b.png", "c.png", "d.png"], np.array([0.25, 0.32, 0.25, 0.18])
+    clear, chance = predict.is_clear(probs), predict.at_chance(probs)
+    assert not clear and not chance  # 0.32 < 1.5 · 0.25, but 0.32 > 1.5 · 0.18
+    predict.print_verdict(
+        predict.verdict(files, probs, clear, chance), predict.percent_texts(probs)
+    )
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == (
+        "No clear odd one out: the most likely, b.png (32.00%), is not 1.5 times as likely as the "
+        "next (25.00%)."
+    )
+    assert len(out) == 6 and not any("cannot tell" in line for line in out)
 
 
 def test_the_figure_is_named_after_the_table(trained, tmp_path, offline_backbone, capsys):
@@ -687,7 +718,7 @@ def test_pretrained_uses_the_published_model_with_the_imagenet_resnet(
     with torch.no_grad():
         expected = model.anomaly_logits(backbone.eval()(batch)[None])[0].softmax(0).numpy()
     assert printed["probabilities"] == pytest.approx(expected.tolist(), abs=1e-6)
-    assert result["predicted_index"] == int(np.argmax(expected))
+    assert result["most_likely_index"] == int(np.argmax(expected))
     assert sorted(os.listdir(tmp_path / "m")) == ["pretrained"]  # no training, no features
     assert os.listdir(tmp_path / "m" / "pretrained") == ["SetAnomalyTask.ckpt"]
 

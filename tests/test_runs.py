@@ -171,24 +171,6 @@ def test_a_moved_runs_last_checkpoint_is_pointed_at_its_new_folder(tmp_path):
     )
 
 
-def test_threads_follow_the_work_unless_omp_num_threads_chooses(monkeypatch):
-    monkeypatch.setattr(runs, "usable_cores", lambda: 8)
-    assert runs.cpu_threads("reverse") == runs.cpu_threads("seq2seq") == 1
-    # The set task takes the usable cores, shared between its processes.
-    assert [runs.cpu_threads("anomaly", devices) for devices in (1, 2, 3, 16)] == [8, 4, 2, 1]
-    before = torch.get_num_threads()
-    try:
-        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the suite sets it (conftest.py)
-        runs.use_cpu_threads("anomaly", devices=2)
-        assert torch.get_num_threads() == 4
-        monkeypatch.setenv("OMP_NUM_THREADS", "3")
-        torch.set_num_threads(3)  # as torch reads OMP_NUM_THREADS when it loads
-        runs.use_cpu_threads("reverse")
-        assert torch.get_num_threads() == 3  # the user's choice stands
-    finally:
-        torch.set_num_threads(before)
-
-
 def test_weights_that_are_not_finite_are_refused(tmp_path):
     path = tmp_path / "SetAnomalyDetect.ckpt"
     ckpt = small_checkpoint(path)

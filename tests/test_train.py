@@ -62,6 +62,7 @@ def test_synthetic_run_writes_results_and_a_loadable_model(synthetic_run):
     assert results["trained"] is True and results["settings"]["synthetic"] is True
     assert set(results["seconds"]) >= {"features", "train", "evaluate", "total"}
     assert {"torch", "torchvision", "pytorch_lightning"} <= set(results["versions"])
+    assert results["cpu_threads"] == int(os.environ["OMP_NUM_THREADS"])  # 1: conftest.py sets it
     synthetic_dir = os.path.join(checkpoint_dir, "synthetic")
     assert {"train_set_features.tar", "test_set_features.tar", "SetAnomalyDetect.ckpt"} <= set(
         os.listdir(synthetic_dir)
