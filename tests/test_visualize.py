@@ -20,6 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import features
 import visualize
+from harness import runs
 from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 from helpers import drawn, red_and_grey, red_frames, spoil_truncate, true_runs
 from model import AnomalyPredictor, ReversePredictor
@@ -841,3 +842,42 @@ def test_the_even_weight_is_named_in_words_on_each_colour_bar(figures):
     assert bar.get_ylabel() == "attention weight; line: 1/10, all 10 alike"
     (line,) = bar.lines
     assert line.get_xdata()[0] < 0 and line.get_xdata()[1] > 1  # out past both edges of the bar
+
+
+def test_a_loss_flat_at_chance_looks_flat(made_up_run, tmp_path, figures):
+    # A loss that stays at chance, 2.2964 to 2.3023 (ln 10 = 2.3026), as an untrained model gives.
+    run = shutil.copytree(made_up_run, tmp_path / "run")
+    logs = run / "synthetic" / "SetAnomalyDetect" / "lightning_logs" / "version_0"
+    shutil.rmtree(logs)
+    events = []
+    for step, loss in enumerate([2.3023, 2.3010, 2.2990, 2.2964]):
+        events += [("train_loss", step, loss), ("epoch", step, step // 2)]
+    write_events(logs, events)
+    visualize.training_curves_figure(str(run), str(tmp_path), synthetic=True)
+    fig = figures[0]
+    loss = fig.axes[0]
+    low, high = loss.get_ylim()
+    assert low == 0 and high >= np.log(10)  # from 0: the fall of 0.006 is a flat line
+    chance = [line for line in loss.lines if line.get_label().startswith("chance")]
+    assert list(chance[0].get_ydata()) == pytest.approx([np.log(10)] * 2)
+    assert fig.get_suptitle() == "Set task training curves (--synthetic)"  # no version_0
+
+
+def test_from_another_folder_it_says_where_the_figures_go(tmp_path, monkeypatch, capsys):
+    repository, elsewhere = tmp_path / "repository", tmp_path / "elsewhere"
+    (repository / "saved_models").mkdir(parents=True)
+    elsewhere.mkdir()
+    for module in (visualize, runs):  # the scripts' folder, as each names it
+        monkeypatch.setattr(module, "ROOT", str(repository))
+    monkeypatch.chdir(elsewhere)
+    visualize.main(["--synthetic"])
+    out = capsys.readouterr().out.splitlines()
+    figures_there = elsewhere / "saved_models" / "synthetic" / "figures"
+    assert out[0] == f"Figures go to {figures_there} (--checkpoint-dir, in this folder)."
+    assert out[1] == (
+        "To draw the runs beside visualize.py instead, add --checkpoint-dir "
+        f"{repository / 'saved_models'}."
+    )
+    monkeypatch.chdir(repository)  # beside the scripts: nothing to say
+    visualize.main(["--synthetic"])
+    assert not capsys.readouterr().out.startswith("Figures go to")
