@@ -797,3 +797,18 @@ def test_chinese_file_names_draw_no_warning(trained, tmp_path, offline_backbone,
     assert "火箭.png" in out  # the terminal shows the names as they are
     if visualize.use_cjk_font() is None:  # no CJK font here: the figure writes codes, and says so
         assert "the figure writes them as codes (\\u732b)" in out
+
+
+def test_pretrained_set_sizes_need_the_cached_test_features(tmp_path, monkeypatch):
+    torch.manual_seed(2)
+    model = AnomalyPredictor(input_dim=512, max_iters=10, **SMALL_SET_MODEL)
+    placed = save_like_the_tutorial(
+        model, str(tmp_path / "m" / "pretrained" / "SetAnomalyTask.ckpt")
+    )
+    publish(monkeypatch, "anomaly", placed, url="http://127.0.0.1:9/")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--pretrained", "--set-sizes", "5", "--checkpoint-dir", str(tmp_path / "m")])
+    assert str(exit_info.value.code) == (
+        f"error: no valid test feature cache in {tmp_path / 'm'}; `python train.py --pretrained "
+        f"--checkpoint-dir {tmp_path / 'm'}` makes it."
+    )
