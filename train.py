@@ -184,11 +184,12 @@ def train_anomaly(args, model_class, hparams, loaders, run_folder):
     else:
         last_path = runs.last_checkpoint(run_folder, args.task)
         folder, log = os.path.dirname(last_path), RunLog(last_path)
-        best = ModelCheckpoint(folder, monitor="val_acc", mode="max", save_weights_only=True)
+        best = runs.BestCheckpoint(folder)  # the best epoch by val_acc, saved before last.ckpt
         last = ModelCheckpoint(folder, filename="last")  # what --resume continues from
         # Logged at least once an epoch, so that even a short run has training curves.
         every = min(50, hparams["max_iters"] // args.epochs)
-        callbacks = [log] if args.fast_dev_run else [log, best, last, runs.KeepRunState(args)]
+        callbacks = [log, runs.StopDiverging(args, folder)]
+        callbacks += [] if args.fast_dev_run else [best, last, runs.KeepRunState(args)]
         trainer = make_trainer(args, root_dir, callbacks, log_every_n_steps=every)
         model = model_class(**hparams, fast_parts=fast_parts)
         if args.compile:

@@ -80,6 +80,19 @@ def positive_float(text):
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # the largest float32: the optimizer computes in float32
+
+
+def learning_rate(text):
+    value = float(text)
+    if not 0.0 < value <= FLOAT32_MAX:
+        raise argparse.ArgumentTypeError(
+            f"must be greater than 0 and at most {FLOAT32_MAX:.4g}, the largest float32 that the "
+            f"optimizer computes with, got {value:g}"
+        )
+    return value
+
+
 def seed(text):
     value = int(text)
     if not 0 <= value < 2**32:
@@ -105,7 +118,7 @@ TASK_FLAGS = [
     ("num_layers", positive_int, "encoder (and decoder) layers"),
     ("dropout", probability, "dropout in the Transformer"),
     ("input_dropout", probability, "dropout on the inputs"),
-    ("lr", positive_float, "Adam learning rate"),
+    ("lr", learning_rate, "Adam learning rate"),
     ("warmup", positive_int, "warm-up steps of the learning-rate schedule"),
     ("epochs", positive_int, "epochs"),
     ("gradient_clip_val", positive_float, "gradient-norm clipping"),

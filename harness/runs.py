@@ -35,6 +35,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torchvision
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import StrategyRegistry
 
@@ -45,8 +46,14 @@ except ImportError:  # Windows
 
 from data import NUM_CATEGORIES
 from features import CACHE_FILES, FEATURE_DIM, cache_path
-from harness.cli import CHECKPOINT_PATH, usable_cores
-from harness.files import make_folders, make_writable, remove_empty, save_atomically
+from harness.cli import CHECKPOINT_PATH, TASK_DEFAULTS, train_command, usable_cores
+from harness.files import (
+    make_folders,
+    make_writable,
+    remove_empty,
+    remove_left_temporaries,
+    save_atomically,
+)
 from model import BitMaskDropout
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository: train.py's
@@ -520,6 +527,11 @@ def resume_from(args, hparams, last):
     clearing its folder (its checkpoints would be mistaken for this run's)."""
     if args.resume:
         hint = "Resume with the settings of the interrupted run, or train anew without --resume."
+        folder = os.path.dirname(last)
+        for name in os.listdir(folder):  # what a killed writer left: last.ckpt.tmp<pid>, say
+            written, _, pid = name.rpartition(".tmp")
+            if written and pid.isdigit():
+                remove_left_temporaries(os.path.join(folder, written))
         try:
             ckpt = read_checkpoint(last)
         except ValueError as error:
@@ -579,6 +591,53 @@ def save_model(ckpt, path, args):
     ckpt = dict(ckpt, train_settings=run_settings(args))
     save_atomically(path, lambda tmp: torch.save(ckpt, tmp))
     shutil.rmtree(os.path.join(path.removesuffix(".ckpt"), "checkpoints"), ignore_errors=True)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """The best epoch's checkpoint, by validation accuracy, written as the epoch ends and just
+    before last.ckpt. Lightning would remove the one it replaces at once, while last.ckpt still
+    named it: a stop between the two writes left a training that --resume could not continue.
+    Here the replaced one goes only as the next epoch starts, when last.ckpt names its successor;
+    so whatever moment a run stops, the best epoch that last.ckpt names is on disk."""
+
+    def __init__(self, dirpath):
+        super().__init__(dirpath, monitor="val_acc", mode="max", save_weights_only=True)
+        self.replaced = []
+
+    def _remove_checkpoint(self, trainer, filepath):
+        self.replaced.append(filepath)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        for path in self.replaced:
+            super()._remove_checkpoint(trainer, path)
+        self.replaced = []
+
+
+class StopDiverging(pl.Callback):
+    """Stops a training whose loss is no longer a finite number, at the first such step and before
+    its update, with one line: a too large learning rate does this, and every later step and
+    checkpoint would hold NaN. Its checkpoints go: resuming would diverge again, and another
+    learning rate is a new training."""
+
+    def __init__(self, args, checkpoints):
+        self.args, self.checkpoints = args, checkpoints
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        if torch.isfinite(loss).all():
+            return
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        args, usual = self.args, TASK_DEFAULTS[self.args.task]["lr"]
+        smaller = usual if args.lr > usual else args.lr / 10  # the task's own, or a tenth
+        command = train_command(
+            "--lr", f"{smaller:g}", synthetic=args.synthetic, checkpoint_dir=args.checkpoint_dir,
+            task=args.task,
+        )  # fmt: skip
+        sys.exit(
+            f"error: the training diverged: its loss became {loss.item()} at epoch "
+            f"{trainer.current_epoch + 1}, step {trainer.global_step + 1}, with --lr {args.lr:g}. "
+            f"Its checkpoints are removed (resuming would diverge again); train anew with a "
+            f"smaller learning rate, e.g. `{command}`."
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

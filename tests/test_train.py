@@ -1,6 +1,7 @@
 """train.py end to end: flags, the --synthetic pipeline, the saved-model path, --resume, several
 processes, precision and compilation, errors."""
 
+import errno
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from helpers import (
     last_of,
     randomise,
     read_results,
+    run_code,
     run_train,
     train_in_process,
 )
@@ -530,3 +532,85 @@ def test_offline_the_message_names_what_runs_without_downloads(tmp_path, monkeyp
     assert "CIFAR-100" in proc.stderr and "resnet34-b627a593.pth" in proc.stderr
     assert "python train.py --synthetic" in proc.stderr and "--pretrained" in proc.stderr
     assert not data.exists()  # no empty folder left for a download that never came
+
+
+# train.py --synthetic as a user starts it, stopped by `how` as the epoch that improves on the best
+# (epoch 2: val 31.82 %, then 32.73 %) ends: its best checkpoint written, last.ckpt not yet.
+STOPPED_IN_THE_WINDOW = """
+import errno, os, runpy, signal, sys
+from harness import runs
+how, save = sys.argv.pop(1), runs.AtomicCheckpointIO.save_checkpoint
+def save_or_stop(self, checkpoint, path, storage_options=None):
+    if str(path).endswith("last.ckpt") and checkpoint["epoch"] == 1:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if how == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+    return save(self, checkpoint, path, storage_options)
+runs.AtomicCheckpointIO.save_checkpoint = save_or_stop
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def model_weights(checkpoint_dir):
+    path = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt")
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("how", ["kill", "term", "full"])
+def test_a_stop_between_the_best_and_the_last_checkpoint_can_be_resumed(
+    synthetic_run, tmp_path, monkeypatch, how
+):
+    folder = copy_caches(synthetic_run, tmp_path / "run")
+    flags = ["--synthetic", "--num-workers", "0", "--checkpoint-dir", folder]
+    if how == "full":  # in this process: last.ckpt cannot be written, as on a full disk
+        save = runs.AtomicCheckpointIO.save_checkpoint
+
+        def fail(io, checkpoint, path, storage_options=None):
+            if str(path).endswith("last.ckpt") and checkpoint["epoch"] == 1:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return save(io, checkpoint, path, storage_options)
+
+        monkeypatch.setattr(runs.AtomicCheckpointIO, "save_checkpoint", fail)
+        with pytest.raises(OSError):
+            train_in_process(*flags)
+        monkeypatch.undo()
+    else:  # a kill -9, or SIGTERM as a scheduler sends it, to the script as a user starts it
+        stopped = run_code(STOPPED_IN_THE_WINDOW, how, *flags)
+        assert stopped.returncode == {"kill": -9, "term": 143}[how], stopped.stderr
+        assert "Traceback" not in stopped.stderr and "Epoch 2/2" in stopped.stdout
+    checkpoints = os.path.dirname(last_of(folder))
+    # The next command, in place or moved, continues it and ends where the uninterrupted run ends.
+    places = [folder] + [shutil.copytree(folder, tmp_path / "moved")] * (how == "kill")
+    for place in places:
+        resumed = train_in_process("--synthetic", "--checkpoint-dir", place, "--resume")
+        assert resumed.returncode == 0, resumed.stderr
+        assert "from epoch 2" in resumed.stdout and "Epoch 2/2" in resumed.stdout
+        expected, weights = model_weights(synthetic_run[0]), model_weights(place)
+        assert all(torch.equal(weights[k], expected[k]) for k in expected)
+    assert not os.path.exists(checkpoints)  # the training is saved: its checkpoints went
+
+
+def test_a_diverging_training_stops_with_one_line_at_the_first_non_finite_loss(
+    synthetic_run, tmp_path
+):
+    folder = copy_caches(synthetic_run, tmp_path)
+    proc = train_in_process("--synthetic", "--checkpoint-dir", folder, "--lr", "1e30")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert re.match(
+        r"error: the training diverged: its loss became (nan|inf) at epoch 1, step \d+, with --lr "
+        r"1e\+30\. Its checkpoints are removed \(resuming would diverge again\); train anew with a "
+        r"smaller learning rate, e\.g\. `python train\.py --synthetic --lr 0\.0005 --checkpoint",
+        proc.stderr,
+    )
+    assert "Epoch 1/2" not in proc.stdout  # stopped within the first epoch
+    assert not os.path.exists(os.path.dirname(last_of(folder)))  # nothing to resume
+    assert not os.path.exists(os.path.join(folder, "synthetic", "SetAnomalyDetect.ckpt"))
+
+
+def test_a_learning_rate_beyond_float32_is_refused_as_parsed(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--lr", "1e308"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert "argument --lr: must be greater than 0 and at most 3.403e+38" in err
