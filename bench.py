@@ -378,7 +378,7 @@ def out_problem(out):
         return f"the folder {folder} is not writable"
     if os.path.exists(out) and not written_by_bench(out):
         return "that file was not written by bench.py; give another name"
-    return None
+    return files.name_too_long(out)
 
 
 def checked_device(p, args):
@@ -386,6 +386,8 @@ def checked_device(p, args):
     before any measuring."""
     if args.steps < 50 or args.warmup < 1 or args.rounds < 1 or args.images < 1:
         p.error("--steps must be at least 50, --warmup, --rounds and --images at least 1")
+    if args.images > ALL_IMAGES:  # CIFAR-100's images, 3 KB each: more would only fill memory
+        p.error(f"--images must be at most {ALL_IMAGES}, CIFAR-100's count, got {args.images}")
     if not 0 <= args.min_seconds < float("inf"):
         p.error("--min-seconds must be a finite number, 0 or more")
     why = out_problem(args.out)

@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 import features
 from data import SetAnomalyDataset
 from harness import cli, pretrained, synthetic
+from harness.files import name_too_long
 from harness.runs import IO_DIMS, ROOT, load_model, model_file, pick_device, run_dir
 from model import AnomalyPredictor
 
@@ -354,6 +355,9 @@ def refuse_unwritable_figure(figure):
         sys.exit(f"error: --figure {figure}: there is no folder {folder}; make it or choose one.")
     if not os.access(folder, os.W_OK | os.X_OK):
         sys.exit(f"error: --figure {figure}: no permission to write in {folder}; choose another.")
+    why = name_too_long(figure)
+    if why:
+        sys.exit(f"error: --figure {figure}: {why}; choose a shorter one.")
 
 
 def verdict(files, probs, clear, chance):

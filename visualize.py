@@ -48,6 +48,7 @@ from harness.files import make_writable, save_atomically
 from harness.runs import (
     IO_DIMS,
     ROOT,
+    last_checkpoint,
     load_model,
     lock_folder,
     model_file,
@@ -413,22 +414,40 @@ def plot_training_curves(path, scalars, title, set_size=10):
     return save_figure(fig, path)
 
 
-def skip(what, why):
-    print(f"skipped {what}: {why}")
+PREDICTION_FIGURES = ("anomaly_prediction.png", "anomaly_mistakes.png")
+SET_FIGURES = ("anomaly_example_sets.png", *PREDICTION_FIGURES)
+
+
+def skip(what, why, out_dir=None, stale=()):
+    """Says why a picture is not drawn; removes the files stale in out_dir that an earlier run drew
+    instead, which would pass for this one's."""
+    gone = [name for name in stale if os.path.isfile(os.path.join(out_dir, name))]
+    for name in gone:
+        os.remove(os.path.join(out_dir, name))
+    note = f" (an earlier {', '.join(gone)} removed)" if gone else ""
+    print(f"skipped {what}: {why}{note}")
     return []
+
+
+def unfinished(run_folder, task, command):
+    """The train.py command that makes a run's missing model: with --resume where a training
+    stopped before its model was saved (a plain run would refuse to start over it)."""
+    return command("--resume") if os.path.isfile(last_checkpoint(run_folder, task)) else command()
 
 
 def reverse_figure(checkpoint_dir, out_dir):
     """[path] of the reverse model's attention map, or [] with a note if there is no usable one."""
     ckpt = model_file(checkpoint_dir, "reverse")
     command = lambda *flags: train_command(*flags, task="reverse", checkpoint_dir=checkpoint_dir)
+    stale = (out_dir, ["reverse_attention.png"])
     if not os.path.isfile(ckpt):
-        return skip("reverse attention map", f"no {ckpt} ({command()} makes it)")
+        why = f"no {ckpt} ({unfinished(checkpoint_dir, 'reverse', command)} makes it)"
+        return skip("reverse attention map", why, *stale)
     try:
         model = load_model(ckpt, ReversePredictor, IO_DIMS["reverse"])[0]
     except ValueError as error:
         why = f"{error} ({command('--retrain')} makes a new one)"
-        return skip("reverse attention map", why)
+        return skip("reverse attention map", why, *stale)
     torch.manual_seed(0)
     sequence = ReverseDataset(model.hparams.num_classes, SEQ_LEN, 1)[0][0]
     x = torch.nn.functional.one_hot(sequence, num_classes=model.hparams.num_classes).float()[None]
@@ -469,7 +488,7 @@ def anomaly_figures(images, labels, checkpoint_dir, out_dir, synthetic=False, nu
     ckpt_path, model = model_file(run_folder), None
     set_size = TASK_DEFAULTS["anomaly"]["set_size"]
     if not os.path.isfile(ckpt_path):
-        why = f"no {ckpt_path} ({command()} makes it)"
+        why = f"no {ckpt_path} ({unfinished(run_folder, 'anomaly', command)} makes it)"
     else:
         try:
             model, ckpt = load_model(ckpt_path, AnomalyPredictor, IO_DIMS["anomaly"])
@@ -481,23 +500,23 @@ def anomaly_figures(images, labels, checkpoint_dir, out_dir, synthetic=False, nu
         no_feats = torch.zeros(len(labels), 1)
         test_sets = SetAnomalyDataset(no_feats, labels, set_size=set_size, train=False).test_sets
     except ValueError as error:
-        return skip("set-task figures", str(error))
+        return skip("set-task figures", str(error), out_dir, SET_FIGURES)
     set_indices = torch.cat([test_sets, torch.arange(len(labels))[:, None]], dim=1)  # anomaly last
     title = "Example test sets: the last image is the anomaly"
     path = os.path.join(out_dir, "anomaly_example_sets.png")
     made = [plot_image_rows(path, images[set_indices[:4]] / 255, title)]
 
     if model is None:
-        return made + skip("set-task prediction figures", why)
+        return made + skip("set-task prediction figures", why, out_dir, PREDICTION_FIGURES)
     meta = synthetic_meta("test") if synthetic else cifar100_meta("test")
     classes = SYNTHETIC["num_classes"] if synthetic else CIFAR100_CLASSES
     cache = cached_test_features(run_folder, meta, classes, f"`{command()}` rebuilds it")
     if cache is None:
         need = f"no usable test feature cache in {run_folder} ({command()} makes it)"
-        return made + skip("set-task prediction figures", need)
+        return made + skip("set-task prediction figures", need, out_dir, PREDICTION_FIGURES)
     if not torch.equal(cache[1], labels):
         why = f"the labels of the test feature cache in {run_folder} are not those of the images"
-        return made + skip("set-task prediction figures", why)
+        return made + skip("set-task prediction figures", why, out_dir, PREDICTION_FIGURES)
     feats = cache[0][set_indices]  # [Sets, SetSize, 512]
     with torch.no_grad():
         probs = torch.cat([model.anomaly_logits(x).softmax(dim=-1) for x in feats.split(500)])
@@ -526,10 +545,10 @@ def training_curves_figure(checkpoint_dir, out_dir, synthetic=False):
         found = newest_training_logs(logs)
     except Exception as error:  # a damaged or unreadable event file fails in many ways
         why = f"the TensorBoard logs in {logs} cannot be read ({type(error).__name__})"
-        return skip("training curves", why)
+        return skip("training curves", why, out_dir, ["training_curves.png"])
     if found is None:
         why = f"no TensorBoard logs of training in {logs} ({command} makes them)"
-        return skip("training curves", why)
+        return skip("training curves", why, out_dir, ["training_curves.png"])
     folder, scalars = found
     title = "Set task training curves" + (" (--synthetic)" if synthetic else "")
     path = os.path.join(out_dir, "training_curves.png")
@@ -581,7 +600,8 @@ def main(argv=None):
     test_images = open_test_images(args.data_dir, args.synthetic)
     if test_images is None:
         where = os.path.abspath(args.data_dir)
-        skip("set-task figures", f"no CIFAR-100 in {where} ({train_command()} downloads it)")
+        why = f"no CIFAR-100 in {where} ({train_command()} downloads it)"
+        skip("set-task figures", why, out_dir, SET_FIGURES)
     else:
         made += anomaly_figures(*test_images, args.checkpoint_dir, out_dir, args.synthetic)
     made += training_curves_figure(args.checkpoint_dir, out_dir, args.synthetic)

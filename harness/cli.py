@@ -349,7 +349,7 @@ def bench_parser(description):
         "--images",
         type=int,
         default=256,
-        help="images to time extraction on, at least 1 (default: 256)",
+        help="images to time extraction on, 1 to 60000 (default: 256)",
     )
     add(
         "--min-seconds",

@@ -76,6 +76,19 @@ def remove_empty(folders):
             os.rmdir(folder)
 
 
+def name_too_long(path):
+    """Why path cannot be written under its own name and save_atomically's temporary one
+    (path.tmp<process id>), or None: a name longer than its folder's file system takes, found out
+    before the work whose result it would hold."""
+    folder, name = os.path.split(os.path.abspath(path))
+    longest = os.pathconf(folder, "PC_NAME_MAX") if os.path.isdir(folder) else 255
+    temporary = f"{name}.tmp{os.getpid()}"
+    if len(temporary.encode()) > longest:
+        room = longest - len(temporary.encode()) + len(name.encode())
+        return f"its name is too long: at most {room} bytes here, {len(name.encode())} given"
+    return None
+
+
 class WriteError(OSError):
     """A file could not be written (disk full, no permission); the message names the file, the
     cause and the space left. Nothing half-written is left behind."""

@@ -19,6 +19,7 @@ uses. train.py, predict.py, visualize.py and bench.py share these.
 """
 
 import atexit
+import contextlib
 import difflib
 import glob
 import inspect
@@ -48,6 +49,7 @@ from data import NUM_CATEGORIES
 from features import CACHE_FILES, FEATURE_DIM, cache_path
 from harness.cli import CHECKPOINT_PATH, TASK_DEFAULTS, train_command, usable_cores
 from harness.files import (
+    free_mb,
     make_folders,
     make_writable,
     remove_empty,
@@ -116,22 +118,55 @@ def lock_folder(folder, made=()):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = f.read().strip() or "another process"
-            sys.exit(
-                f"error: {folder} is in use by {holder}. Wait for it to finish, or use another "
-                "--checkpoint-dir."
-            )
+            refuse_in_use(folder, f.read())
         # A run that finished between the open and the flock removed the file locked here: lock
         # the one at the path now, or two runs would each hold a file of their own.
         if is_file_at(f, path):
             break
         f.close()
-    f.truncate()
-    f.write(f"process {os.getpid()} ({' '.join(['python', *sys.argv])})")
-    f.flush()
+    try:
+        write_holder(f)
+    except OSError as error:  # a full disk, say: no lock left behind, and the file named
+        f.close()
+        os.remove(path)
+        remove_empty(made)
+        sys.exit(
+            f"error: cannot write {path} ({error.strerror}; {free_mb(folder):.0f} MB free there). "
+            "Free some space, or use another --checkpoint-dir."
+        )
     if not HELD_LOCKS:
         atexit.register(release_locks)
     HELD_LOCKS[os.path.realpath(folder)] = f, made
+
+
+def write_holder(f):
+    """Writes into the lock file f which process holds it: a second run names it."""
+    f.truncate()
+    f.write(f"process {os.getpid()} ({' '.join(['python', *sys.argv])})")
+    f.flush()
+
+
+def refuse_in_use(folder, holder):
+    """Exits: folder is taken by the live process that holder (its .lock's text) names, shown
+    printable (the text is any process's, escape sequences included)."""
+    holder = "".join(c if c.isprintable() else "?" for c in holder.strip()[:500])
+    sys.exit(
+        f"error: {folder} is in use by {holder or 'another process'}. Wait for it to finish, or "
+        "use another --checkpoint-dir."
+    )
+
+
+def holder_of(folder):
+    """The text of folder's .lock if a live process holds it, else None."""
+    path = os.path.join(folder, ".lock")
+    if fcntl is None or not os.path.isfile(path) or os.path.islink(path):
+        return None
+    with open(path) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return f.read()
+    return None
 
 
 def release_locks():
@@ -140,8 +175,9 @@ def release_locks():
     The folders made for a lock go too where the run left them empty (it failed offline, say)."""
     for folder, (f, made) in HELD_LOCKS.items():
         path = os.path.join(folder, ".lock")
-        if is_file_at(f, path):
-            os.remove(path)
+        with contextlib.suppress(OSError):  # a folder made read-only meanwhile keeps it: harmless
+            if is_file_at(f, path):
+                os.remove(path)
         f.close()
         remove_empty(made)
     HELD_LOCKS.clear()
@@ -201,6 +237,13 @@ def check_before_work(args, lock=True):
     started takes no lock. (The flags' own values were checked as they were parsed: cli.py.)"""
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     last = last_checkpoint(run_folder, args.task)
+    saved = model_file(run_folder, args.task)
+    if args.resume and not os.path.isfile(last) and os.path.isfile(saved):
+        sys.exit(
+            f"error: --resume: the training finished and its model is saved as {saved}; nothing "
+            "is left to resume. Run without --resume to evaluate it, or with --retrain to train "
+            "anew."
+        )
     if args.resume and not os.path.isfile(last):
         sys.exit(
             f"error: --resume found no {last} to continue from. Run without --resume to start anew."
@@ -221,8 +264,10 @@ def check_before_work(args, lock=True):
             f"{'CPU cores' if device.type == 'cpu' else device.type.upper() + ' devices'} to train "
             "on, a process each. Use fewer."
         )
-    saved = model_file(run_folder, args.task)
     training = not (args.resume or args.retrain or args.fast_dev_run or args.pretrained)
+    holder = holder_of(task_dir(run_folder, args.task)) if lock else None
+    if holder is not None:  # a live run, not a stopped one: say so before anything else
+        refuse_in_use(task_dir(run_folder, args.task), holder)
     if training and os.path.isfile(last) and not os.path.isfile(saved):  # never deleted unasked
         sys.exit(
             f"error: {last} holds a training that stopped before its model was saved: run the same "

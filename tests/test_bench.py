@@ -106,4 +106,16 @@ def test_help_states_each_flags_limits(capsys):
     with pytest.raises(SystemExit):
         cli.bench_parser(bench.__doc__).parse_args(["-h"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "at least 50" in text and "0 or more" in text and text.count("at least 1") >= 3
+    assert "at least 50" in text and "0 or more" in text and text.count("at least 1") >= 2
+    assert "1 to 60000" in text
+
+
+@pytest.mark.parametrize(
+    "flags, said",
+    [(["--images", "100000000000"], "--images must be at most 60000, CIFAR-100's count"),
+     (["--out", "b" * 250 + ".json"], "its name is too long: at most")],
+)  # fmt: skip
+def test_what_could_never_be_measured_or_kept_is_refused_before_measuring(flags, said, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(flags)
+    assert exit_info.value.code == 2 and said in capsys.readouterr().err

@@ -812,3 +812,13 @@ def test_pretrained_set_sizes_need_the_cached_test_features(tmp_path, monkeypatc
         f"error: no valid test feature cache in {tmp_path / 'm'}; `python train.py --pretrained "
         f"--checkpoint-dir {tmp_path / 'm'}` makes it."
     )
+
+
+def test_a_figure_name_too_long_for_the_disk_is_refused_before_any_work(tmp_path, capsys):
+    write_set(tmp_path / "set", 0, size=2)
+    figure = tmp_path / ("x" * 251 + ".png")  # 255 bytes: the file system's most, no room for .tmp
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(tmp_path / "set"), "--figure", str(figure)])
+    assert str(exit_info.value.code).startswith(f"error: --figure {figure}: its name is too long: ")
+    assert "choose a shorter one" in str(exit_info.value.code)
+    assert capsys.readouterr().out == ""  # no model loaded, no picture read

@@ -2,8 +2,11 @@
 never as code, and a moved run's last.ckpt pointed at its new folder; the device and the CPU
 threads a run uses."""
 
+import errno
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +44,16 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_noth
         wait_for(lambda: "Epoch 1/50:" in log.read_text() and os.path.isfile(last), first)
         second = train_in_process("--synthetic", "--checkpoint-dir", folder, *SMALL,
                                   "--retrain", "--seed", "2")  # fmt: skip
-        assert first.poll() is None  # the refusal came while the first run trained
+        # The same command again: the first is live, not a training that stopped.
+        again = train_in_process("--synthetic", "--checkpoint-dir", folder, *SMALL, "--seed", "1")
+        assert first.poll() is None  # the refusals came while the first run trained
     finally:
         first.send_signal(signal.SIGKILL)  # as a crash or `kill -9` would end it
         first.wait(timeout=HANG_GUARD_S)
     assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
     assert f"{task} is in use by process {first.pid} (python train.py --synthetic" in second.stderr
     assert "Loaded" not in second.stdout  # refused before any work
+    assert again.returncode == 1 and again.stderr == second.stderr
     # Only the first run's last.ckpt and best epoch: no last-v1.ckpt of a second.
     assert sorted(os.listdir(os.path.join(task, "checkpoints")))[-1] == "last.ckpt"
     assert len(os.listdir(os.path.join(task, "checkpoints"))) <= 2
@@ -308,3 +314,62 @@ def test_each_process_is_seeded_apart_and_one_process_is_left_alone(monkeypatch)
         # The seed Lightning's DistributedSampler shuffles with stays the run's in every process.
         assert os.environ["PL_GLOBAL_SEED"] == "42"
     assert draws[0][0] != draws[1][0] and draws[0][1] != draws[1][1]
+
+
+HOLD_THE_LOCK = """
+import fcntl, sys, time
+with open(sys.argv[1], "w") as f:
+    f.write(sys.argv[2])
+    f.flush()
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(runs.fcntl is None, reason="no flock here")
+def test_a_lock_holders_text_is_shown_printable(tmp_path):
+    task = tmp_path / "synthetic" / "SetAnomalyDetect"
+    task.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK, str(task / ".lock"), "process 7 (\x1b[31mred\x07)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(SystemExit) as exit_info:
+            runs.check_before_work(parse_args(["--synthetic", "--checkpoint-dir", str(tmp_path)]))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert str(exit_info.value.code) == (
+        f"error: {task} is in use by process 7 (?[31mred?). Wait for it to finish, or use "
+        "another --checkpoint-dir."
+    )
+
+
+def test_resume_after_the_model_was_saved_says_what_a_plain_run_does(tmp_path):
+    args = parse_args(["--synthetic", "--checkpoint-dir", str(tmp_path), "--resume"])
+    saved = runs.model_file(runs.run_dir(str(tmp_path), True))
+    os.makedirs(os.path.dirname(saved))
+    Path(saved).write_bytes(b"")
+    with pytest.raises(SystemExit) as exit_info:
+        runs.check_before_work(args)
+    assert str(exit_info.value.code) == (
+        f"error: --resume: the training finished and its model is saved as {saved}; nothing is "
+        "left to resume. Run without --resume to evaluate it, or with --retrain to train anew."
+    )
+
+
+def test_a_lock_that_cannot_be_written_is_one_line_and_left_nowhere(tmp_path, monkeypatch):
+    def full(f):  # a disk with no room left for the holder's line
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runs, "write_holder", full)
+    folder = tmp_path / "run" / "SetAnomalyDetect"
+    with pytest.raises(SystemExit) as exit_info:
+        runs.lock_folder(str(folder))
+    message = str(exit_info.value.code)
+    assert message.startswith(f"error: cannot write {folder / '.lock'} (No space left on device; ")
+    assert message.endswith(" MB free there). Free some space, or use another --checkpoint-dir.")
+    assert not (tmp_path / "run").exists()  # no lock, and no folder made for it

@@ -184,9 +184,10 @@ def test_a_stop_while_saving_keeps_the_training_and_says_how_to_save_it(
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Saved the best epoch" in proc.stdout and "Epoch 1/1" not in proc.stdout
     assert read_results(checkpoint_dir)["trained"] is True
-    # Finished and saved: nothing is left to resume.
+    # Finished and saved: nothing is left to resume, and the message says what a plain run does.
     proc = train_in_process(*command, "--resume")
-    assert proc.returncode == 1 and "--resume found no" in proc.stderr
+    assert proc.returncode == 1 and "the training finished and its model is saved" in proc.stderr
+    assert "Run without --resume to evaluate it" in proc.stderr
 
 
 def val_accuracies(output):

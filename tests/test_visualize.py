@@ -881,3 +881,21 @@ def test_from_another_folder_it_says_where_the_figures_go(tmp_path, monkeypatch,
     monkeypatch.chdir(repository)  # beside the scripts: nothing to say
     visualize.main(["--synthetic"])
     assert not capsys.readouterr().out.startswith("Figures go to")
+
+
+def test_a_picture_that_cannot_be_drawn_now_leaves_no_older_one_behind(tmp_path, capsys):
+    (tmp_path / "training_curves.png").write_bytes(b"an earlier run's curves")
+    assert visualize.training_curves_figure(str(tmp_path / "models"), str(tmp_path)) == []
+    assert not (tmp_path / "training_curves.png").exists()
+    assert capsys.readouterr().out.endswith("(an earlier training_curves.png removed)\n")
+
+
+def test_a_training_that_stopped_is_pointed_to_resume(made_up_run, tmp_path, capsys):
+    run = shutil.copytree(made_up_run, tmp_path / "run")
+    model = run / "synthetic" / "SetAnomalyDetect.ckpt"
+    last = run / "synthetic" / "SetAnomalyDetect" / "checkpoints" / "last.ckpt"
+    last.parent.mkdir()
+    os.replace(model, last)  # as a training that stopped before its model was saved leaves it
+    visualize.main(["--synthetic", "--checkpoint-dir", str(run)])
+    (note,) = [line for line in capsys.readouterr().out.splitlines() if "prediction" in line]
+    assert note.endswith(f"(python train.py --synthetic --resume --checkpoint-dir {run} makes it)")
