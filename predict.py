@@ -269,17 +269,49 @@ def percent_texts(probs):
 
 
 @torch.no_grad()
-def predict(model, backbone, images, device, image_size=features.IMAGE_SIZE):
+def predict(model, backbone, images, device, image_size=features.IMAGE_SIZE, maps=True):
     """(probabilities [N] that each of images [N, 32, 32, 3] uint8 is the odd one out, attention
-    maps: layers × [Head, N, N])."""
+    maps: layers × [Head, N, N], or None without maps: they take N² numbers a head and a layer)."""
     dataset = features.ImageArray(images, [0] * len(images), features.image_transform(image_size))
     feats = features.extract_features(
         backbone, dataset, device, batch_size=32, num_workers=0, desc="images"
     )
     x = feats[None].to(device)  # one set: [1, N, 512]
-    probs = model.anomaly_logits(x)[0].softmax(dim=0)
+    probs = model.anomaly_logits(x)[0].softmax(dim=0).cpu().numpy()
+    if not maps:
+        return probs, None
     maps = model.get_attention_maps(x, add_positional_encoding=False)
-    return probs.cpu().numpy(), [m[0].cpu().numpy() for m in maps]
+    return probs, [m[0].cpu().numpy() for m in maps]
+
+
+MOST_IN_A_FIGURE = 100  # pictures a figure shows legibly: 10 rows of 10, maps of 100 positions
+
+
+def free_bytes(device):
+    """Bytes of memory free for the computation on device: the GPU's, or the machine's (Linux's
+    MemAvailable); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def refuse_too_large(count, model, device):
+    """Exits before the model runs if one set of count pictures needs more memory than device has
+    free: each layer's attention holds heads × count² numbers, about three times over while it is
+    computed (logits, softmax, dropout's copy), float32."""
+    free, heads = free_bytes(device), model.hparams.num_heads
+    if free is None or 3 * 4 * heads * count**2 <= free:
+        return
+    most = int((free / (3 * 4 * heads)) ** 0.5)
+    sys.exit(
+        f"error: a set of {count} pictures needs {3 * 4 * heads * count**2 / 2**30:.1f} GB for its "
+        f"attention, and {free / 2**30:.1f} GB are free here: give at most {most} pictures."
+    )
 
 
 @torch.no_grad()
@@ -440,12 +472,15 @@ def predict_or_measure(p, args, out):
     if args.figure:
         check_figure(p, args, files)
         refuse_unwritable_figure(args.figure)
+        if len(files) > MOST_IN_A_FIGURE:
+            p.error(f"--figure shows at most {MOST_IN_A_FIGURE} pictures; {len(files)} given")
     if len(files) < 2:
         sys.exit(f"error: an odd one out needs at least two images; got {len(files)}.")
     images = load_images(files)
     model, backbone = set_model_and_backbone(args, ckpt, device)
     image_size = synthetic.SYNTHETIC["image_size"] if args.synthetic else features.IMAGE_SIZE
-    probs, maps = predict(model, backbone, images, device, image_size)
+    refuse_too_large(len(images), model, device)
+    probs, maps = predict(model, backbone, images, device, image_size, maps=bool(args.figure))
     if not np.isfinite(probs).all():
         refuse_unusable_model(args)
     names = [os.path.basename(f) for f in files]

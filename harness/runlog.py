@@ -13,6 +13,8 @@ import warnings
 import pytorch_lightning as pl
 from tqdm.auto import tqdm
 
+from harness import stops
+
 
 def quiet_lightning():
     """Silences what would bury the run's own lines: Lightning's INFO lines (devices found, a
@@ -113,3 +115,4 @@ class RunLog(pl.Callback):
         else:
             note = "no epoch had finished, so nothing was saved: run the same command again."
         print(f"\nInterrupted; {note}", file=sys.stderr, flush=True)
+        stops.SAID.append(note)  # run_main, after Lightning's exit, says no second line

@@ -248,6 +248,11 @@ def check_before_work(args, lock=True):
         sys.exit(
             f"error: --resume found no {last} to continue from. Run without --resume to start anew."
         )
+    if args.resume:  # the run settings (--fast, --precision, ...) need no data: before any work
+        try:
+            refuse_other_settings(last, read_checkpoint(last), {}, args, RESUME_HINT, resume=True)
+        except ValueError as error:
+            sys.exit(f"error: {error}. {RESUME_HINT}")
     known = lightning_strategies()
     if args.strategy not in known:
         close = difflib.get_close_matches(args.strategy, known, n=1)
@@ -285,6 +290,10 @@ def check_before_work(args, lock=True):
         make_writable(run_folder)
     except OSError as error:
         sys.exit(f"error: --checkpoint-dir: cannot write to {run_folder} ({error}).")
+    if args.compile:  # torch.compile's caches with the run's files, not in the system's /tmp
+        cache = os.path.join(os.path.abspath(run_folder), "torch_compile_cache")
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache)
+        os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(cache, "triton"))
     if lock:  # the folders made here go too, where the run leaves them empty
         lock_folder(os.path.dirname(files[-1]) if args.pretrained else folders[1], made)
         say_where(args, run_folder)
@@ -566,12 +575,15 @@ def load_saved_model(path, model_class, hparams, args, fast_parts=()):
     return model
 
 
+RESUME_HINT = "Resume with the settings of the interrupted run, or train anew without --resume."
+
+
 def resume_from(args, hparams, last):
     """With --resume, the last checkpoint, once its schedule, settings and weights are shown to fit
     what is asked, and its paths moved to where the run folder is now; otherwise None, after
     clearing its folder (its checkpoints would be mistaken for this run's)."""
     if args.resume:
-        hint = "Resume with the settings of the interrupted run, or train anew without --resume."
+        hint = RESUME_HINT
         folder = os.path.dirname(last)
         for name in os.listdir(folder):  # what a killed writer left: last.ckpt.tmp<pid>, say
             written, _, pid = name.rpartition(".tmp")

@@ -8,6 +8,15 @@ import os
 import signal
 import sys
 
+SAID = []  # whether this process has said why it stopped: one line, never two
+
+
+def say_interrupted(note):
+    """The one line of a stop, "Interrupted; " and note, on stderr: once a process."""
+    if not SAID:
+        SAID.append(note)
+        print(f"\nInterrupted; {note}", file=sys.stderr, flush=True)
+
 
 def stop_while_starting(signum, frame):
     print("\nInterrupted while starting; nothing was written.", file=sys.stderr, flush=True)
@@ -55,6 +64,8 @@ def run_main(main, note):
     KeyboardInterrupt: one line (RunLog's during training, otherwise "Interrupted; " and note) and
     the exit code 128 + the signal's number, 130 or 143. A file that cannot be written is one line,
     exit code 1."""
+    import threading
+
     from harness.files import WRITE_ERRNOS, WriteError, free_mb  # loaded by the script already
 
     stopped = []
@@ -65,21 +76,29 @@ def run_main(main, note):
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
+    threading.excepthook = thread_errors
     try:
         main()
     except KeyboardInterrupt as interrupt:  # a stop raised with a note of its own says that one
-        print(f"\nInterrupted; {interrupt.args[0] if interrupt.args else note}", file=sys.stderr)
+        say_interrupted(interrupt.args[0] if interrupt.args else note)
     except SystemExit:
-        if not stopped:  # an error's own line; after a stop, Lightning's exit once RunLog spoke
+        if not stopped:  # an error's own line
             raise
+        say_interrupted(note)  # Lightning's exit after a stop: RunLog's line, or this one
     except WriteError as error:
         sys.exit(f"error: {error}")
     except OSError as error:  # a write of Lightning's (a checkpoint) on a full disk, say
+        where = os.fsdecode(error.filename2 or error.filename or "") or None  # bytes, or str
+        if (
+            isinstance(error, FileNotFoundError)
+            and where
+            and not os.path.isdir(os.path.dirname(os.path.abspath(where)))
+        ):  # its folder was there when the run began: removed meanwhile
+            sys.exit(f"error: cannot write {where}: its folder was removed while the command ran.")
         if error.errno not in WRITE_ERRNOS:
             raise
         if error.filename2 and os.path.isfile(error.filename2):
             os.remove(error.filename2)  # the end of a copy cut short: never to be trusted
-        where = error.filename2 or error.filename
         free = free_mb(os.path.dirname(os.path.abspath(where)) if where else ".")
         sys.exit(
             f"error: cannot write {where or 'a file'} ({error.strerror}; {free:.0f} MB free there)"
@@ -91,6 +110,23 @@ def run_main(main, note):
             signal.signal(signum, stop_while_ending)
     if stopped:
         sys.exit(128 + stopped[0])
+    if THREAD_ERRORS:
+        sys.exit(f"error: {THREAD_ERRORS[0]}")
+
+
+THREAD_ERRORS = []  # the writes that failed in other threads than the main one
+
+
+def thread_errors(args):
+    """threading.excepthook: a write that fails in a library's thread (TensorBoard's log writer,
+    when the run's folder is removed or made read-only) is kept for run_main to report in one line,
+    unless the main thread's own next write fails and says it; any other error as Python shows
+    it."""
+    if not issubclass(args.exc_type, OSError):
+        return sys.__excepthook__(args.exc_type, args.exc_value, args.exc_traceback)
+    error = args.exc_value
+    where = os.fsdecode(error.filename) if error.filename else "a file"
+    THREAD_ERRORS.append(f"cannot write {where} ({error.strerror or error})")
 
 
 def stop_while_ending(signum, frame):

@@ -822,3 +822,27 @@ def test_a_figure_name_too_long_for_the_disk_is_refused_before_any_work(tmp_path
     assert str(exit_info.value.code).startswith(f"error: --figure {figure}: its name is too long: ")
     assert "choose a shorter one" in str(exit_info.value.code)
     assert capsys.readouterr().out == ""  # no model loaded, no picture read
+
+
+def test_a_set_too_large_for_the_memory_here_is_refused_before_the_model_runs(
+    trained, tmp_path, offline_backbone, monkeypatch
+):
+    write_set(tmp_path / "set", 0, size=12)
+    monkeypatch.setattr(predict, "free_bytes", lambda device: 3 * 4 * 2 * 10**2)  # 10 fit
+    with pytest.raises(SystemExit) as exit_info:
+        run(trained, tmp_path / "set")
+    assert str(exit_info.value.code) == (
+        "error: a set of 12 pictures needs 0.0 GB for its attention, and 0.0 GB are free here: "
+        "give at most 10 pictures."
+    )
+
+
+def test_a_figure_of_more_pictures_than_it_shows_legibly_is_refused(tmp_path, capsys):
+    folder = tmp_path / "many"
+    write_set(folder, 0, size=2)
+    for i in range(predict.MOST_IN_A_FIGURE):
+        shutil.copy(folder / "a.png", folder / f"copy{i}.png")
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main([str(folder), "--figure", str(tmp_path / "odd.png")])
+    assert exit_info.value.code == 2
+    assert "--figure shows at most 100 pictures; 102 given" in capsys.readouterr().err

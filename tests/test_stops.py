@@ -140,3 +140,42 @@ def test_sigterm_to_the_whole_group_while_extracting_is_one_line(tmp_path):
     assert run.returncode == 128 + signal.SIGTERM
     assert stderr == "\nInterrupted; every file is whole: run the same command again to go on.\n"
     assert not os.path.exists(tmp_path / "synthetic")  # no cache, whole or half; no empty folder
+
+
+# A command's main run by run_main, as each script runs it: what `how` makes of it.
+RUN_MAIN = """
+import os, signal, sys, threading
+from harness import stops
+how = sys.argv[1]
+
+def main():
+    if how == "stop-in-lightning":  # Lightning catches a stop and exits with 1, saying nothing
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except KeyboardInterrupt:
+            sys.exit(1)
+    if how == "thread-write":  # TensorBoard's writer thread, its folder gone
+        error = FileNotFoundError(2, "No such file or directory", b"/gone/events.out")
+        thread = threading.Thread(target=lambda: (_ for _ in ()).throw(error))
+        thread.start()
+        thread.join()
+    if how == "folder-removed":
+        open("/gone/run/last.ckpt", "wb")
+
+stops.run_main(main, "no results were written.")
+"""
+
+
+@pytest.mark.parametrize(
+    "how, code, line",
+    [("stop-in-lightning", 143, "\nInterrupted; no results were written.\n"),
+     ("thread-write", 1, "error: cannot write /gone/events.out (No such file or directory)\n"),
+     ("folder-removed", 1,
+      "error: cannot write /gone/run/last.ckpt: its folder was removed while the command ran.\n")],
+)  # fmt: skip
+def test_what_a_library_makes_of_a_stop_or_a_failed_write_is_one_line(how, code, line):
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_MAIN, how], capture_output=True, text=True, cwd=ROOT,
+        timeout=HANG_GUARD_S,
+    )  # fmt: skip
+    assert (proc.returncode, proc.stderr) == (code, line)

@@ -619,3 +619,22 @@ def test_a_learning_rate_beyond_float32_is_refused_as_parsed(capsys):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1
     assert "argument --lr: must be greater than 0 and at most 3.403e+38" in err
+
+
+def test_resume_with_other_run_settings_is_refused_before_any_extraction(interrupted_run, tmp_path):
+    folder = shutil.copytree(interrupted_run[0], tmp_path / "run")
+    proc = train_in_process(*RESUMED, "--checkpoint-dir", folder, "--fast", "--resume")
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "without --fast (asked with)" in proc.stderr  # the interrupted run's, then the asked
+    assert proc.stdout == ""  # no feature extracted, nothing loaded
+    assert not any(name.endswith("_fast.tar") for name in os.listdir(folder / "synthetic"))
+
+
+def test_compile_caches_go_with_the_run(tmp_path, monkeypatch):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)  # the suite sets one (conftest.py)
+    args = parse_args(["--synthetic", "--compile", "--checkpoint-dir", str(tmp_path)])
+    runs.check_before_work(args, lock=False)
+    cache = tmp_path / "synthetic" / "torch_compile_cache"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")

@@ -898,4 +898,4 @@ def test_a_training_that_stopped_is_pointed_to_resume(made_up_run, tmp_path, cap
     os.replace(model, last)  # as a training that stopped before its model was saved leaves it
     visualize.main(["--synthetic", "--checkpoint-dir", str(run)])
     (note,) = [line for line in capsys.readouterr().out.splitlines() if "prediction" in line]
-    assert note.endswith(f"(python train.py --synthetic --resume --checkpoint-dir {run} makes it)")
+    assert f"(python train.py --synthetic --resume --checkpoint-dir {run} makes it)" in note
