@@ -4,6 +4,7 @@ Only the standard library here, and nothing imported before the signals are caug
 script sets this up before the large libraries load (which takes seconds).
 """
 
+import contextlib
 import os
 import signal
 import sys
@@ -63,7 +64,34 @@ def run_main(main, note):
     """Runs a script's main() as a user's command. Ctrl-C and SIGTERM stop it alike, as a
     KeyboardInterrupt: one line (RunLog's during training, otherwise "Interrupted; " and note) and
     the exit code 128 + the signal's number, 130 or 143. A file that cannot be written is one line,
-    exit code 1."""
+    exit code 1. Then the process ends at once (end)."""
+    try:
+        run_and_report(main, note)
+    except SystemExit as stop:
+        code = stop.code
+    else:
+        code = 0
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+    end(1 if isinstance(code, str) else code or 0)
+
+
+def end(code):
+    """Ends the process with code once its atexit functions ran (the run's locks go) and its
+    output is flushed, without the interpreter's own finalization: there Python gives the signals
+    back to the system, and a SIGTERM in its seconds of module teardown killed the command without
+    a word."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe, a closed stream
+            stream.flush()
+    os._exit(code)
+
+
+def run_and_report(main, note):
+    """run_main's work: main(), each way it stops said in one line."""
     import threading
 
     from harness.files import WRITE_ERRNOS, WriteError, free_mb  # loaded by the script already

@@ -373,3 +373,19 @@ def test_a_lock_that_cannot_be_written_is_one_line_and_left_nowhere(tmp_path, mo
     assert message.startswith(f"error: cannot write {folder / '.lock'} (No space left on device; ")
     assert message.endswith(" MB free there). Free some space, or use another --checkpoint-dir.")
     assert not (tmp_path / "run").exists()  # no lock, and no folder made for it
+
+
+@pytest.mark.skipif(runs.fcntl is None, reason="no flock here")
+def test_a_lock_in_a_folder_made_read_only_is_let_go_without_an_error(tmp_path, monkeypatch):
+    runs.lock_folder(str(tmp_path))
+
+    def read_only(path):  # what removing a file from a read-only folder raises
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(runs.os, "remove", read_only)
+    runs.release_locks()  # at exit: no "Exception ignored in atexit callback"
+    monkeypatch.undo()
+    assert runs.HELD_LOCKS == {} and (tmp_path / ".lock").exists()
+    runs.lock_folder(str(tmp_path))  # let go: the next run takes it
+    runs.release_locks()
+    assert not (tmp_path / ".lock").exists()

@@ -1,6 +1,7 @@
 """stops.py: a command stopped early (Ctrl-C or SIGTERM at any moment, a full disk, a torchvision
 of another build) says so in one line and exits with a code, never a traceback."""
 
+import contextlib
 import errno
 import os
 import signal
@@ -59,7 +60,7 @@ def test_a_write_on_a_full_disk_is_one_line_and_leaves_no_half_file(tmp_path, mo
         raise OSError(errno.ENOSPC, "No space left on device", "/tmp/tmpz8y_l3tk", None, str(half))
 
     with pytest.raises(SystemExit) as exit_info:
-        stops.run_main(copy_fails, "")
+        stops.run_and_report(copy_fails, "")
     message = str(exit_info.value.code)
     assert message.startswith(f"error: cannot write {half} (No space left on device; ")
     assert message.endswith(" MB free there)") and not half.exists()
@@ -179,3 +180,21 @@ def test_what_a_library_makes_of_a_stop_or_a_failed_write_is_one_line(how, code,
         timeout=HANG_GUARD_S,
     )  # fmt: skip
     assert (proc.returncode, proc.stderr) == (code, line)
+
+
+def test_a_command_ends_without_the_interpreters_teardown_where_a_stop_is_unheard():
+    # An object whose teardown takes seconds, as a large library's can at interpreter exit, where
+    # Python has given the signals back to the system and SIGTERM killed the command unheard.
+    code = (
+        "import time; from harness import stops\n"
+        "class Slow:\n    def __del__(self): time.sleep(5)\n"
+        "slow = Slow()\n"
+        "stops.run_main(lambda: print('done', flush=True), '')"
+    )
+    run = run_python(code)
+    assert run.stdout.readline() == "done\n"
+    time.sleep(0.5)  # where the teardown would be
+    with contextlib.suppress(ProcessLookupError):  # gone already: ended at once
+        run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=HANG_GUARD_S)
+    assert run.returncode == 0 and stderr == ""
