@@ -115,6 +115,14 @@ def run_and_report(main, note):
         say_interrupted(note)  # Lightning's exit after a stop: RunLog's line, or this one
     except WriteError as error:
         sys.exit(f"error: {error}")
+    except RuntimeError as error:
+        # A process that Lightning's DDP started (LOCAL_RANK 1, 2, ...) whose first process was
+        # killed: gloo reports the lost connection as an error of its own. The first one speaks.
+        rank = os.environ.get("LOCAL_RANK", "0")
+        if rank == "0" or not rank.isdigit():
+            raise
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else "stopped"
+        sys.exit(f"error: process {rank} of the run stops: its first process is gone ({first}).")
     except OSError as error:  # a write of Lightning's (a checkpoint) on a full disk, say
         where = os.fsdecode(error.filename2 or error.filename or "") or None  # bytes, or str
         if (

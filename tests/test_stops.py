@@ -162,6 +162,9 @@ def main():
         thread.join()
     if how == "folder-removed":
         open("/gone/run/last.ckpt", "wb")
+    if how == "ddp-peer-gone":  # a DDP process whose first process was killed
+        os.environ["LOCAL_RANK"] = "1"
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer\\nmore")
 
 stops.run_main(main, "no results were written.")
 """
@@ -172,7 +175,10 @@ stops.run_main(main, "no results were written.")
     [("stop-in-lightning", 143, "\nInterrupted; no results were written.\n"),
      ("thread-write", 1, "error: cannot write /gone/events.out (No such file or directory)\n"),
      ("folder-removed", 1,
-      "error: cannot write /gone/run/last.ckpt: its folder was removed while the command ran.\n")],
+      "error: cannot write /gone/run/last.ckpt: its folder was removed while the command ran.\n"),
+     ("ddp-peer-gone", 1,
+      "error: process 1 of the run stops: its first process is gone ([gloo/transport/tcp/pair.cc:"
+      "534] Connection closed by peer).\n")],
 )  # fmt: skip
 def test_what_a_library_makes_of_a_stop_or_a_failed_write_is_one_line(how, code, line):
     proc = subprocess.run(
