@@ -423,8 +423,8 @@ def epoch_seconds(settings, folder):
     first."""
     command = [sys.executable, os.path.join(runs.ROOT, "train.py"), "--synthetic", "--retrain"]
     command += ["--epochs", str(THREAD_EPOCHS), "--checkpoint-dir", folder]
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
-    env.pop("OMP_WAIT_POLICY", None)
+    chosen = ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")  # each setting's own
+    env = {k: v for k, v in os.environ.items() if k not in chosen}
     with subprocess.Popen(
         command, env=dict(env, **settings), stdout=subprocess.PIPE, text=True
     ) as run:
@@ -432,16 +432,6 @@ def epoch_seconds(settings, folder):
     if run.returncode != 0 or len(arrived) != THREAD_EPOCHS:
         sys.exit(f"error: {' '.join(command)} failed (exit code {run.returncode})")
     return statistics.median(b - a for a, b in zip(arrived, arrived[1:], strict=False))
-
-
-def cpu_model():
-    """The CPU's name as /proc/cpuinfo gives it, or the platform's."""
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    return runs.device_name("cpu")
 
 
 def thread_table(rounds, busy_counts=(0, 1, 2)):
@@ -480,7 +470,8 @@ def main(argv=None):
     if args.ablation:
         return ablation(device, args.steps, args.warmup)
     if args.threads:
-        print(f"{cpu_model()}, {threads.usable_cores()} usable cores, torch {torch.__version__}")
+        cpu = runs.device_name(torch.device("cpu"))
+        print(f"{cpu}, {threads.usable_cores()} usable cores, torch {torch.__version__}")
         return thread_table(args.rounds)
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
     datasets = generated_datasets()

@@ -439,15 +439,15 @@ def reverse_figure(checkpoint_dir, out_dir):
     """[path] of the reverse model's attention map, or [] with a note if there is no usable one."""
     ckpt = model_file(checkpoint_dir, "reverse")
     command = lambda *flags: train_command(*flags, task="reverse", checkpoint_dir=checkpoint_dir)
-    stale = (out_dir, ["reverse_attention.png"])
+    stale = ["reverse_attention.png"]
     if not os.path.isfile(ckpt):
         why = f"no {ckpt} ({unfinished(checkpoint_dir, 'reverse', command)} makes it)"
-        return skip("reverse attention map", why, *stale)
+        return skip("reverse attention map", why, out_dir, stale)
     try:
         model = load_model(ckpt, ReversePredictor, IO_DIMS["reverse"])[0]
     except ValueError as error:
         why = f"{error} ({command('--retrain')} makes a new one)"
-        return skip("reverse attention map", why, *stale)
+        return skip("reverse attention map", why, out_dir, stale)
     torch.manual_seed(0)
     sequence = ReverseDataset(model.hparams.num_classes, SEQ_LEN, 1)[0][0]
     x = torch.nn.functional.one_hot(sequence, num_classes=model.hparams.num_classes).float()[None]
@@ -518,21 +518,26 @@ def anomaly_figures(images, labels, checkpoint_dir, out_dir, synthetic=False, nu
         why = f"the labels of the test feature cache in {run_folder} are not those of the images"
         return made + skip("set-task prediction figures", why, out_dir, PREDICTION_FIGURES)
     feats = cache[0][set_indices]  # [Sets, SetSize, 512]
-    with torch.no_grad():
-        probs = torch.cat([model.anomaly_logits(x).softmax(dim=-1) for x in feats.split(500)])
-        probs = probs.numpy()
-        maps = model.get_attention_maps(feats[:1], add_positional_encoding=False)
+    return made + prediction_figures(model, images[set_indices], feats, out_dir, num_mistakes)
+
+
+@torch.no_grad()
+def prediction_figures(model, sets, feats, out_dir, num_mistakes):
+    """Paths of the figures of model's predictions on the test sets: the first set with every
+    attention map (the odd one framed only where clear, as predict.py decides), and the
+    num_mistakes sets that gave their true anomaly, the last image, the lowest probability.
+
+    sets - [Sets, SetSize, 32, 32, 3] uint8;  feats - [Sets, SetSize, 512] their features
+    """
+    probs = torch.cat([model.anomaly_logits(x).softmax(dim=-1) for x in feats.split(500)]).numpy()
+    maps = model.get_attention_maps(feats[:1], add_positional_encoding=False)
+    maps = [m[0].numpy() for m in maps]
     path = os.path.join(out_dir, "anomaly_prediction.png")
-    first_set = images[set_indices[0]] / 255
-    first_maps, clear = [m[0].numpy() for m in maps], is_clear(probs[0])
-    made.append(plot_set_prediction(path, first_set, probs[0], first_maps, clear=clear))
-    # The sets that gave the true anomaly (last) the lowest probability.
+    first = plot_set_prediction(path, sets[0] / 255, probs[0], maps, clear=is_clear(probs[0]))
     worst = np.argsort(probs[:, -1])[:num_mistakes]
     title = "The model's worst test sets: probability of being the anomaly (true one last)"
     path = os.path.join(out_dir, "anomaly_mistakes.png")
-    worst_sets = images[set_indices[worst]] / 255
-    made.append(plot_image_rows(path, worst_sets, title, probs[worst], "Test set"))
-    return made
+    return [first, plot_image_rows(path, sets[worst] / 255, title, probs[worst], "Test set")]
 
 
 def training_curves_figure(checkpoint_dir, out_dir, synthetic=False):

@@ -238,21 +238,8 @@ def check_before_work(args, lock=True):
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     last = last_checkpoint(run_folder, args.task)
     saved = model_file(run_folder, args.task)
-    if args.resume and not os.path.isfile(last) and os.path.isfile(saved):
-        sys.exit(
-            f"error: --resume: the training finished and its model is saved as {saved}; nothing "
-            "is left to resume. Run without --resume to evaluate it, or with --retrain to train "
-            "anew."
-        )
-    if args.resume and not os.path.isfile(last):
-        sys.exit(
-            f"error: --resume found no {last} to continue from. Run without --resume to start anew."
-        )
-    if args.resume:  # the run settings (--fast, --precision, ...) need no data: before any work
-        try:
-            refuse_other_settings(last, read_checkpoint(last), {}, args, RESUME_HINT, resume=True)
-        except ValueError as error:
-            sys.exit(f"error: {error}. {RESUME_HINT}")
+    if args.resume:
+        refuse_unresumable(args, last, saved)
     known = lightning_strategies()
     if args.strategy not in known:
         close = difflib.get_close_matches(args.strategy, known, n=1)
@@ -298,6 +285,26 @@ def check_before_work(args, lock=True):
         lock_folder(os.path.dirname(files[-1]) if args.pretrained else folders[1], made)
         say_where(args, run_folder)
     return run_folder, device
+
+
+def refuse_unresumable(args, last, saved):
+    """Exits with one line, before any work, where --resume cannot go on: no last.ckpt (the model
+    saved already, or no training), or one trained with other run settings (--fast, --precision,
+    ...), which need no data to compare."""
+    if not os.path.isfile(last) and os.path.isfile(saved):
+        sys.exit(
+            f"error: --resume: the training finished and its model is saved as {saved}; nothing "
+            "is left to resume. Run without --resume to evaluate it, or with --retrain to train "
+            "anew."
+        )
+    if not os.path.isfile(last):
+        sys.exit(
+            f"error: --resume found no {last} to continue from. Run without --resume to start anew."
+        )
+    try:
+        refuse_other_settings(last, read_checkpoint(last), {}, args, RESUME_HINT, resume=True)
+    except ValueError as error:
+        sys.exit(f"error: {error}. {RESUME_HINT}")
 
 
 def run_from_elsewhere(checkpoint_dir):
@@ -583,7 +590,6 @@ def resume_from(args, hparams, last):
     what is asked, and its paths moved to where the run folder is now; otherwise None, after
     clearing its folder (its checkpoints would be mistaken for this run's)."""
     if args.resume:
-        hint = RESUME_HINT
         folder = os.path.dirname(last)
         for name in os.listdir(folder):  # what a killed writer left: last.ckpt.tmp<pid>, say
             written, _, pid = name.rpartition(".tmp")
@@ -592,8 +598,8 @@ def resume_from(args, hparams, last):
         try:
             ckpt = read_checkpoint(last)
         except ValueError as error:
-            sys.exit(f"error: {error}. {hint}")
-        refuse_other_settings(last, ckpt, hparams, args, hint, resume=True)
+            sys.exit(f"error: {error}. {RESUME_HINT}")
+        refuse_other_settings(last, ckpt, hparams, args, RESUME_HINT, resume=True)
         relocate(ckpt, last)
         return last
     if not args.fast_dev_run:  # a fast dev run writes no checkpoint, so it clears none
@@ -745,6 +751,11 @@ def device_name(device):
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):  # Linux names the model; platform.processor() often not
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     return platform.processor() or "cpu"
 
 
