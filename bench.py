@@ -24,10 +24,10 @@ from harness import stops
 
 if __name__ == "__main__":
     stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    from harness import cli, threads
+    from harness import commands, threads
 
     threads.wait_briefly()  # before torch loads: how its idle threads wait
-    cli.bench_parser(__doc__).parse_args()  # -h and a mistyped flag answer before torch loads
+    commands.bench_parser(__doc__).parse_args()  # -h, a mistyped flag: answered before torch
 
 
 import contextlib
@@ -48,31 +48,21 @@ from torch.utils.data import DataLoader
 
 import train
 from data import anomaly_datasets
-from features import (
-    CIFAR100_SIZES,
-    FEATURE_DIM,
-    IMAGE_SIZE,
-    ImageArray,
-    extract_features,
-    extract_features_fast,
-    fast_backbone,
-    fast_batch_size,
-    image_transform,
-    resnet34_backbone,
-)
-from harness import cli, files, runs, threads
+from features import CIFAR100_SIZES, FEATURE_DIM, IMAGE_SIZE, image_transform, resnet34_backbone
+from harness import cli, commands, fast, files, folders, results, threads
 from harness.runlog import quiet_lightning
-from harness.runs import IO_DIMS
-from model import FAST_PARTS, AnomalyPredictor
+from harness.sources import ImageArray
+from model import AnomalyPredictor
+from train import IO_DIMS
 
 # The post's run (train.py's defaults) on CIFAR-100's shapes: 100 classes, 60 000 images in all.
-POST = cli.parse_args([])
+POST = train.parse_args([])
 NUM_CLASSES, ALL_IMAGES = 100, sum(CIFAR100_SIZES.values())
 # The post's model has 2.3 M parameters; a step of 64 sets of 10 feeds 640 tokens through them.
 POST_MODEL = AnomalyPredictor(**train.model_hparams(POST, IO_DIMS["anomaly"], epoch_steps=1))
 PARAMS = sum(p.numel() for p in POST_MODEL.parameters())
 STEP_FLOP = 6 * PARAMS * POST.batch_size * POST.set_size  # a step's forward and backward products
-PARTS = FAST_PARTS + ("sampler",)  # the fast path's parts in the training step
+PARTS = fast.MODEL_PARTS + ("sampler",)  # the fast path's parts in the training step
 
 
 class StepTimer(pl.Callback):
@@ -164,22 +154,21 @@ def generated_datasets():
     return anomaly_datasets(train_feats, labels, test_feats, test_labels, POST.set_size)
 
 
-def time_training(fast, device, datasets, steps, warmup, parts=None):
+def time_training(fast_path, device, datasets, steps, warmup, parts=None):
     """(median seconds per training step, steps per epoch, evaluation sets per second, operators the
     step dispatches), through train.py's own loaders and Trainer; the operators are counted in the
     last warm-up step. parts, for --ablation, picks single parts of the fast path:
     "dropout", "attention", "adam" (fused), "sampler" (SetBatches); "no dropout" sets every dropout
     probability to 0, a reference for what the remaining dropout costs, not a run anyone should
     train."""
-    parts = set(PARTS if fast else ()) if parts is None else set(parts)
+    parts = set(PARTS if fast_path else ()) if parts is None else set(parts)
     flags = ["--accelerator", device.type] + (["--fast"] if "sampler" in parts else [])
-    args = cli.parse_args(flags)
+    args = train.parse_args(flags)
     if "no dropout" in parts:
         args.dropout = args.input_dropout = 0.0
     pl.seed_everything(0)
     loaders = train.make_loaders(args, datasets, device)
     hparams = train.model_hparams(args, IO_DIMS["anomaly"], len(loaders["train"]))
-    model = AnomalyPredictor(**hparams, fast_parts=parts & set(FAST_PARTS))
     timer, ops = StepTimer(), StepOps(at=warmup - 1)
     with tempfile.TemporaryDirectory() as root_dir:
         trainer = train.make_trainer(
@@ -190,6 +179,8 @@ def time_training(fast, device, datasets, steps, warmup, parts=None):
             max_steps=warmup + steps,
             limit_val_batches=0,
         )
+        model = AnomalyPredictor(**hparams)
+        fast.use_fast_path(model, parts & set(fast.MODEL_PARTS), trainer)
         trainer.fit(model, loaders["train"])
     eval_sets_per_s = time_evaluation(model, loaders["val"], device)
     step_s = float(statistics.median(np.diff(timer.ends[warmup:])))
@@ -236,16 +227,16 @@ def matmul_rate(device):
     return max(rates)
 
 
-def time_extraction(fast, device, backbone, images, min_seconds):
+def time_extraction(fast_path, device, backbone, images, min_seconds):
     """(images per second, features of images) of one path. Set-up comes first, untimed: the fast
     path's backbone is prepared, the post's DataLoader (PIL transforms, batch 128, train.py's
     workers: the post's 4, at most one a core) starts its workers, and one batch of the timed size
     warms each up. Then passes over images are timed until they add up to at least min_seconds of
     work."""
-    if fast:
-        model, batch = fast_backbone(backbone, device), fast_batch_size(device)
-        extract_features_fast(model, images[:batch], device)
-        extract = lambda: extract_features_fast(model, images, device)
+    if fast_path:
+        model, batch = fast.fast_backbone(backbone, device), fast.fast_batch_size(device)
+        fast.extract_features_fast(model, images[:batch], device)
+        extract = lambda: fast.extract_features_fast(model, images, device)
     else:
         dataset = ImageArray(images, [0] * len(images), image_transform(IMAGE_SIZE))
         loader = DataLoader(
@@ -257,7 +248,11 @@ def time_extraction(fast, device, backbone, images, min_seconds):
         )
         with torch.no_grad():  # the workers start, and then stay for every pass
             backbone.to(device)(next(iter(loader))[0].to(device))
-        extract = lambda: extract_features(backbone, loader, device)
+
+        @torch.no_grad()
+        def extract():  # features.extract_features's loop, over the loader whose workers stay
+            return torch.cat([backbone(x.to(device)).cpu() for x, _ in loader])
+
     passes, start = 0, time.perf_counter()
     while passes == 0 or time.perf_counter() - start < min_seconds:
         feats = extract()
@@ -302,13 +297,13 @@ def peak_rss_mb():
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
 
 
-def memory_workload(fast, device, num_images):
+def memory_workload(fast_path, device, num_images):
     device = torch.device(device)
     datasets = generated_datasets()
-    time_training(fast, device, datasets, steps=10, warmup=1)
+    time_training(fast_path, device, datasets, steps=10, warmup=1)
     torch.manual_seed(0)
     images = np.random.default_rng(0).integers(0, 256, (num_images, 32, 32, 3), dtype=np.uint8)
-    time_extraction(fast, device, resnet34_backbone(), images, min_seconds=0)
+    time_extraction(fast_path, device, resnet34_backbone(), images, min_seconds=0)
     gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return {"rss": peak_rss_mb(), "gpu": gpu}
 
@@ -421,7 +416,7 @@ def epoch_seconds(settings, folder):
     """Seconds per epoch of `python train.py --synthetic --retrain` in folder with settings
     (environment variables): the median time between its epoch lines as they arrive, after the
     first."""
-    command = [sys.executable, os.path.join(runs.ROOT, "train.py"), "--synthetic", "--retrain"]
+    command = [sys.executable, os.path.join(folders.ROOT, "train.py"), "--synthetic", "--retrain"]
     command += ["--epochs", str(THREAD_EPOCHS), "--checkpoint-dir", folder]
     chosen = ("OMP_NUM_THREADS", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")  # each setting's own
     env = {k: v for k, v in os.environ.items() if k not in chosen}
@@ -462,7 +457,7 @@ def thread_table(rounds, busy_counts=(0, 1, 2)):
 
 
 def main(argv=None):
-    p = cli.bench_parser(__doc__)
+    p = commands.bench_parser(__doc__)
     args = p.parse_args(argv)
     device = checked_device(p, args)
     quiet_lightning()
@@ -470,7 +465,7 @@ def main(argv=None):
     if args.ablation:
         return ablation(device, args.steps, args.warmup)
     if args.threads:
-        cpu = runs.device_name(torch.device("cpu"))
+        cpu = results.device_name(torch.device("cpu"))
         print(f"{cpu}, {threads.usable_cores()} usable cores, torch {torch.__version__}")
         return thread_table(args.rounds)
     images = np.random.default_rng(0).integers(0, 256, (args.images, 32, 32, 3), dtype=np.uint8)
@@ -483,15 +478,15 @@ def main(argv=None):
     turns = {path: [] for path in ("faithful", "fast")}
     for _ in range(args.rounds):
         for path in turns:
-            fast = path == "fast"
-            timed = time_training(fast, device, datasets, args.steps, args.warmup)
+            fast_path = path == "fast"
+            timed = time_training(fast_path, device, datasets, args.steps, args.warmup)
             step_s, steps_per_epoch, eval_rate, ops = timed
-            extract = time_extraction(fast, device, backbone, images, args.min_seconds)
+            extract = time_extraction(fast_path, device, backbone, images, args.min_seconds)
             extract_rate, feats = extract
             turns[path].append(
                 dict(step_s=step_s, eval=eval_rate, extract=extract_rate, feats=feats, ops=ops)
             )
-    results = {
+    by_path = {
         path: path_results(rounds, steps_per_epoch, device, args.images, path)
         for path, rounds in turns.items()
     }
@@ -500,7 +495,7 @@ def main(argv=None):
     mean = faithful_feats.mean(dim=0)
     cosine = F.cosine_similarity(faithful_feats - mean, turns["fast"][0]["feats"] - mean)
     report = {
-        "device": runs.device_name(device),
+        "device": results.device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "command": " ".join(["python", "bench.py"] + (argv if argv is not None else sys.argv[1:])),
@@ -511,10 +506,10 @@ def main(argv=None):
     }
     # The step's matrix products alone, at that peak rate: no path can take less.
     report["train_step_floor_ms"] = STEP_FLOP / report["matmul_peak_gflops"] / 1e6
-    for key in results["faithful"]:
-        faithful, fast = results["faithful"][key], results["fast"][key]
-        report[key] = {"faithful": faithful, "fast": fast, "fast/faithful": fast / faithful}
-    print_report(report, results["faithful"])
+    for key in by_path["faithful"]:
+        faithful, faster = by_path["faithful"][key], by_path["fast"][key]
+        report[key] = {"faithful": faithful, "fast": faster, "fast/faithful": faster / faithful}
+    print_report(report, by_path["faithful"])
     files.save_json(args.out, report)
     print(f"written to {args.out}")
     return report

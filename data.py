@@ -5,7 +5,6 @@ A set holds set_size-1 images of one class and, last, one image of another class
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import Dataset
 
 
@@ -78,9 +77,9 @@ class SetAnomalyDataset(Dataset):
             )
         self.img_feats = img_feats
         self.labels = labels
-        # Images drawn from the set's class; the anomaly comes on top. The post names it set_size,
-        # which it is not: the set holds one image more.
-        self.num_drawn = set_size - 1
+        # As in the post, set_size - 1: the images drawn from the set's class (the anomaly comes on
+        # top of them).
+        self.set_size = set_size - 1
         self.train = train
 
         self.img_idx_by_label = images_by_class(labels)
@@ -89,10 +88,10 @@ class SetAnomalyDataset(Dataset):
             raise ValueError(
                 "at least two classes are needed: the anomaly comes from another class than the set"
             )
-        if self.img_idx_by_label.shape[1] < self.num_drawn:
+        if self.img_idx_by_label.shape[1] < self.set_size:
             raise ValueError(
                 f"each class has {self.img_idx_by_label.shape[1]} images, fewer than the "
-                f"{self.num_drawn} a set of size {set_size} draws from one class; "
+                f"{self.set_size} a set of size {set_size} draws from one class; "
                 "use a smaller set size"
             )
 
@@ -114,7 +113,7 @@ class SetAnomalyDataset(Dataset):
         # one, so every other class is hit by exactly one value.
         if set_label >= anomaly_label:
             set_label += 1
-        img_indices = rng.choice(self.img_idx_by_label.shape[1], size=self.num_drawn, replace=False)
+        img_indices = rng.choice(self.img_idx_by_label.shape[1], size=self.set_size, replace=False)
         return self.img_idx_by_label[set_label, img_indices]
 
     def __len__(self):
@@ -203,86 +202,3 @@ class SortDataset(Dataset):
 
     def __getitem__(self, idx):
         return self.src[idx], self.tgt[idx]
-
-
-class SetBatches:
-    """Whole batches of sets made with tensor operations on the features' device: the fast path's
-    stand-in for DataLoader(dataset, batch_size, shuffle=dataset.train, drop_last=dataset.train).
-
-    Training batches follow SetAnomalyDataset's distribution (a random order of anomalies; per set a
-    class uniform over the other classes and set_size-1 distinct images of it); evaluation batches
-    are the dataset's own pre-generated sets. Batches are
-    (img_sets [B, set_size, D], indices [B, set_size], labels [B]).
-
-    With several processes (torch.distributed), each trains on its share of every epoch's anomalies,
-    as DistributedSampler would deal them: one order, the same in every process (from seed and the
-    epoch), padded to a multiple of the processes, every processes-th anomaly to each. Each process
-    evaluates on all sets, so the accuracy averaged over processes is that of the whole set.
-    """
-
-    def __init__(self, dataset, batch_size, device=None, seed=0):
-        self.img_feats, self.labels = dataset.img_feats, dataset.labels
-        self.img_idx_by_label = dataset.img_idx_by_label
-        self.num_drawn = dataset.num_drawn  # images of the set's class; the anomaly comes last
-        self.train = dataset.train
-        self.test_sets = None if self.train else dataset.test_sets
-        self.batch_size, self.device = batch_size, device
-        self.seed, self.epoch = seed, 0
-
-    def place(self):
-        """Moves the tensors to the device when batches are first drawn (then it is a no-op): by
-        then, with several GPUs, Lightning has made this process's own GPU the current "cuda"."""
-        for name in ("img_feats", "labels", "img_idx_by_label", "test_sets"):
-            if getattr(self, name) is not None:
-                setattr(self, name, getattr(self, name).to(self.device))
-
-    def share(self):
-        """(this process's rank, number of processes): (0, 1) unless torch.distributed runs."""
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-        return 0, 1
-
-    def __len__(self):
-        n = len(self.labels)
-        if not self.train:
-            return -(-n // self.batch_size)
-        return -(-n // self.share()[1]) // self.batch_size
-
-    def sample_img_sets(self, anomaly_labels):
-        """[B, set_size-1] image indices: per anomaly label, distinct images of one other class."""
-        device = anomaly_labels.device
-        num_labels, per_class = self.img_idx_by_label.shape
-        set_labels = torch.randint(num_labels - 1, anomaly_labels.shape, device=device)
-        # The same shift as sample_img_set: uniform over the other classes.
-        set_labels += set_labels >= anomaly_labels
-        # The positions of the set_size-1 largest of per_class uniform numbers: a uniformly random
-        # subset of distinct images, in random order.
-        uniform = torch.rand(len(anomaly_labels), per_class, device=device)
-        chosen = uniform.topk(self.num_drawn, dim=1).indices
-        return self.img_idx_by_label[set_labels[:, None], chosen]
-
-    def anomaly_order(self):
-        """This process's anomalies for one training epoch, in random order."""
-        device, n = self.img_feats.device, len(self.labels)
-        rank, processes = self.share()
-        if processes == 1:
-            return torch.randperm(n, device=device)
-        self.epoch += 1
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        order = torch.cat([order, order[: -n % processes]])  # padded, as DistributedSampler pads
-        return order[rank::processes].to(device)
-
-    def __iter__(self):
-        self.place()
-        if self.train:
-            batches = self.anomaly_order()[: len(self) * self.batch_size].view(len(self), -1)
-        else:
-            batches = torch.arange(len(self.labels), device=self.img_feats.device)
-            batches = batches.split(self.batch_size)
-        for idx in batches:
-            if self.train:
-                img_indices = self.sample_img_sets(self.labels[idx])
-            else:
-                img_indices = self.test_sets[idx]
-            indices = torch.cat([img_indices, idx[:, None]], dim=1)
-            yield self.img_feats[indices], indices, torch.full_like(idx, self.num_drawn)

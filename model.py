@@ -9,13 +9,13 @@
    and CosineWarmupScheduler are the tutorial's, written here after its description.
 
 After them come what the post describes without coding it (the decoder with its masked
-self-attention and cross-attention, Seq2SeqPredictor) and the tutorial's ReversePredictor; last, the
-pieces of the fast path (train.py --fast), which change how the model is computed, never what it is.
+self-attention and cross-attention, Seq2SeqPredictor) and the tutorial's ReversePredictor. The fast
+path (harness/fast.py) computes the same model faster through two switches left here for it:
+MultiheadAttention.fused and TransformerPredictor.fused_adam.
 """
 
 import math
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn as nn
@@ -108,8 +108,8 @@ class MultiheadAttention(nn.Module):
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
-        # The fast path (use_fast_path below) turns this on: PyTorch's fused kernel computes the
-        # same softmax(q·kᵀ/√d)·v wherever no attention maps are asked for.
+        # The fast path (harness/fast.py) turns this on: PyTorch's fused kernel computes the same
+        # softmax(q·kᵀ/√d)·v wherever no attention maps are asked for.
         self.fused = False
 
         # One matrix for q, k and v of all heads: one matmul instead of three.
@@ -265,11 +265,10 @@ class TransformerPredictor(pl.LightningModule):
     max_iters     - total optimizer steps (the cosine reaches 0 there)
     dropout       - dropout inside the Transformer and the output MLP
     input_dropout - dropout on the input features
-    fast_parts    - the parts of the fast path that compute the same model (use_fast_path):
-                    FAST_PARTS for train.py --fast, some of them for bench.py --ablation, () for
-                    the post's path. Not a hyper-parameter: weights and checkpoints are the same
-                    either way, so it is not saved with them.
     """
+
+    # Adam's fused: None leaves the choice to PyTorch; the fast path (harness/fast.py) sets True.
+    fused_adam = None
 
     def __init__(
         self,
@@ -283,12 +282,10 @@ class TransformerPredictor(pl.LightningModule):
         max_iters,
         dropout=0.0,
         input_dropout=0.0,
-        fast_parts=(),
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["fast_parts"])
+        self.save_hyperparameters()
         self._create_model()
-        use_fast_path(self, fast_parts)
 
     def _create_model(self):
         hp = self.hparams
@@ -334,8 +331,7 @@ class TransformerPredictor(pl.LightningModule):
         return self.transformer.get_attention_maps(x, mask=mask)
 
     def configure_optimizers(self):
-        fused = fused_adam(self) or None  # the fast path's Adam, where it can run
-        optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr, fused=fused)
+        optimizer = optim.Adam(self.parameters(), lr=self.hparams.lr, fused=self.fused_adam)
         self.lr_scheduler = CosineWarmupScheduler(
             optimizer, warmup=self.hparams.warmup, max_iters=self.hparams.max_iters
         )
@@ -593,100 +589,3 @@ class ReversePredictor(TransformerPredictor):
         acc = (preds.argmax(dim=-1) == labels).float().mean()
         self._log_metrics(mode, labels.shape[0], loss, acc=acc)
         return loss, acc
-
-
-# --------------------------------------------------------------------------------------------------
-# The fast path (train.py --fast): the same model, weights and checkpoints, computed faster. Its
-# parts are chosen once, when a model is made (TransformerPredictor's `fast_parts`); what each is
-# worth is measured by bench.py --ablation (BENCHMARKS.md). Sets sampled on the device
-# (data.SetBatches) and batched feature extraction (features.extract_features_fast) belong to it as
-# well.
-# --------------------------------------------------------------------------------------------------
-
-FAST_PARTS = ("dropout", "attention", "adam")  # the parts inside the model
-TORCH_VERSION = tuple(int(part) for part in torch.__version__.split(".")[:2])
-
-
-def fast_path_parts(fast, compiled=False):
-    """The parts of the fast path inside the model for train.py's flags --fast and --compile: all
-    with --fast, except that --compile keeps PyTorch's dropout, since the CPU's bit masks are drawn
-    by numpy, outside any compiled graph."""
-    if not fast:
-        return ()
-    return tuple(part for part in FAST_PARTS if not (compiled and part == "dropout"))
-
-
-def fused_adam(model):
-    """Whether model's Adam updates all parameters in one kernel: with the fast path's "adam", on
-    CUDA, or on a CPU from PyTorch 2.4 on; not under mixed precision, where Lightning refuses to
-    clip a fused optimizer's gradients."""
-    device = model.device.type
-    return (
-        "adam" in model.fast_parts
-        and (device == "cuda" or (device == "cpu" and TORCH_VERSION >= (2, 4)))
-        and "mixed" not in str(model.trainer.precision)
-    )
-
-
-class BitMaskDropout(nn.Dropout):
-    """nn.Dropout whose random mask is cheaper to draw on a CPU than bernoulli_.
-
-    Each element compares 16 random bits with a threshold, four elements per 64-bit draw; the bits
-    come from numpy's PCG64, seeded from torch's generator, which draws them faster than torch's
-    mt19937. p is rounded to a multiple of 1/65536 (0.1 becomes 0.100006), and kept values are
-    scaled by 1/(1-p) for that rounded p. On any other device this is nn.Dropout: there PyTorch's
-    dropout is one fused kernel already, and Apple's MPS draws int64 random bits only 32 at a time,
-    which would leave half the 16-bit fields never dropped.
-    """
-
-    bit_generator = None  # numpy's PCG64, made on first use
-
-    def random_bits(self, count):
-        """count 64-bit words of random bits, as int64, on the CPU."""
-        if self.bit_generator is None:  # seeded from torch: seed_everything makes runs repeatable
-            self.bit_generator = np.random.PCG64(torch.randint(2**62, ()).item())
-        return torch.from_numpy(self.bit_generator.random_raw(count).view(np.int64))
-
-    def forward(self, x):
-        if not (self.training and self.p > 0) or x.device.type != "cpu":
-            return super().forward(x)
-        drop_below = min(round(self.p * 65536), 65535) - 32768  # an int16 below this is dropped
-        fields = self.random_bits(-(-x.numel() // 4)).view(torch.int16)
-        noise = torch.empty(fields.shape, dtype=x.dtype)
-        torch.ge(fields, drop_below, out=noise)  # 1.0 where kept, 0.0 where dropped
-        noise = noise[: x.numel()].view(x.shape).mul_(65536 / (32768 - drop_below))
-        # One float noise tensor, as nn.Dropout makes on a CPU: the backward is one multiplication.
-        return x * noise
-
-
-def use_fast_path(model, parts=FAST_PARTS):
-    """Puts the fast path's parts into model, in place, and notes them as model.fast_parts, in
-    FAST_PARTS's order (TransformerPredictor does when made). parts: some of FAST_PARTS by name.
-
-    "dropout" replaces every nn.Dropout by a BitMaskDropout of the same p, "attention" lets every
-    MultiheadAttention use the fused kernel; "adam" is read by TransformerPredictor's
-    configure_optimizers, which then chooses fused Adam (fused_adam).
-    """
-    unknown = set(parts) - set(FAST_PARTS)
-    if unknown:
-        raise ValueError(f"unknown parts of the fast path: {sorted(unknown)}; known: {FAST_PARTS}")
-    model.fast_parts = tuple(part for part in FAST_PARTS if part in parts)
-    for module in list(model.modules()):
-        if isinstance(module, MultiheadAttention):
-            module.fused = "attention" in parts
-        for name, child in module.named_children():
-            if "dropout" in parts and type(child) is nn.Dropout:
-                setattr(module, name, BitMaskDropout(child.p))
-
-
-def compile_training_forward(model, device, backend="inductor"):
-    """Compiles model's forward for training with torch.compile (train.py --compile): the forward as
-    one graph (fullgraph: a graph break is an error), whose backward AOT autograd derives as a
-    second; on CUDA with CUDA graphs (mode reduce-overhead), which launch a step's many small
-    kernels at once. Evaluation keeps the eager forward: it runs once an epoch, with batches of
-    other sizes, each of which would cost a compilation."""
-    mode = "reduce-overhead" if device.type == "cuda" and backend == "inductor" else None
-    compiled = torch.compile(model.forward, fullgraph=True, mode=mode, backend=backend)
-    eager = model.forward
-    model.forward = lambda *args, **kwargs: (compiled if model.training else eager)(*args, **kwargs)
-    return model

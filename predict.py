@@ -18,10 +18,10 @@ from harness import stops
 
 if __name__ == "__main__":
     stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    from harness import cli, threads
+    from harness import commands, threads
 
     threads.wait_briefly()  # before torch loads: how its idle threads wait
-    cli.predict_parser(__doc__).parse_args()  # -h and a mistyped flag answer before torch loads
+    commands.predict_parser(__doc__).parse_args()  # -h, a mistyped flag: answered before torch
 
 
 import contextlib
@@ -38,14 +38,16 @@ from torch.utils.data import DataLoader
 
 import features
 from data import SetAnomalyDataset
-from harness import cli, pretrained, synthetic
+from harness import caches, commands, pretrained, sources, synthetic
+from harness.checkpoints import load_model
 from harness.files import name_too_long
-from harness.runs import IO_DIMS, ROOT, load_model, model_file, pick_device, run_dir
+from harness.folders import ROOT, model_file, run_dir
+from harness.preflight import pick_device
+from harness.sources import MissingResources
+from harness.verdict import CLEAR_RATIO, at_chance, is_clear, percent_texts
 from model import AnomalyPredictor
+from train import CHECKPOINT_PATH, IO_DIMS
 
-# The odd one out is declared only when it is this many times as likely as the next image: a model
-# that cannot tell gives every image about the same probability, and the top one is then chance.
-CLEAR_RATIO = 1.5
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -145,11 +147,14 @@ def load_images(files):
     return np.stack(images)
 
 
-def train_command(args, *flags):
+def train_hint(args, *flags):
     """The train.py command that makes what this run of predict.py reads, in backquotes."""
-    synthetic, checkpoint_dir = args.synthetic, args.checkpoint_dir
     flags = ("--pretrained",) * args.pretrained + flags
-    return f"`{cli.train_command(*flags, synthetic=synthetic, checkpoint_dir=checkpoint_dir)}`"
+    command = commands.train_command(
+        *flags, synthetic=args.synthetic, checkpoint_dir=args.checkpoint_dir,
+        default_dir=CHECKPOINT_PATH,
+    )  # fmt: skip
+    return f"`{command}`"
 
 
 def refuse_unusable_model(args):
@@ -157,7 +162,7 @@ def refuse_unusable_model(args):
     multiplied (one of 3e38, say) and give probabilities that are not numbers."""
     sys.exit(
         "error: the model gives no usable probabilities (its weights overflow to inf or NaN); "
-        f"{train_command(args, '--retrain')} trains it anew."
+        f"{train_hint(args, '--retrain')} trains it anew."
     )
 
 
@@ -167,7 +172,9 @@ def synthetic_hint(args):
     model = model_file(run_dir(args.checkpoint_dir, synthetic=True))
     if args.synthetic or args.ckpt or not os.path.isfile(model):
         return ""
-    command = cli.train_command(synthetic=True, checkpoint_dir=args.checkpoint_dir)
+    command = commands.train_command(
+        synthetic=True, checkpoint_dir=args.checkpoint_dir, default_dir=CHECKPOINT_PATH
+    )
     return f" The model of `{command}` is at {os.path.abspath(model)}: add --synthetic to use it."
 
 
@@ -203,13 +210,13 @@ def set_model_and_backbone(args, ckpt, device, backbone=True):
     message where one cannot be had; with --pretrained naming each missing file at once."""
     if args.pretrained:
         return published_model_and_backbone(args, device, backbone)
-    model = load_set_model(ckpt, device, train_command(args), model_hints(args))
+    model = load_set_model(ckpt, device, train_hint(args), model_hints(args))
     if not backbone:
         return model, None
-    get_backbone = synthetic.synthetic_backbone if args.synthetic else features.imagenet_resnet34
+    get_backbone = synthetic.synthetic_backbone if args.synthetic else sources.imagenet_resnet34
     try:
         return model, get_backbone()
-    except features.MissingResources as error:
+    except MissingResources as error:
         sys.exit(f"error: {error}")
 
 
@@ -219,16 +226,16 @@ def published_model_and_backbone(args, device, backbone=True):
     that is missing and where it goes."""
     missing, published, resnet = [], None, None
     try:
-        published = pretrained.published_model(args.checkpoint_dir, "anomaly")
-    except features.MissingResources as error:
+        published = pretrained.fetch_published(args.checkpoint_dir, "anomaly")
+    except MissingResources as error:
         missing += error.items
     if backbone:
         try:
-            resnet = features.imagenet_resnet34()
-        except features.MissingResources as error:
+            resnet = sources.imagenet_resnet34()
+        except MissingResources as error:
             missing += error.items
     if missing:
-        sys.exit(f"error: {features.MissingResources(missing, needs='predict.py --pretrained')}")
+        sys.exit(f"error: {MissingResources(missing, needs='predict.py --pretrained')}")
     model = pretrained.load_published(published, AnomalyPredictor, IO_DIMS["anomaly"])
     return model.to(device), resnet
 
@@ -249,30 +256,11 @@ def load_set_model(path, device, command="`python train.py`", other=""):
         sys.exit(f"error: {error}; use the SetAnomalyDetect.ckpt that {command} writes.")
 
 
-def is_clear(probs):
-    """Whether the most likely image is CLEAR_RATIO times as likely as the next one."""
-    top, runner_up = np.sort(probs)[::-1][:2]
-    return bool(top >= CLEAR_RATIO * runner_up)
-
-
-def at_chance(probs):
-    """Whether the model cannot tell the images apart: the most likely is not CLEAR_RATIO times as
-    likely as the least likely, so every image lies near 1/N. Never clear (is_clear) then."""
-    return bool(np.max(probs) < CLEAR_RATIO * np.min(probs))
-
-
-def percent_texts(probs):
-    """Percentages with the decimals it takes to tell them apart: those of the figure too."""
-    import visualize  # matplotlib: loaded only here
-
-    return visualize.percent_texts(probs)
-
-
 @torch.no_grad()
 def predict(model, backbone, images, device, image_size=features.IMAGE_SIZE, maps=True):
     """(probabilities [N] that each of images [N, 32, 32, 3] uint8 is the odd one out, attention
     maps: layers × [Head, N, N], or None without maps: they take N² numbers a head and a layer)."""
-    dataset = features.ImageArray(images, [0] * len(images), features.image_transform(image_size))
+    dataset = sources.ImageArray(images, [0] * len(images), features.image_transform(image_size))
     feats = features.extract_features(
         backbone, dataset, device, batch_size=32, num_workers=0, desc="images"
     )
@@ -330,10 +318,10 @@ def set_size_accuracy(model, feats, labels, set_size, device):
 
 def set_size_accuracies(args, run_folder, model, device, out=None):
     """{set size: accuracy} of model on the cached test features, printed; exits without them."""
-    meta = synthetic.synthetic_meta("test") if args.synthetic else features.cifar100_meta("test")
+    meta = synthetic.synthetic_meta("test") if args.synthetic else caches.cifar100_meta("test")
     classes = synthetic.SYNTHETIC["num_classes"] if args.synthetic else features.CIFAR100_CLASSES
-    command = train_command(args)
-    cache = features.cached_test_features(run_folder, meta, classes, f"{command} rebuilds it")
+    command = train_hint(args)
+    cache = caches.cached_test_features(run_folder, meta, classes, f"{command} rebuilds it")
     if cache is None:
         sys.exit(f"error: no valid test feature cache in {run_folder}; {command} makes it.")
     try:
@@ -441,8 +429,9 @@ def print_verdict(result, shown, json_out=None):
 
 
 def main(argv=None):
-    p = cli.predict_parser(__doc__)
+    p = commands.predict_parser(__doc__)
     args = p.parse_args(argv)
+    args.checkpoint_dir = args.checkpoint_dir or CHECKPOINT_PATH  # train.py's
     out = sys.stdout
     # With --json stdout holds the JSON alone: every note (a cache rebuilt, say) goes to stderr.
     with contextlib.redirect_stdout(sys.stderr if args.json else out):

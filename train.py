@@ -1,16 +1,41 @@
 """模型训练和推理: the post's training section, for the post's set anomaly task and two sequence
-tasks (the tutorial's reversal; sorting with the encoder-decoder, this project's own). The data
-are set up (数据处理), a Lightning Trainer fits the model or the saved one is loaded
-(train_anomaly), and it is tested on each split. `python train.py -h` lists the commands and flags
-(harness/cli.py); where a run keeps its files is harness/runs.py, what it prints harness/runlog.py.
+tasks (the tutorial's reversal; sorting with the encoder-decoder, this project's own). Its
+hyper-parameters and folders come first; then the data are set up (数据处理), a Lightning Trainer
+fits the model or the saved one is loaded (train_anomaly), and it is tested on each split.
+`python train.py -h` lists the flags (harness/cli.py); harness/README.md maps the program around.
 """
 
 from harness import stops
 
+# The post's folders: where CIFAR-100 goes, and where features, models and results go.
+DATASET_PATH = "datasets"
+CHECKPOINT_PATH = "saved_models"
+
+# Each task's hyper-parameters and Trainer settings, the command line's defaults (a flag overrides
+# any). anomaly: the post's train_anomaly(...) call and Trainer; reverse: the tutorial's sequence
+# task; seq2seq: the encoder-decoder's sorting.
+TASK_DEFAULTS = {
+    "anomaly": dict(set_size=10, batch_size=64, model_dim=256, num_heads=4, num_layers=4,
+                    dropout=0.1, input_dropout=0.1, lr=5e-4, warmup=100, epochs=100,
+                    gradient_clip_val=2.0),
+    "reverse": dict(set_size=None, batch_size=128, model_dim=32, num_heads=1, num_layers=1,
+                    dropout=0.0, input_dropout=0.0, lr=5e-4, warmup=50, epochs=10,
+                    gradient_clip_val=5.0),
+    "seq2seq": dict(set_size=None, batch_size=128, model_dim=64, num_heads=4, num_layers=2,
+                    dropout=0.0, input_dropout=0.0, lr=1e-3, warmup=100, epochs=10,
+                    gradient_clip_val=5.0),
+}  # fmt: skip
+
+
+def parse_args(argv=None):
+    """The run's settings: the flags in argv (None: the command line's), TASK_DEFAULTS and the
+    post's folders for the others (harness/cli.py)."""
+    return cli.parse_args(argv, TASK_DEFAULTS, DATASET_PATH, CHECKPOINT_PATH)
+
+
 if __name__ == "__main__":
     stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    from harness import threads
-    from harness.cli import OFFLINE, parse_args
+    from harness import cli, threads
 
     threads.wait_briefly()  # before torch loads: how its idle threads wait
     parse_args()  # -h and a mistyped flag answer now, before the large libraries load (seconds)
@@ -34,22 +59,27 @@ from data import (
     SEQ_SIZES,
     ReverseDataset,
     SetAnomalyDataset,
-    SetBatches,
     SortDataset,
     anomaly_datasets,
 )
-from features import MissingResources, cifar100_features
-from harness import files, pretrained, runs, threads
-from harness.cli import OFFLINE, parse_args
+from features import FEATURE_DIM
+from harness import checkpoints, cli, fast, files, folders, pretrained, results, resume, threads
+from harness.caches import cifar100_features
+from harness.callbacks import AtomicCheckpointIO, BestCheckpoint, SeedEachProcess, StopDiverging
+from harness.preflight import check_before_work
 from harness.runlog import RunLog, quiet_lightning
+from harness.sources import OFFLINE, MissingResources
 from harness.synthetic import synthetic_features
-from model import (
-    AnomalyPredictor,
-    ReversePredictor,
-    Seq2SeqPredictor,
-    compile_training_forward,
-    fast_path_parts,
-)
+from model import AnomalyPredictor, ReversePredictor, Seq2SeqPredictor
+
+# Each task's model inputs and outputs: per image of a set a feature in, one anomaly logit out
+# (the post's input_dim and num_classes=1); per position a one-hot digit in, a score per digit out
+# (seq2seq: the digits, then BOS, EOS and PAD).
+IO_DIMS = {
+    "anomaly": dict(input_dim=FEATURE_DIM, num_classes=1),
+    "reverse": dict(input_dim=NUM_CATEGORIES, num_classes=NUM_CATEGORIES),
+    "seq2seq": dict(input_dim=NUM_CATEGORIES + 3, num_classes=NUM_CATEGORIES + 3),
+}
 
 # --------------------------------------------------------------------------------------------------
 # 数据处理: features, datasets and loaders
@@ -75,7 +105,7 @@ def anomaly_setup(args, run_folder, device):
     # are, so that one model always scores the same; training itself draws fresh sets.
     train = datasets["train"]
     datasets["train_eval"] = SetAnomalyDataset(train.img_feats, train.labels, args.set_size, False)
-    return AnomalyPredictor, runs.IO_DIMS["anomaly"], datasets
+    return AnomalyPredictor, IO_DIMS["anomaly"], datasets
 
 
 def sequence_setup(args):
@@ -83,17 +113,19 @@ def sequence_setup(args):
     in the order train, val, test."""
     if args.task == "reverse":
         datasets = {s: ReverseDataset(NUM_CATEGORIES, SEQ_LEN, n) for s, n in SEQ_SIZES.items()}
-        return ReversePredictor, runs.IO_DIMS["reverse"], datasets
+        return ReversePredictor, IO_DIMS["reverse"], datasets
     datasets = {s: SortDataset(NUM_CATEGORIES, SEQ_LEN, n) for s, n in SEQ_SIZES.items()}
-    return Seq2SeqPredictor, runs.IO_DIMS["seq2seq"], datasets
+    return Seq2SeqPredictor, IO_DIMS["seq2seq"], datasets
 
 
 def make_loaders(args, datasets, device):
     """Batches of each of datasets ("train", then the evaluation sets): the post's DataLoaders, or
-    with --fast (set task) SetBatches, which samples whole batches with tensor operations on a
-    device."""
+    with --fast (set task) fast.SetBatches, which samples whole batches with tensor operations on
+    the device."""
     if args.fast and args.task == "anomaly":
-        return {s: SetBatches(ds, args.batch_size, device, args.seed) for s, ds in datasets.items()}
+        return {
+            s: fast.SetBatches(ds, args.batch_size, device, args.seed) for s, ds in datasets.items()
+        }
     loaders = {
         split: DataLoader(dataset, args.batch_size, shuffle=False, drop_last=False)
         for split, dataset in datasets.items()
@@ -145,10 +177,10 @@ def steps_per_epoch(args, loaders, datasets):
 def make_trainer(args, root_dir, callbacks, **overrides):
     """The Lightning Trainer of a run: devices, precision, epochs, clipping, each process's seed,
     TensorBoard logs under root_dir. The run prints its own progress (RunLog)."""
-    version = runs.logs_version(root_dir, args.resume)
+    version = resume.logs_version(root_dir, args.resume)
     settings = dict(
         default_root_dir=root_dir,
-        callbacks=[*callbacks, runs.SeedEachProcess(args.seed)],
+        callbacks=[*callbacks, SeedEachProcess(args.seed)],
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         logger=TensorBoardLogger(root_dir, "lightning_logs", version, default_hp_metric=False),
         enable_progress_bar=False,
@@ -160,7 +192,7 @@ def make_trainer(args, root_dir, callbacks, **overrides):
         max_epochs=args.epochs,
         gradient_clip_val=args.gradient_clip_val,
         fast_dev_run=args.fast_dev_run,
-        plugins=[runs.AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO()],
     )
     try:
         return pl.Trainer(**dict(settings, **overrides))
@@ -175,47 +207,48 @@ def train_anomaly(args, model_class, hparams, loaders, run_folder):
     Returns (model, {"train_acc", "val_acc", "test_acc"}, whether it trained, seconds), or None on
     every process but the first when several train."""
     start = time.time()
-    root_dir, saved = runs.task_dir(run_folder, args.task), runs.model_file(run_folder, args.task)
-    fast_parts = fast_path_parts(args.fast, args.compile)
+    root_dir = folders.task_dir(run_folder, args.task)
+    saved = folders.model_file(run_folder, args.task)
+    parts = fast.model_parts(args.fast, args.compile)
     found = os.path.isfile(saved) and not (args.retrain or args.resume or args.fast_dev_run)
     if found:
-        model = runs.load_saved_model(saved, model_class, hparams, args, fast_parts)
+        model = checkpoints.load_saved_model(saved, model_class, hparams, args)
+        fast.use_fast_path(model, parts)
         print(f"Found the saved model {saved}, loading it...")
     else:
-        last_path = runs.last_checkpoint(run_folder, args.task)
+        last_path = folders.last_checkpoint(run_folder, args.task)
         folder, log = os.path.dirname(last_path), RunLog(last_path)
-        best = runs.BestCheckpoint(folder)  # the best epoch by val_acc, saved before last.ckpt
+        best = BestCheckpoint(folder)  # the best epoch by val_acc, saved before last.ckpt
         last = ModelCheckpoint(folder, filename="last")  # what --resume continues from
         # Logged at least once an epoch, so that even a short run has training curves.
         every = min(50, hparams["max_iters"] // args.epochs)
-        callbacks = [log, runs.StopDiverging(args, folder)]
-        callbacks += [] if args.fast_dev_run else [best, last, runs.KeepRunState(args)]
+        callbacks = [log, StopDiverging(args, folder, TASK_DEFAULTS[args.task]["lr"])]
+        callbacks += [] if args.fast_dev_run else [best, last, resume.KeepRunState(args)]
         trainer = make_trainer(args, root_dir, callbacks, log_every_n_steps=every)
-        model = model_class(**hparams, fast_parts=fast_parts)
+        model = fast.use_fast_path(model_class(**hparams), parts, trainer)
         if args.compile:
-            compile_training_forward(model, trainer.strategy.root_device)
-        checkpoint = runs.resume_from(args, hparams, last_path)
+            fast.compile_training_forward(model, trainer.strategy.root_device)
+        checkpoint = resume.resume_from(args, hparams, last_path)
         trainer.fit(model, loaders["train"], loaders["val"], ckpt_path=checkpoint)
         if not trainer.is_global_zero:  # with several processes, the first alone saves and tests
             return None
         if not args.fast_dev_run:  # a fast dev run checkpoints nothing: it tests the model it has
             try:
-                model, ckpt = runs.load_model(
-                    best.best_model_path, model_class, fast_parts=fast_parts
-                )
-                runs.save_model(ckpt, saved, args)
+                model, ckpt = checkpoints.load_model(best.best_model_path, model_class)
+                fast.use_fast_path(model, parts)
+                checkpoints.save_model(ckpt, saved, args)
             except KeyboardInterrupt:  # the training is whole in last.ckpt: say how to keep it
-                raise KeyboardInterrupt(runs.SAVING_STOPPED) from None
+                raise KeyboardInterrupt(checkpoints.SAVING_STOPPED) from None
             score = f"val acc {100 * float(best.best_model_score):.2f}%"
             print(f"Saved the best epoch ({score}) as {saved}")
     seconds = {"train": time.time() - start}
     start = time.time()
-    result = test_model(args, model, loaders, root_dir)
+    result = evaluate(args, model, loaders, root_dir)
     seconds["evaluate"] = time.time() - start
     return model, result, not found, seconds
 
 
-def test_model(args, model, loaders, root_dir):
+def evaluate(args, model, loaders, root_dir):
     """{"train_acc", "val_acc", "test_acc"} of model (sequence tasks: val and test), tested by
     Lightning on one process, over the full sets (no padded copies). The set task's train accuracy
     is on its fixed training sets. Not logged: results.json holds it."""
@@ -237,17 +270,16 @@ def test_model(args, model, loaders, root_dir):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_published(args, published, model_class, io_dims, loaders):
+def evaluate_published(args, published, model_class, loaders):
     """--pretrained: (accuracies, what results.json records of it, seconds) of the tutorial
     author's model, published = (its path, its git blob id, its checkpoint), tested as
     train_anomaly tests a model trained here."""
     path, blob_id, _ = published
-    model = pretrained.load_published(published, model_class, io_dims, fast_path_parts(args.fast))
+    model = pretrained.load_published(published, model_class, IO_DIMS[args.task])
+    fast.use_fast_path(model, fast.model_parts(args.fast))
     print(f"Testing the tutorial author's model {path}")
     start = time.time()
-    result = test_model(
-        args, model, loaders, pretrained.pretrained_dir(args.checkpoint_dir, args.task)
-    )
+    result = evaluate(args, model, loaders, folders.pretrained_dir(args.checkpoint_dir, args.task))
     record = dict(
         trained=False,
         checkpoint=path,
@@ -264,11 +296,11 @@ def main(argv=None):
     if rank_zero_only.rank > 0:  # a process that Lightning's DDP started: the first one prints
         sys.stdout = open(os.devnull, "w")
     start, seconds = time.time(), {}
-    run_folder, device = runs.check_before_work(args, lock=rank_zero_only.rank == 0)
+    run_folder, device = check_before_work(args, lock=rank_zero_only.rank == 0)
     threads.use_cpu_threads(args.task, args.devices if device.type == "cpu" else 1)
     if args.pretrained:  # fetched and verified first: the features may take long
         try:
-            published = pretrained.published_model(args.checkpoint_dir, args.task)
+            published = pretrained.fetch_published(args.checkpoint_dir, args.task)
         except MissingResources as error:
             sys.exit(f"error: {error}")
     if args.task == "anomaly":
@@ -283,28 +315,29 @@ def main(argv=None):
     hparams = model_hparams(args, io_dims, steps_per_epoch(args, loaders, datasets))
 
     if args.pretrained:  # the tutorial author's model; its results go apart
-        result, record, more = test_published(args, published, model_class, io_dims, loaders)
-        root_dir = pretrained.pretrained_dir(args.checkpoint_dir, args.task)
+        result, tested, more = evaluate_published(args, published, model_class, loaders)
+        root_dir = folders.pretrained_dir(args.checkpoint_dir, args.task)
     else:
         outcome = train_anomaly(args, model_class, hparams, loaders, run_folder)
         if outcome is None:  # another process of a several-device run: the first one reports
             return None
         _, result, trained, more = outcome
-        checkpoint = None if args.fast_dev_run else runs.model_file(run_folder, args.task)
-        record = dict(trained=trained, checkpoint=checkpoint)
-        root_dir = runs.task_dir(run_folder, args.task)
+        checkpoint = None if args.fast_dev_run else folders.model_file(run_folder, args.task)
+        tested = dict(trained=trained, checkpoint=checkpoint)
+        root_dir = folders.task_dir(run_folder, args.task)
     seconds.update(more, total=time.time() - start)
     for split in ("train", "val", "test"):
         if f"{split}_acc" in result:
             print(f"{split.capitalize() + ' accuracy:':16s}{100.0 * result[f'{split}_acc']:4.2f}%")
-    results = runs.results_record(result, args, device, seconds, **record)
+    record = results.results_record(result, args, device, seconds, **tested)
     if args.fast_dev_run:  # a one-batch check must not replace a real run's results
         print("Fast dev run: results not saved.")
-        return results
-    results_file = runs.record_file(root_dir, evaluated=not (results["trained"] or args.pretrained))
-    files.save_json(results_file, results)
+        return record
+    evaluated = not (record["trained"] or args.pretrained)
+    results_file = folders.record_file(root_dir, evaluated=evaluated)
+    files.save_json(results_file, record)
     print(f"Results written to {results_file}")
-    return results
+    return record
 
 
 if __name__ == "__main__":

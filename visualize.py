@@ -16,10 +16,10 @@ from harness import stops
 
 if __name__ == "__main__":
     stops.while_starting()  # Ctrl-C or SIGTERM from the start on: one line, no traceback
-    from harness import cli, threads
+    from harness import commands, threads
 
     threads.wait_briefly()  # before torch loads: how its idle threads wait
-    cli.visualize_parser(__doc__).parse_args()  # -h and a mistyped flag answer before torch loads
+    commands.visualize_parser(__doc__).parse_args()  # -h, a mistyped flag: answered before torch
 
 
 import contextlib
@@ -41,24 +41,20 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torchvision.datasets import CIFAR100
 
 from data import SEQ_LEN, ReverseDataset, SetAnomalyDataset
-from features import CIFAR100_CLASSES, cached_test_features, cifar100_meta
-from harness import cli
-from harness.cli import TASK_DEFAULTS, train_command
+from features import CIFAR100_CLASSES
+from harness import commands
+from harness.caches import cached_test_features, cifar100_meta
+from harness.checkpoints import load_model
 from harness.files import make_writable, save_atomically
-from harness.runs import (
-    IO_DIMS,
-    ROOT,
-    last_checkpoint,
-    load_model,
-    lock_folder,
-    model_file,
-    run_dir,
-    run_from_elsewhere,
-    task_dir,
-)
+from harness.folders import ROOT, last_checkpoint, model_file, run_dir, run_from_elsewhere, task_dir
+from harness.lock import lock_folder
 from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
+from harness.verdict import is_clear, percent_texts
 from model import AnomalyPredictor, CosineWarmupScheduler, PositionalEncoding, ReversePredictor
-from predict import is_clear
+from train import CHECKPOINT_PATH, DATASET_PATH, IO_DIMS, TASK_DEFAULTS
+
+# The train.py command that makes what a figure needs; train.py's own folder left out.
+train_command = functools.partial(commands.train_command, default_dir=CHECKPOINT_PATH)
 
 DPI = 100  # a figure of w×h inches is a PNG of (100·w)×(100·h) pixels
 # Fonts that draw Chinese, the post's language and that of file names such as 猫.jpg, of Linux,
@@ -155,23 +151,6 @@ def plot_lr_schedule(path, warmup=100, max_iters=2000):
     ax.set_ylabel("Learning-rate factor")
     fig.tight_layout()
     return save_figure(fig, path)
-
-
-def probability_texts(probs):
-    """probs as text with the fewest decimals, 2 to 6, at which different probabilities read
-    differently, so that the printed numbers rank the images as the model does."""
-    distinct = len(set(np.asarray(probs).tolist()))
-    for decimals in range(2, 7):
-        texts = [f"{p:.{decimals}f}" for p in probs]
-        if len(set(texts)) == distinct:
-            break
-    return texts
-
-
-def percent_texts(probs):
-    """probs as percentages, "12.34%", with the decimals that tell them apart (probability_texts):
-    the unit of every probability shown, in the figures and in predict.py's table alike."""
-    return [f"{t}%" for t in probability_texts(100 * np.asarray(probs, dtype=np.float64))]
 
 
 def caption(name, percent, width_in, fontsize=8):
@@ -271,7 +250,7 @@ def plot_set_prediction(path, images, probs, attention_maps, title=None, names=N
     attention_maps - layers × [Head, SetSize, SetSize]
     title          - defaults to the prediction against the true anomaly, the last image
     names          - labels under the images
-    clear          - False: no image stands out (predict.is_clear), none is framed or "predicted"
+    clear          - False: no image stands out (verdict.is_clear), none is framed or "predicted"
     """
     set_size, num_layers, num_heads = len(images), len(attention_maps), attention_maps[0].shape[0]
     # Rows of at most 10 images; maps grow with the set, so that its positions stay apart.
@@ -580,12 +559,14 @@ def recorded_set_size(settings):
 
 
 def main(argv=None):
-    args = cli.visualize_parser(__doc__).parse_args(argv)
+    args = commands.visualize_parser(__doc__).parse_args(argv)
+    args.checkpoint_dir = args.checkpoint_dir or CHECKPOINT_PATH  # train.py's folders
+    args.data_dir = args.data_dir or DATASET_PATH
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     out_dir = os.path.join(run_folder, "figures")
     if run_from_elsewhere(args.checkpoint_dir):  # a folder of its own here: say so, and the other
         print(f"Figures go to {os.path.abspath(out_dir)} (--checkpoint-dir, in this folder).")
-        beside = os.path.join(ROOT, cli.CHECKPOINT_PATH)
+        beside = os.path.join(ROOT, args.checkpoint_dir)
         if os.path.isdir(beside):
             print(f"To draw the runs beside visualize.py instead, add --checkpoint-dir {beside}.")
     try:  # every figure goes here: find out first that it can

@@ -1,15 +1,17 @@
-"""The commands' flags: train.py's (each task's defaults, each value checked as it is parsed),
-predict.py's, visualize.py's and bench.py's. `python <command> -h` shows them. Only the standard
-library here: each script parses its command line before the large libraries load, so that -h and
-a mistyped flag answer at once. (The checks that need the run's folder and device are
-runs.check_before_work.)
+"""train.py's command line: its flags, each task's defaults (train.py's TASK_DEFAULTS), each value
+checked as it is parsed, and the parser every command uses (Parser; the other commands' flags are
+commands.py's). Only the standard library here: each script parses its command line before the
+large libraries load, so that -h and a mistyped flag answer at once. (The checks that need the
+run's folder and device are preflight.py's.)
 """
 
 import argparse
 import difflib
 import math
 import os
-import shlex
+
+from harness.folders import PUBLISHED_FILES
+from harness.threads import usable_cores
 
 DESCRIPTION = """\
 The post's experiment end to end (数据处理和模型训练, 模型训练和推理): CIFAR-100 features from a
@@ -24,37 +26,7 @@ sequence tasks: the tutorial's reversal, and sorting with the encoder-decoder.
 Defaults given as 'a; b; c' are those of --task anomaly; reverse; seq2seq.
 """
 
-# The post's folders: where CIFAR-100 goes and where features, models and results go.
-DATASET_PATH = "datasets"
-CHECKPOINT_PATH = "saved_models"
 SYNTHETIC_EPOCHS = 2  # --synthetic's epochs: its data are small, a run takes seconds
-# What runs without CIFAR-100 and the ResNet34 weights, for a run that could not download them.
-OFFLINE = (
-    "Offline? `python train.py --synthetic` runs every stage on generated images, in seconds; "
-    "`python train.py --pretrained` tests the tutorial author's model instead of training one "
-    "(with the same features, so these files too)."
-)
-
-# Each task's defaults, the one place they are set: the post's run for anomaly, the tutorial's for
-# reverse. A flag overrides any of them.
-TASK_DEFAULTS = {
-    "anomaly": dict(set_size=10, batch_size=64, model_dim=256, num_heads=4, num_layers=4,
-                    dropout=0.1, input_dropout=0.1, lr=5e-4, warmup=100, epochs=100,
-                    gradient_clip_val=2.0),
-    "reverse": dict(set_size=None, batch_size=128, model_dim=32, num_heads=1, num_layers=1,
-                    dropout=0.0, input_dropout=0.0, lr=5e-4, warmup=50, epochs=10,
-                    gradient_clip_val=5.0),
-    "seq2seq": dict(set_size=None, batch_size=128, model_dim=64, num_heads=4, num_layers=2,
-                    dropout=0.0, input_dropout=0.0, lr=1e-3, warmup=100, epochs=10,
-                    gradient_clip_val=5.0),
-}  # fmt: skip
-
-
-def usable_cores():
-    """The CPU cores this process may run on (its affinity: a container's or taskset's share)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
 # Feature extraction's DataLoader workers: one per core, at most the post's 4.
 DEFAULT_WORKERS = min(4, usable_cores())
 
@@ -93,14 +65,14 @@ def learning_rate(text):
     return value
 
 
-def seed(text):
+def valid_seed(text):
     value = int(text)
     if not 0 <= value < 2**32:
         raise argparse.ArgumentTypeError(f"must be in [0, 2**32) as numpy's seeds are, got {value}")
     return value
 
 
-def set_size(text):
+def valid_set_size(text):
     value = int(text)
     if value < 2:
         raise argparse.ArgumentTypeError(
@@ -109,9 +81,10 @@ def set_size(text):
     return value
 
 
-# The flags whose defaults depend on --task, with what each sets; TASK_DEFAULTS holds the values.
+# The flags whose defaults depend on --task, with what each sets; train.py's TASK_DEFAULTS holds
+# the values.
 TASK_FLAGS = [
-    ("set_size", set_size, "images per set, the anomaly included"),
+    ("set_size", valid_set_size, "images per set, the anomaly included"),
     ("batch_size", positive_int, "sets or sequences per batch"),
     ("model_dim", positive_int, "features inside the Transformer"),
     ("num_heads", positive_int, "attention heads"),
@@ -126,11 +99,10 @@ TASK_FLAGS = [
 
 # Every other flag: (name, argparse settings). "%(default)s" in a help shows the default.
 FLAGS = [
-    ("--seed", dict(type=seed, default=42, help="random seed (default: %(default)s)")),
-    ("--data-dir", dict(default=DATASET_PATH,
-        help="where CIFAR-100 is or goes (default: %(default)s)")),
-    ("--checkpoint-dir", dict(default=CHECKPOINT_PATH,
-        help="feature caches, logs, models and results (default: %(default)s)")),
+    ("--seed", dict(type=valid_seed, default=42, help="random seed (default: %(default)s)")),
+    ("--data-dir", dict(help="where CIFAR-100 is or goes (default: %(default)s)")),
+    ("--checkpoint-dir",
+        dict(help="feature caches, logs, models and results (default: %(default)s)")),
     ("--accelerator", dict(choices=["auto", "cpu", "cuda", "gpu", "mps"], default="auto",
         help="where to extract features, sample sets and train; auto: CUDA, then Apple's MPS, then "
         "the CPU, as Lightning chooses (default: auto)")),
@@ -163,9 +135,9 @@ FLAGS = [
 ]  # fmt: skip
 
 
-def task_defaults_text(name):
-    """A flag's defaults as the help shows them: 'anomaly; reverse; seq2seq' from TASK_DEFAULTS."""
-    values = [f"{d[name]:g}" for d in TASK_DEFAULTS.values() if d[name] is not None]
+def task_defaults_text(task_defaults, name):
+    """A flag's defaults as the help shows them, 'anomaly; reverse; seq2seq', from task_defaults."""
+    values = [f"{d[name]:g}" for d in task_defaults.values() if d[name] is not None]
     if name == "epochs":
         values[0] += f" ({SYNTHETIC_EPOCHS} with --synthetic)"
     return "; ".join(values)
@@ -195,30 +167,29 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (`python {self.prog} -h` lists every flag)\n")
 
 
-def make_parser():
-    """train.py's parser."""
+def make_parser(task_defaults, data_dir, checkpoint_dir):
+    """train.py's parser, with train.py's defaults: each task's (task_defaults) and its folders."""
     p = Parser("train.py", DESCRIPTION)
     p.add_argument(
         "--task",
-        choices=list(TASK_DEFAULTS),
+        choices=list(task_defaults),
         default="anomaly",
         help="anomaly: the post's set anomaly detection (default); reverse: the tutorial's "
         "sequence reversal; seq2seq: sorting with the encoder-decoder",
     )
     for name, kind, what in TASK_FLAGS:
-        flag, default = "--" + name.replace("_", "-"), task_defaults_text(name)
+        flag, default = "--" + name.replace("_", "-"), task_defaults_text(task_defaults, name)
         p.add_argument(flag, type=kind, help=f"{what} (default: {default})")
     for flag, settings in FLAGS:
         p.add_argument(flag, **settings)
+    p.set_defaults(data_dir=data_dir, checkpoint_dir=checkpoint_dir)
     return p
 
 
 def refuse_for_pretrained(p, args):
     """--pretrained evaluates the published model as it is, trained with the tutorial's settings:
     a flag that would change or train it is refused."""
-    from harness.pretrained import PUBLISHED  # with torch: loaded only when asked for
-
-    if args.task not in PUBLISHED:
+    if args.task not in PUBLISHED_FILES:
         p.error(f"--pretrained: the tutorial publishes models for --task anomaly and reverse, "
                 f"not {args.task}")  # fmt: skip
     given = [name for name, _, _ in TASK_FLAGS if getattr(args, name) is not None]
@@ -230,9 +201,10 @@ def refuse_for_pretrained(p, args):
         p.error(f"--pretrained evaluates the published model as it is: it cannot take {flags}")
 
 
-def parse_args(argv=None):
-    """The run's settings: the flags given, each task's defaults (TASK_DEFAULTS) for the others."""
-    p = make_parser()
+def parse_args(argv, task_defaults, data_dir, checkpoint_dir):
+    """train.py's settings: the flags given in argv (None: the command line's), and train.py's
+    defaults for the others (make_parser)."""
+    p = make_parser(task_defaults, data_dir, checkpoint_dir)
     args = p.parse_args(argv)
     if args.synthetic and args.task != "anomaly":
         p.error("--synthetic replaces CIFAR-100 for --task anomaly; sequence tasks need no data")
@@ -240,10 +212,10 @@ def parse_args(argv=None):
         p.error("--set-size belongs to --task anomaly")
     if args.pretrained:
         refuse_for_pretrained(p, args)
-    task_defaults = dict(TASK_DEFAULTS[args.task])
+    defaults = dict(task_defaults[args.task])
     if args.synthetic:
-        task_defaults["epochs"] = SYNTHETIC_EPOCHS
-    for name, value in task_defaults.items():
+        defaults["epochs"] = SYNTHETIC_EPOCHS
+    for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.fast_dev_run and args.resume:
@@ -261,118 +233,3 @@ def parse_args(argv=None):
             "cores, a worker each at most"
         )
     return args
-
-
-def train_command(*flags, synthetic=False, checkpoint_dir=CHECKPOINT_PATH, task="anomaly"):
-    """The train.py command, as a user types it, that makes or remakes what a message is about:
-    `python train.py [--task T] [--synthetic] [flags] [--checkpoint-dir D]`, each part only where
-    it is not the default; a folder with spaces is quoted for the shell."""
-    words = ["python", "train.py"] + ["--task", task] * (task != "anomaly")
-    words += ["--synthetic"] * synthetic + list(flags)
-    if checkpoint_dir != CHECKPOINT_PATH:
-        words += ["--checkpoint-dir", shlex.quote(str(checkpoint_dir))]
-    return " ".join(words)
-
-
-def predict_parser(description):
-    """predict.py's parser; description: predict.py's docstring."""
-    p = Parser("predict.py", description)
-    add = p.add_argument
-    add("images", nargs="*", help="two or more image files, or one folder of them")
-    add(
-        "--pretrained",
-        action="store_true",
-        help="the tutorial author's trained set model (SetAnomalyTask.ckpt, downloaded once to "
-        "<checkpoint-dir>/pretrained/ and verified, as train.py --pretrained does) with the "
-        "ImageNet ResNet34: no CIFAR-100, no training",
-    )
-    add(
-        "--checkpoint-dir",
-        default=CHECKPOINT_PATH,
-        help="where train.py saved its model (default: %(default)s)",
-    )
-    add("--ckpt", help="the model file (default: <checkpoint-dir>/SetAnomalyDetect.ckpt)")
-    add("--json", action="store_true", help="print the result as JSON")
-    add("--figure", help="save the images, their probabilities and attention maps to this PNG")
-    add(
-        "--set-sizes",
-        type=set_size,
-        nargs="+",
-        metavar="N",
-        help="instead of images: the model's accuracy on the cached test features at these sizes",
-    )
-    add(
-        "--synthetic",
-        action="store_true",
-        help="the model and backbone of `python train.py --synthetic` (untrained ResNet34)",
-    )
-    return p
-
-
-def visualize_parser(description):
-    """visualize.py's parser; description: visualize.py's docstring."""
-    p = Parser("visualize.py", description)
-    add = p.add_argument
-    add(
-        "--checkpoint-dir",
-        default=CHECKPOINT_PATH,
-        help="where train.py saved its models (default: %(default)s)",
-    )
-    add("--data-dir", default=DATASET_PATH, help="where CIFAR-100 is (default: %(default)s)")
-    add(
-        "--synthetic",
-        action="store_true",
-        help="the set task's figures of python train.py --synthetic, from its generated images, "
-        "into <checkpoint-dir>/synthetic/figures/ (no CIFAR-100 needed)",
-    )
-    return p
-
-
-def bench_parser(description):
-    """bench.py's parser; description: bench.py's docstring. The limits are checked by bench.py."""
-    p = Parser("bench.py", description)
-    add = p.add_argument
-    add("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
-    add(
-        "--steps",
-        type=int,
-        default=60,
-        help="timed training steps per path, at least 50 for a steady median (default: 60)",
-    )
-    add(
-        "--warmup",
-        type=int,
-        default=10,
-        help="untimed training steps first, at least 1 (default: 10)",
-    )
-    add(
-        "--images",
-        type=int,
-        default=256,
-        help="images to time extraction on, 1 to 60000 (default: 256)",
-    )
-    add(
-        "--min-seconds",
-        type=float,
-        default=10,
-        help="least timed extraction, in seconds, 0 or more (default: 10)",
-    )
-    add(
-        "--rounds",
-        type=int,
-        default=2,
-        help="turns per path, the best counts, at least 1 (default: 2)",
-    )
-    add("--out", default="bench.json", help="where the results go (default: %(default)s)")
-    add(
-        "--ablation",
-        action="store_true",
-        help="only the training step: faithful, each part of the fast path alone, and all of them",
-    )
-    add(
-        "--threads",
-        action="store_true",
-        help="only the set task's epoch with each setting of the CPU threads, quiet and beside 1 "
-        "and 2 busy processes (--rounds turns each, the median counts); takes minutes",
-    )
-    return p

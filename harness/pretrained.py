@@ -8,28 +8,18 @@ import os
 import sys
 import urllib.request
 
-from features import MissingResources
+from harness.checkpoints import load_model, read_checkpoint
 from harness.files import download_timeout, read_response, save_atomically
-from harness.runs import load_model, read_checkpoint, task_dir
+from harness.folders import PUBLISHED_FILES, published_path
+from harness.sources import MissingResources
 
-# Each task's file in phlippe/saved_models, and the file's git blob id there, which the download
-# must match.
+# Where phlippe/saved_models keeps each task's file, and the file's git blob id there, which the
+# download must match.
 PUBLISHED_URL = "https://raw.githubusercontent.com/phlippe/saved_models/main/tutorial6/"
-PUBLISHED = {
-    "anomaly": ("SetAnomalyTask.ckpt", "d968830ea075a328847da19f8c349655d03ca88e"),
-    "reverse": ("ReverseTask.ckpt", "fc76b13c0207fc8c3c3acdd2f453277024442b28"),
+PUBLISHED_IDS = {
+    "anomaly": "d968830ea075a328847da19f8c349655d03ca88e",
+    "reverse": "fc76b13c0207fc8c3c3acdd2f453277024442b28",
 }
-
-
-def pretrained_dir(checkpoint_dir, task):
-    """Where the published model of task keeps its results.json: <checkpoint-dir>/pretrained/
-    <TaskName>/, apart from a model trained here."""
-    return task_dir(os.path.join(checkpoint_dir, "pretrained"), task)
-
-
-def published_path(checkpoint_dir, task):
-    """Where the published model of task is kept: <checkpoint-dir>/pretrained/<its file name>."""
-    return os.path.join(checkpoint_dir, "pretrained", PUBLISHED[task][0])
 
 
 def git_blob_id(contents):
@@ -37,14 +27,14 @@ def git_blob_id(contents):
     return hashlib.sha1(b"blob %d\0" % len(contents) + contents).hexdigest()
 
 
-def published_model(checkpoint_dir, task):
+def fetch_published(checkpoint_dir, task):
     """(path, git blob id, checkpoint dict) of the tutorial's model for task at
     <checkpoint-dir>/pretrained/, first downloaded if it is not there. The file is read once: its
     bytes are verified by their git blob id, and the checkpoint is read from those very bytes, as
-    data (runs.read_checkpoint), so a file put in its place meanwhile is never loaded. A download
-    is kept only once it is whole and verified. Raises MissingResources where the file is neither
-    there nor downloadable; exits with one line where it is another file."""
-    name, expected = PUBLISHED[task]
+    data (checkpoints.read_checkpoint), so a file put in its place meanwhile is never loaded. A
+    download is kept only once it is whole and verified. Raises MissingResources where the file is
+    neither there nor downloadable; exits with one line where it is another file."""
+    name, expected = PUBLISHED_FILES[task], PUBLISHED_IDS[task]
     path = published_path(checkpoint_dir, task)
     if os.path.isfile(path):
         with open(path, "rb") as f:
@@ -98,12 +88,12 @@ def download(url, path, expected):
     return got[0]
 
 
-def load_published(published, model_class, io_dims, fast_parts=()):
-    """The model of published (published_model's path, id and checkpoint), loaded strictly into
+def load_published(published, model_class, io_dims):
+    """The model of published (fetch_published's path, id and checkpoint), loaded strictly into
     model_class with its own hyper-parameters, once they are shown to fit the task's inputs and
     outputs (io_dims). Exits with one line otherwise."""
     path, _, ckpt = published
     try:
-        return load_model(path, model_class, io_dims, ckpt=ckpt, fast_parts=fast_parts)[0]
+        return load_model(path, model_class, io_dims, ckpt=ckpt)[0]
     except ValueError as error:
         sys.exit(f"error: {error}. Delete it and run again to download the published model.")

@@ -9,7 +9,9 @@ post's experiment.
 import numpy as np
 import torch
 
-from features import ImageArray, cache_meta, cached_features, image_transform, resnet34_backbone
+from features import image_transform, resnet34_backbone
+from harness.caches import cache_meta, cached_features
+from harness.sources import ImageArray
 
 SYNTHETIC = dict(num_classes=10, per_class={"train": 110, "test": 20}, image_size=64, seed=42)
 
@@ -58,7 +60,7 @@ def open_generated():
 
 def synthetic_features(cache_dir, device, num_workers=0, fast=False):
     """Features of GeneratedImages through the untrained ResNet34, cached in cache_dir, as
-    features.cifar100_features makes those of CIFAR-100."""
+    caches.cifar100_features makes those of CIFAR-100."""
     metas = {split: synthetic_meta(split) for split in SYNTHETIC["per_class"]}
     image_size = SYNTHETIC["image_size"]
     classes = SYNTHETIC["num_classes"]

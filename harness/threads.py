@@ -5,7 +5,11 @@ OpenMP (GNU libgomp on Linux) reads its settings once, as it loads.
 
 import os
 
-from harness.cli import usable_cores
+
+def usable_cores():
+    """The CPU cores this process may run on (its affinity: a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
 
 # How long an idle OpenMP thread spins before it sleeps, in libgomp's count of pause instructions
 # (300 took 7 µs on a 2-core AMD EPYC). A training step runs about 600 parallel regions, each
