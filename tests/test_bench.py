@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import bench
-from harness import cli
+from harness import commands
 from helpers import ROOT, run_code
 
 
@@ -104,7 +104,7 @@ def test_the_report_begins_with_its_first_line(capsys):
 
 def test_help_states_each_flags_limits(capsys):
     with pytest.raises(SystemExit):
-        cli.bench_parser(bench.__doc__).parse_args(["-h"])
+        commands.bench_parser(bench.__doc__).parse_args(["-h"])
     text = " ".join(capsys.readouterr().out.split())
     assert "at least 50" in text and "0 or more" in text and text.count("at least 1") >= 2
     assert "1 to 60000" in text

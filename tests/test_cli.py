@@ -1,4 +1,4 @@
-"""The command line (cli.py): the post's and the tutorial's defaults, values refused with
+"""The command line (harness/cli.py, commands.py): train.py's defaults, values refused with
 argparse's error in one line, a mistyped flag named with the closest one, flags refused where
 they mean nothing; and all of it before the large libraries load."""
 
@@ -6,8 +6,9 @@ import os
 
 import pytest
 
-from harness.cli import parse_args
+from harness import commands
 from helpers import run_code
+from train import CHECKPOINT_PATH, DATASET_PATH, parse_args
 
 
 def test_defaults_are_the_posts_run():
@@ -172,3 +173,11 @@ def test_every_command_names_the_flag_meant(script, mistyped, meant):
     proc = run_code(ANSWER, script, mistyped)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 2  # the line, and the import note
     assert f"did you mean {meant}? (`python {script} -h` lists every flag)" in proc.stderr
+
+
+@pytest.mark.parametrize("parser", [commands.predict_parser, commands.visualize_parser])
+def test_the_other_commands_name_train_pys_folders_as_their_defaults(parser):
+    help_text = " ".join(parser("").format_help().split())
+    assert f"(default: train.py's CHECKPOINT_PATH, {CHECKPOINT_PATH})" in help_text
+    if parser is commands.visualize_parser:
+        assert f"(default: train.py's DATASET_PATH, {DATASET_PATH})" in help_text

@@ -1,23 +1,11 @@
 """data.py: set invariants, the class draw, the post's evaluation sets and split, bad input; the
-sequence tasks' datasets; and SetBatches, the fast path's loader, which must draw the sets the
-datasets draw."""
+sequence tasks' datasets."""
 
 import numpy as np
 import pytest
-import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
 
-from data import (
-    ReverseDataset,
-    SetAnomalyDataset,
-    SetBatches,
-    SortDataset,
-    images_by_class,
-    split_train_val,
-)
-from helpers import SMALL_SET_MODEL, clustered_features, quiet_trainer
-from model import FAST_PARTS, AnomalyPredictor
+from data import ReverseDataset, SetAnomalyDataset, SortDataset, images_by_class, split_train_val
 
 
 def make_data(num_classes=6, per_class=15, dim=4, seed=0):
@@ -187,103 +175,3 @@ def test_sort_dataset_frames_the_sorted_sequence():
         assert src.tolist() == values + [pad] * (8 - len(values))  # padding only at the end
         assert tgt.tolist() == [bos] + sorted(values) + [eos] + [pad] * (8 - len(values))
     assert lengths == set(range(2, 9))
-
-
-def sets_of(loader):
-    return [batch for batch in loader]
-
-
-def test_set_batches_evaluation_sets_are_the_datasets():
-    feats, labels = clustered_features(10, 30, 8, seed=0)
-    dataset = SetAnomalyDataset(feats, labels, set_size=5, train=False)
-    fast = sets_of(SetBatches(dataset, batch_size=64))
-    faithful = sets_of(DataLoader(dataset, batch_size=64))
-    assert len(fast) == len(faithful) == len(SetBatches(dataset, batch_size=64))
-    for (a_sets, a_idx, a_lab), (b_sets, b_idx, b_lab) in zip(fast, faithful, strict=True):
-        assert (
-            torch.equal(a_sets, b_sets) and torch.equal(a_idx, b_idx) and torch.equal(a_lab, b_lab)
-        )
-
-
-def test_set_batches_training_sets_follow_the_datasets_distribution():
-    torch.manual_seed(0)
-    num_classes, per_class = 6, 20
-    feats, labels = clustered_features(num_classes, per_class, 4, seed=0)
-    batches = SetBatches(SetAnomalyDataset(feats, labels, set_size=5, train=True), batch_size=16)
-    assert len(batches) == num_classes * per_class // 16
-    counts = torch.zeros(num_classes, num_classes)
-    for _ in range(50):
-        seen = []
-        for img_sets, indices, label in batches:
-            assert img_sets.shape == (16, 5, 4) and torch.all(label == 4)
-            torch.testing.assert_close(img_sets, feats[indices])
-            seen += indices[:, -1].tolist()
-            for row in indices:
-                set_labels = labels[row[:-1]]
-                assert len(set(row[:-1].tolist())) == 4 and torch.all(set_labels == set_labels[0])
-                assert set_labels[0] != labels[row[-1]]
-                counts[labels[row[-1]], set_labels[0]] += 1
-        # Every anomaly at most once an epoch.
-        assert len(set(seen)) == len(seen) == len(batches) * 16
-    # The set's class is uniform over the other classes: each cell of the table near its expected
-    # count.
-    expected = counts.sum(dim=1, keepdim=True) / (num_classes - 1)
-    off_diagonal = ~torch.eye(num_classes, dtype=torch.bool)
-    assert torch.all(counts.diagonal() == 0)
-    assert torch.all(
-        (counts - expected)[off_diagonal].abs()
-        < 5 * expected.expand_as(counts)[off_diagonal].sqrt()
-    )
-
-
-def test_set_batches_deal_each_epoch_between_processes(monkeypatch):
-    feats, labels = clustered_features(6, 21, 4, seed=0)  # 126 anomalies
-    dataset = SetAnomalyDataset(feats, labels, set_size=5, train=True)
-    shares = []
-    for rank in (0, 1):
-        batches = SetBatches(dataset, batch_size=8, seed=3)
-        monkeypatch.setattr(batches, "share", lambda rank=rank: (rank, 2))
-        assert len(batches) == 63 // 8
-        shares.append([[b[1][:, -1].tolist() for b in batches] for _epoch in range(2)])
-    for epoch in range(2):
-        first, second = (sum(share[epoch], []) for share in shares)
-        assert len(first) == len(second) == 7 * 8
-        assert not set(first) & set(second)  # one order, dealt: no anomaly in both processes
-    assert shares[0][0] != shares[0][1]  # a new order every epoch
-
-
-def test_set_batches_move_to_the_device_only_when_drawn():
-    # With several GPUs, "cuda" means each process's own GPU only once Lightning has set it up, so
-    # the features must not be moved when the loaders are made. "meta" stands in for a GPU.
-    feats, labels = clustered_features(6, 21, 4, seed=0)
-    batches = SetBatches(SetAnomalyDataset(feats, labels, set_size=5), batch_size=8, device="meta")
-    assert batches.img_feats.device.type == "cpu"
-    batches.place()
-    assert batches.img_feats.device.type == batches.img_idx_by_label.device.type == "meta"
-
-
-def train_and_test(fast, train_set, test_set, steps):
-    pl.seed_everything(0)
-    hparams = dict(SMALL_SET_MODEL, input_dim=32, max_iters=steps, dropout=0.1, input_dropout=0.1)
-    model = AnomalyPredictor(**hparams, fast_parts=FAST_PARTS if fast else ())
-    if fast:
-        train_loader, test_loader = SetBatches(train_set, 32), SetBatches(test_set, 64)
-    else:
-        train_loader = DataLoader(train_set, batch_size=32, shuffle=True, drop_last=True)
-        test_loader = DataLoader(test_set, batch_size=64)
-    trainer = quiet_trainer(max_steps=steps)
-    trainer.fit(model, train_loader)
-    return trainer.test(model, test_loader, verbose=False)[0]["test_acc"]
-
-
-def test_fast_and_faithful_training_reach_the_same_accuracy():
-    train_feats, train_labels = clustered_features(20, 40, 32, seed=0)
-    test_feats, test_labels = clustered_features(20, 20, 32, seed=0)
-    test_feats = test_feats + 0.3 * torch.randn(
-        test_feats.shape, generator=torch.Generator().manual_seed(1)
-    )
-    train_set = SetAnomalyDataset(train_feats, train_labels, set_size=10, train=True)
-    test_set = SetAnomalyDataset(test_feats, test_labels, set_size=10, train=False)
-    faithful = train_and_test(False, train_set, test_set, steps=300)
-    fast = train_and_test(True, train_set, test_set, steps=300)
-    assert faithful > 0.9 and abs(fast - faithful) <= 0.01 + 1e-6  # 1 point; accuracies are float32

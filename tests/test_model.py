@@ -1,6 +1,5 @@
 """model.py against formulas written out here, independently of the code under test: attention,
-the encoder and decoder, the predictors and their checkpoints; and the fast path (--fast), which
-must compute what the faithful path computes."""
+the encoder and decoder, the predictors and their checkpoints."""
 
 import math
 
@@ -23,9 +22,7 @@ from helpers import (
     reference_multihead,
 )
 from model import (
-    FAST_PARTS,
     AnomalyPredictor,
-    BitMaskDropout,
     CosineWarmupScheduler,
     CrossAttention,
     DecoderBlock,
@@ -536,127 +533,3 @@ def test_tutorial_reverse_checkpoint_loads(tmp_path):
     torch.testing.assert_close(
         model.state_dict()["output_net.4.weight"], state["output_net.4.weight"]
     )
-
-
-POST = dict(
-    input_dim=512, model_dim=256, num_classes=1, num_heads=4, num_layers=4, lr=5e-4, warmup=100,
-    max_iters=70300, dropout=0.1, input_dropout=0.1,
-)  # fmt: skip
-
-
-def test_fast_forward_equals_faithful_forward():
-    torch.manual_seed(0)
-    model = randomise(AnomalyPredictor(**POST)).eval()
-    x = torch.randn(8, 10, 512)
-    faithful = model(x, add_positional_encoding=False)
-    fast_model = AnomalyPredictor(**POST, fast_parts=FAST_PARTS).eval()
-    fast_model.load_state_dict(model.state_dict())  # same checkpoint layout: the keys must match
-    assert any(isinstance(m, BitMaskDropout) for m in fast_model.modules())
-    assert all(m.fused for m in fast_model.modules() if isinstance(m, MultiheadAttention))
-    fast = fast_model(x, add_positional_encoding=False)
-    torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
-    assert "fast_parts" not in fast_model.hparams  # not saved with the checkpoint
-
-
-@pytest.mark.parametrize("mask", ["causal", "padding"])
-def test_fused_attention_masks_like_the_manual_one(mask):
-    torch.manual_seed(0)
-    attn = randomise(MultiheadAttention(16, 16, 4))
-    x = torch.randn(3, 6, 16)
-    m = (
-        causal_mask(6)
-        if mask == "causal"
-        else torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 2 + [0] * 4])[:, None, :]
-    )
-    for as_float in (False, True):  # a float 0/1 mask must mask as well, not be added to the logits
-        m_in = m.float() if as_float else m
-        faithful = attn(x, mask=m_in)
-        attn.fused = True
-        fast = attn(x, mask=m_in)
-        attn.fused = False
-        torch.testing.assert_close(fast, faithful, atol=1e-5, rtol=0)
-
-
-def test_fast_is_chosen_when_loading_and_never_saved(tmp_path):
-    torch.manual_seed(0)
-    fast_model = randomise(AnomalyPredictor(**POST, fast_parts=FAST_PARTS))
-    trainer = quiet_trainer()
-    trainer.strategy.connect(fast_model)
-    trainer.save_checkpoint(tmp_path / "fast.ckpt")
-    ckpt = torch.load(tmp_path / "fast.ckpt", weights_only=True)
-    assert "fast_parts" not in ckpt["hyper_parameters"]  # the file is what the faithful path writes
-    faithful = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", strict=True)
-    fast = AnomalyPredictor.load_from_checkpoint(tmp_path / "fast.ckpt", fast_parts=FAST_PARTS)
-    assert not any(isinstance(m, BitMaskDropout) for m in faithful.modules())
-    assert not any(m.fused for m in faithful.modules() if isinstance(m, MultiheadAttention))
-    assert sum(isinstance(m, BitMaskDropout) for m in fast.modules()) == sum(
-        type(m) is torch.nn.Dropout for m in faithful.modules()
-    )
-    assert all(m.fused for m in fast.modules() if isinstance(m, MultiheadAttention))
-    x = torch.randn(2, 10, 512)
-    torch.testing.assert_close(
-        fast.eval().anomaly_logits(x), faithful.eval().anomaly_logits(x), atol=1e-5, rtol=0
-    )
-
-
-def test_fast_path_parts_are_checked():
-    with pytest.raises(ValueError, match="unknown parts of the fast path"):
-        AnomalyPredictor(**POST, fast_parts=("dropout", "flash"))
-    model = AnomalyPredictor(
-        **POST, fast_parts=("attention",)
-    )  # one part alone, as bench.py --ablation
-    assert not any(isinstance(m, BitMaskDropout) for m in model.modules())
-    assert all(m.fused for m in model.modules() if isinstance(m, MultiheadAttention))
-
-
-def test_fast_seq2seq_generation_is_unchanged():
-    torch.manual_seed(0)
-    hparams = dict(
-        input_dim=8, model_dim=16, num_classes=8, num_heads=2, num_layers=2, lr=1e-3, warmup=1,
-        max_iters=10,
-    )  # fmt: skip
-    model = randomise(Seq2SeqPredictor(**hparams)).eval()
-    fast_model = Seq2SeqPredictor(**hparams, fast_parts=FAST_PARTS).eval()
-    fast_model.load_state_dict(model.state_dict())
-    src = torch.tensor([[3, 1, 4, 1, 7, 7], [2, 0, 4, 4, 3, 1]])
-    assert torch.equal(fast_model.generate(src, 8), model.generate(src, 8))
-
-
-def test_fast_dropout_drops_with_probability_p_and_rescales():
-    torch.manual_seed(0)
-    drop = BitMaskDropout(0.1)
-    x = torch.ones(1000, 1000)
-    y = drop(x)
-    kept = y[y != 0]
-    p = round(0.1 * 65536) / 65536  # the probability the 16-bit threshold gives
-    assert torch.allclose(kept, torch.full_like(kept, 1 / (1 - p)))
-    assert abs((y == 0).float().mean().item() - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5
-    # Each of the four 16-bit fields of a draw is used: every position in a group of four drops
-    # alike.
-    per_field = (y.view(-1, 4) == 0).float().mean(dim=0)
-    assert (per_field - p).abs().max() < 5 * (p * (1 - p) / (x.numel() / 4)) ** 0.5
-    drop.eval()
-    assert torch.equal(drop(x), x)
-    drop.train()
-    grad_x = torch.ones(10, 10, requires_grad=True)
-    out = drop(grad_x)
-    out.sum().backward()
-    torch.testing.assert_close(grad_x.grad, out.detach())  # d(x·noise)/dx = noise
-
-
-def test_fast_dropout_is_pytorchs_own_off_the_cpu(monkeypatch):
-    # On Apple's MPS, int64 random_ fills only 32 bits, so half the 16-bit fields would never drop;
-    # on CUDA PyTorch's dropout is one fused kernel. Off the CPU the fast path must use it. The
-    # "meta" device stands in for an accelerator.
-    calls = []
-    pytorch_dropout = F.dropout
-
-    def counting_dropout(x, p, training, inplace):
-        calls.append((x.device.type, p))
-        return pytorch_dropout(x, p, training, inplace)
-
-    monkeypatch.setattr(F, "dropout", counting_dropout)
-    BitMaskDropout(0.1)(torch.ones(64, 64, device="meta"))
-    assert calls == [("meta", 0.1)]
-    BitMaskDropout(0.1)(torch.ones(64, 64))  # on the CPU: the bit masks
-    assert calls == [("meta", 0.1)]

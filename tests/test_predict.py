@@ -21,8 +21,9 @@ import features
 import predict
 import visualize
 from data import SetAnomalyDataset
-from features import extract_features, extraction_meta, image_transform
-from harness import synthetic
+from features import extract_features, image_transform
+from harness import caches, synthetic
+from harness.caches import extraction_meta
 from harness.synthetic import GeneratedImages
 from helpers import (
     SMALL_SET_MODEL,
@@ -246,7 +247,7 @@ def test_set_size_accuracy_on_cached_test_features(trained, tmp_path, capsys):
     feats = extract_features(
         toy_backbone(), images, torch.device("cpu"), batch_size=100, num_workers=0
     )
-    features.save_cache(
+    caches.save_cache(
         str(trained / "synthetic" / "test_set_features.tar"),
         feats,
         torch.tensor(images.targets),
@@ -299,8 +300,8 @@ def test_json_keeps_stdout_for_the_json_alone(trained, tmp_path, capsys):
     images = GeneratedImages(10, 20, image_transform(IMAGE_SIZE), seed=0, split="test")
     feats = extract_features(toy_backbone(), images, torch.device("cpu"), num_workers=0)
     meta = synthetic.synthetic_meta("test")
-    path, fast_meta = features.cache_path(str(folder), "test", True), extraction_meta(meta, True)
-    features.save_cache(path, feats, torch.tensor(images.targets), fast_meta)
+    path, fast_meta = caches.cache_path(str(folder), "test", True), extraction_meta(meta, True)
+    caches.save_cache(path, feats, torch.tensor(images.targets), fast_meta)
     (folder / "test_set_features.tar").write_bytes(b"broken")  # its note goes to stderr
     accuracies = run(tmp_path, "--set-sizes", 2, 10, "--json")
     out, err = capsys.readouterr()
@@ -453,7 +454,7 @@ def test_a_model_whose_weights_overflow_measures_no_accuracy(trained, tmp_path):
     images = GeneratedImages(10, 20, image_transform(IMAGE_SIZE), seed=0, split="test")
     feats = extract_features(toy_backbone(), images, torch.device("cpu"), num_workers=0)
     os.makedirs(tmp_path / "synthetic")
-    features.save_cache(
+    caches.save_cache(
         str(tmp_path / "synthetic" / "test_set_features.tar"),
         feats,
         torch.tensor(images.targets),

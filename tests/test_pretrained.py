@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 import train
 from data import SEQ_SIZES, ReverseDataset, split_train_val
-from harness import pretrained, runs
+from harness import folders, lock, pretrained
 from helpers import (
     SMALL_SET_MODEL,
     RunsCode,
@@ -98,7 +98,10 @@ def test_reverse_model_put_in_place_is_tested_and_nothing_else_touched(
     with open(tmp_path / "pretrained" / "ReverseTask" / "results.json") as f:
         saved = json.load(f)
     assert saved["test_acc"] == results["test_acc"] and saved["trained"] is False
-    assert (saved["pretrained"], saved["git_blob_id"]) == pretrained.PUBLISHED["reverse"]
+    assert (saved["pretrained"], saved["git_blob_id"]) == (
+        folders.PUBLISHED_FILES["reverse"],
+        pretrained.PUBLISHED_IDS["reverse"],
+    )
     assert all(path.read_bytes() == b"the user's own" for path in own)
 
 
@@ -164,7 +167,7 @@ def test_a_download_that_is_not_the_published_file_is_not_kept(
     (folder / "ReverseTask.ckpt").write_bytes(b"<html>a proxy's error page</html>")
     message = run("--task", "reverse", "--pretrained", "--checkpoint-dir", str(tmp_path / "m"))
     assert message.startswith("error: cannot get " + url) and "\n" not in message
-    assert pretrained.PUBLISHED["reverse"][1] in message  # names the id it expected
+    assert pretrained.PUBLISHED_IDS["reverse"] in message  # names the id it expected
     kept = [f for _, _, files in os.walk(tmp_path / "m") for f in files if f != ".lock"]
     assert kept == []  # nothing of the download, only the lock of the folder it was meant for
 
@@ -172,7 +175,7 @@ def test_a_download_that_is_not_the_published_file_is_not_kept(
 def test_no_network_names_where_to_put_the_file(reverse_checkpoint, tmp_path, monkeypatch):
     publish(monkeypatch, "reverse", reverse_checkpoint, url="http://127.0.0.1:9/")
     message = run("--task", "reverse", "--pretrained", "--checkpoint-dir", str(tmp_path))
-    runs.release_locks()  # as the process's end does
+    lock.release_locks()  # as the process's end does
     where = tmp_path / "pretrained" / "ReverseTask.ckpt"
     header, item = message.splitlines()  # what is missing, then a line for the file
     assert header == "error: cannot get what --pretrained needs (no internet?):"
@@ -191,7 +194,7 @@ def test_a_changed_byte_is_refused_and_the_file_left_in_place(
     placed.parent.mkdir()
     placed.write_bytes(contents)
     message = run("--task", "reverse", "--pretrained", "--checkpoint-dir", str(tmp_path))
-    expected = pretrained.PUBLISHED["reverse"][1]
+    expected = pretrained.PUBLISHED_IDS["reverse"]
     found = pretrained.git_blob_id(placed.read_bytes())
     assert found != expected and found in message and expected in message
     assert "Delete it" in message and "\n" not in message

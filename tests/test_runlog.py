@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from data import SetAnomalyDataset
 from harness.runlog import RunLog, quiet_lightning
 from helpers import SMALL_SET_MODEL, clustered_features, quiet_trainer, run_code
+from import_graph import import_graph, in_import_order
 from model import AnomalyPredictor
 
 EPOCH_LINE = re.compile(
@@ -149,11 +150,7 @@ def test_quiet_lightning_silences_lightnings_info_lines_and_the_warnings_it_name
 
 
 # Each module imported after those it imports, so that each import runs only its own code.
-MODULES = [
-    "harness.files", "harness.stops", "data", "features", "harness.synthetic", "model",
-    "harness.runs", "harness.pretrained", "harness.cli", "harness.runlog", "train", "predict",
-    "visualize", "bench",
-]  # fmt: skip
+MODULES = in_import_order(import_graph())
 IMPORT_CHECK = """
 import importlib, logging, sys, warnings
 # What the modules import from other packages, first: their own settings are theirs.

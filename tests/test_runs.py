@@ -1,6 +1,6 @@
-"""runs.py: one run in a folder at a time, whatever runs beside it; checkpoints read as data,
-never as code, and a moved run's last.ckpt pointed at its new folder; the device and the CPU
-threads a run uses."""
+"""A run's folder and checks (harness/lock.py, checkpoints.py, resume.py, preflight.py,
+callbacks.py): one run in a folder at a time, whatever runs beside it; checkpoints read as data,
+never as code, and a moved run's last.ckpt pointed at its new folder; the device a run uses."""
 
 import errno
 import os
@@ -15,9 +15,8 @@ import torch
 
 import predict
 import train
-from harness import runs
-from harness.cli import parse_args
-from harness.runs import pick_device
+from harness import callbacks, checkpoints, folders, lock, preflight, resume
+from harness.preflight import pick_device
 from helpers import (
     HANG_GUARD_S,
     SMALL,
@@ -31,6 +30,7 @@ from helpers import (
     wait_for,
 )
 from model import AnomalyPredictor
+from train import parse_args
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_nothing(
@@ -106,7 +106,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_none(tmp_path, she
     small_checkpoint(path, surprise=RunsCode(str(marker), shell))
     code = rf"holds a Python object \({name}\) that loading would run as code"
     with pytest.raises(ValueError, match=code):
-        runs.load_model(path, AnomalyPredictor)
+        checkpoints.load_model(path, AnomalyPredictor)
     assert not marker.exists()
     # And predict.py stops on it with that one line.
     with pytest.raises(SystemExit) as exit_info:
@@ -131,7 +131,7 @@ def test_hyper_parameters_that_claim_a_huge_model_are_refused_before_it_is_made(
 
     monkeypatch.setattr(AnomalyPredictor, "__init__", counting_init)
     with pytest.raises(ValueError, match="does not load into AnomalyPredictor .*model_dim|weight "):
-        runs.load_model(path, AnomalyPredictor)
+        checkpoints.load_model(path, AnomalyPredictor)
     assert "cpu" not in made  # refused by the weights' shapes, no model of 4096 made
 
 
@@ -139,7 +139,7 @@ def test_run_settings_that_are_not_a_record_are_refused(tmp_path):
     path = tmp_path / "SetAnomalyDetect.ckpt"
     small_checkpoint(path, train_settings=[1])
     with pytest.raises(ValueError, match="holds run settings that are not a dict"):
-        runs.load_model(path, AnomalyPredictor)
+        checkpoints.load_model(path, AnomalyPredictor)
 
 
 def test_a_moved_runs_last_checkpoint_is_pointed_at_its_new_folder(tmp_path):
@@ -164,13 +164,13 @@ def test_a_moved_runs_last_checkpoint_is_pointed_at_its_new_folder(tmp_path):
             ),
         }  # fmt: skip
 
-    runs.relocate({"callbacks": states(gone), "epoch": 1}, last)
+    resume.relocate({"callbacks": states(gone), "epoch": 1}, last)
     saved = torch.load(last, weights_only=True)
     assert saved["epoch"] == 1 and saved["callbacks"] == states(here)
     # Without the best epoch's file beside it the run cannot go on as it was: one line says why.
     os.remove(here / best)
     with pytest.raises(SystemExit) as exit_info:
-        runs.relocate({"callbacks": states(gone)}, last)
+        resume.relocate({"callbacks": states(gone)}, last)
     assert str(exit_info.value.code) == (
         f"error: {last} continues from its best epoch {best}, which is not in {here}: copy the "
         "whole run folder, or train anew without --resume."
@@ -180,11 +180,13 @@ def test_a_moved_runs_last_checkpoint_is_pointed_at_its_new_folder(tmp_path):
 def test_weights_that_are_not_finite_are_refused(tmp_path):
     path = tmp_path / "SetAnomalyDetect.ckpt"
     ckpt = small_checkpoint(path)
-    assert runs.load_model(path, AnomalyPredictor)[0].hparams.model_dim == 32  # loads as it is
+    assert (
+        checkpoints.load_model(path, AnomalyPredictor)[0].hparams.model_dim == 32
+    )  # loads as it is
     ckpt["state_dict"]["output_net.4.bias"][0] = float("nan")
     torch.save(ckpt, path)
     with pytest.raises(ValueError, match=r"not finite numbers \(output_net.4.bias\)"):
-        runs.load_model(path, AnomalyPredictor)
+        checkpoints.load_model(path, AnomalyPredictor)
 
 
 def test_auto_device_follows_lightnings_order(monkeypatch):
@@ -203,12 +205,12 @@ def test_lightnings_checkpoints_are_renamed_into_place_from_their_own_folder(tmp
     replace = os.replace
     monkeypatch.setattr(os, "replace", lambda a, b: renamed.append((a, b)) or replace(a, b))
     path = tmp_path / "checkpoints" / "last.ckpt"
-    runs.AtomicCheckpointIO().save_checkpoint({"epoch": 3}, path)
+    callbacks.AtomicCheckpointIO().save_checkpoint({"epoch": 3}, path)
     assert [os.path.dirname(a) for a, b in renamed] == [str(path.parent)]
     assert torch.load(path, weights_only=True) == {"epoch": 3}
     assert os.listdir(path.parent) == ["last.ckpt"]
     trainer = train.make_trainer(parse_args([]), str(tmp_path), [])
-    assert isinstance(trainer.strategy.checkpoint_io, runs.AtomicCheckpointIO)
+    assert isinstance(trainer.strategy.checkpoint_io, callbacks.AtomicCheckpointIO)
 
 
 def test_more_devices_than_the_machine_has_is_refused_before_anything_is_deleted(
@@ -279,17 +281,18 @@ def test_run_from_another_folder_it_says_where_files_go_and_where_the_model_is(
     model.parent.mkdir(parents=True)
     model.write_bytes(b"")
     elsewhere.mkdir()
-    monkeypatch.setattr(runs, "ROOT", str(repository))
+    monkeypatch.setattr(folders, "ROOT", str(repository))  # where the scripts are
+    monkeypatch.setattr(preflight, "ROOT", str(repository))
     monkeypatch.chdir(elsewhere)
     args = parse_args(["--synthetic"])
-    runs.say_where(args, runs.run_dir(args.checkpoint_dir, args.synthetic))
+    preflight.say_where(args, folders.run_dir(args.checkpoint_dir, args.synthetic))
     assert capsys.readouterr().out == (
         f"Files go to {elsewhere / 'saved_models' / 'synthetic'} (--checkpoint-dir, in this "
         f"folder).\nThis run trains a new model there, not using the one beside train.py, {model}; "
         f"to use that one instead, run with --checkpoint-dir {repository / 'saved_models'}.\n"
     )
     monkeypatch.chdir(repository)  # in the repository: nothing to say
-    runs.say_where(args, runs.run_dir(args.checkpoint_dir, args.synthetic))
+    preflight.say_where(args, folders.run_dir(args.checkpoint_dir, args.synthetic))
     assert capsys.readouterr().out == ""
 
 
@@ -302,11 +305,13 @@ def test_each_process_is_seeded_apart_and_one_process_is_left_alone(monkeypatch)
     monkeypatch.setenv("PL_GLOBAL_SEED", "42")  # as pl.seed_everything(42) left it
     np.random.seed(7)
     before = np.random.get_state()[1].copy()
-    runs.SeedEachProcess(42).setup(FakeTrainer(world_size=1, global_rank=0), None, "fit")
+    callbacks.SeedEachProcess(42).setup(FakeTrainer(world_size=1, global_rank=0), None, "fit")
     assert np.array_equal(np.random.get_state()[1], before)  # a single run keeps its seed
     draws = []
     for rank in (0, 1):
-        runs.SeedEachProcess(42).setup(FakeTrainer(world_size=2, global_rank=rank), None, "fit")
+        callbacks.SeedEachProcess(42).setup(
+            FakeTrainer(world_size=2, global_rank=rank), None, "fit"
+        )
         draws.append((np.random.randint(2**31), torch.randint(2**31, ()).item()))
         np.random.seed(42 + rank)  # what process `rank` is seeded with: reproducible
         torch.manual_seed(42 + rank)
@@ -327,7 +332,7 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-@pytest.mark.skipif(runs.fcntl is None, reason="no flock here")
+@pytest.mark.skipif(lock.fcntl is None, reason="no flock here")
 def test_a_lock_holders_text_is_shown_printable(tmp_path):
     task = tmp_path / "synthetic" / "SetAnomalyDetect"
     task.mkdir(parents=True)
@@ -338,7 +343,9 @@ def test_a_lock_holders_text_is_shown_printable(tmp_path):
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(SystemExit) as exit_info:
-            runs.check_before_work(parse_args(["--synthetic", "--checkpoint-dir", str(tmp_path)]))
+            preflight.check_before_work(
+                parse_args(["--synthetic", "--checkpoint-dir", str(tmp_path)])
+            )
     finally:
         holder.kill()
         holder.wait()
@@ -350,11 +357,11 @@ def test_a_lock_holders_text_is_shown_printable(tmp_path):
 
 def test_resume_after_the_model_was_saved_says_what_a_plain_run_does(tmp_path):
     args = parse_args(["--synthetic", "--checkpoint-dir", str(tmp_path), "--resume"])
-    saved = runs.model_file(runs.run_dir(str(tmp_path), True))
+    saved = folders.model_file(folders.run_dir(str(tmp_path), True))
     os.makedirs(os.path.dirname(saved))
     Path(saved).write_bytes(b"")
     with pytest.raises(SystemExit) as exit_info:
-        runs.check_before_work(args)
+        preflight.check_before_work(args)
     assert str(exit_info.value.code) == (
         f"error: --resume: the training finished and its model is saved as {saved}; nothing is "
         "left to resume. Run without --resume to evaluate it, or with --retrain to train anew."
@@ -365,27 +372,27 @@ def test_a_lock_that_cannot_be_written_is_one_line_and_left_nowhere(tmp_path, mo
     def full(f):  # a disk with no room left for the holder's line
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(runs, "write_holder", full)
+    monkeypatch.setattr(lock, "write_holder", full)
     folder = tmp_path / "run" / "SetAnomalyDetect"
     with pytest.raises(SystemExit) as exit_info:
-        runs.lock_folder(str(folder))
+        lock.lock_folder(str(folder))
     message = str(exit_info.value.code)
     assert message.startswith(f"error: cannot write {folder / '.lock'} (No space left on device; ")
     assert message.endswith(" MB free there). Free some space, or use another --checkpoint-dir.")
     assert not (tmp_path / "run").exists()  # no lock, and no folder made for it
 
 
-@pytest.mark.skipif(runs.fcntl is None, reason="no flock here")
+@pytest.mark.skipif(lock.fcntl is None, reason="no flock here")
 def test_a_lock_in_a_folder_made_read_only_is_let_go_without_an_error(tmp_path, monkeypatch):
-    runs.lock_folder(str(tmp_path))
+    lock.lock_folder(str(tmp_path))
 
     def read_only(path):  # what removing a file from a read-only folder raises
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr(runs.os, "remove", read_only)
-    runs.release_locks()  # at exit: no "Exception ignored in atexit callback"
+    monkeypatch.setattr(preflight.os, "remove", read_only)
+    lock.release_locks()  # at exit: no "Exception ignored in atexit callback"
     monkeypatch.undo()
-    assert runs.HELD_LOCKS == {} and (tmp_path / ".lock").exists()
-    runs.lock_folder(str(tmp_path))  # let go: the next run takes it
-    runs.release_locks()
+    assert lock.HELD_LOCKS == {} and (tmp_path / ".lock").exists()
+    lock.lock_folder(str(tmp_path))  # let go: the next run takes it
+    lock.release_locks()
     assert not (tmp_path / ".lock").exists()

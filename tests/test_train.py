@@ -14,10 +14,10 @@ import pytorch_lightning as pl
 import torch
 
 import train
-from data import SetAnomalyDataset, SetBatches, anomaly_datasets, split_train_val
-from harness import cli, runs
-from harness.cli import parse_args
-from harness.runs import pick_device
+from data import SetAnomalyDataset, anomaly_datasets, split_train_val
+from harness import callbacks, checkpoints, fast, preflight
+from harness.fast import SetBatches
+from harness.preflight import pick_device
 from helpers import (
     RESUMED,
     SMALL_RUN,
@@ -31,7 +31,8 @@ from helpers import (
     run_train,
     train_in_process,
 )
-from model import FAST_PARTS, AnomalyPredictor, compile_training_forward, fast_path_parts
+from model import AnomalyPredictor
+from train import parse_args
 
 SPLITS = ("train", "val", "test")
 CACHES = ("train", "test")  # the feature caches: the val sets come from the train split
@@ -151,7 +152,7 @@ def test_results_json_always_describes_the_saved_model(synthetic_run, tmp_path, 
     checkpoint_dir = str(shutil.copytree(synthetic_run[0], tmp_path / "run"))
     assert read_results(checkpoint_dir)["settings"]["epochs"] == 2  # the first model's record
     retrain = ["--synthetic", "--checkpoint-dir", checkpoint_dir, *SMALL_RUN, "--epochs", "3"]
-    stop_at(monkeypatch, train, "test_model")  # stopped once the new model is saved
+    stop_at(monkeypatch, train, "evaluate")  # stopped once the new model is saved
     with pytest.raises(KeyboardInterrupt):
         train_in_process(*retrain, "--retrain")
     monkeypatch.undo()
@@ -171,7 +172,7 @@ def test_a_stop_while_saving_keeps_the_training_and_says_how_to_save_it(
 ):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     command = ["--synthetic", "--checkpoint-dir", checkpoint_dir, *SMALL_RUN, "--epochs", "1"]
-    stop_at(monkeypatch, runs, "save_model")
+    stop_at(monkeypatch, checkpoints, "save_model")
     with pytest.raises(KeyboardInterrupt) as stop:
         train_in_process(*command)
     monkeypatch.undo()
@@ -461,10 +462,10 @@ def compile_pair(fast_parts, dropout=0.0):
     backend: the same graph capture, forward and backward, without generating code)."""
     torch.manual_seed(0)
     hparams = dict(SMALL_SET_MODEL, input_dim=16, max_iters=10, dropout=dropout, input_dropout=0.0)
-    eager = randomise(AnomalyPredictor(**hparams, fast_parts=fast_parts))
-    compiled = AnomalyPredictor(**hparams, fast_parts=fast_parts)
+    eager = randomise(fast.use_fast_path(AnomalyPredictor(**hparams), fast_parts))
+    compiled = fast.use_fast_path(AnomalyPredictor(**hparams), fast_parts)
     compiled.load_state_dict(eager.state_dict())
-    compile_training_forward(compiled, torch.device("cpu"), backend="aot_eager")
+    fast.compile_training_forward(compiled, torch.device("cpu"), backend="aot_eager")
     return eager, compiled
 
 
@@ -472,8 +473,8 @@ def compile_pair(fast_parts, dropout=0.0):
 def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
     args = parse_args(flags)
     expected = {"attention", "adam"} if args.fast else set()  # --compile keeps PyTorch's dropout
-    assert set(fast_path_parts(args.fast, args.compile)) == expected
-    eager, compiled = compile_pair(fast_path_parts(args.fast, args.compile))
+    assert set(fast.model_parts(args.fast, args.compile)) == expected
+    eager, compiled = compile_pair(fast.model_parts(args.fast, args.compile))
     x, labels = torch.randn(4, 10, 16), torch.full((4,), 9)
     for model in (eager, compiled):
         model.train()
@@ -483,7 +484,7 @@ def test_compiled_training_step_is_one_graph_and_matches_eager(flags):
     for p, q in zip(eager.parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4)
     # The CPU's numpy-drawn dropout masks would break the graph: that is why --compile drops them.
-    _, with_bit_masks = compile_pair(FAST_PARTS, dropout=0.1)
+    _, with_bit_masks = compile_pair(fast.MODEL_PARTS, dropout=0.1)
     with pytest.raises(Exception, match="(?i)graph break|unsupported|numpy"):
         with_bit_masks.train().anomaly_logits(x)
 
@@ -517,7 +518,7 @@ def test_an_unwritable_checkpoint_dir_or_a_strategy_lightning_refuses_is_one_lin
 def test_fast_with_several_devices_samples_on_the_device():
     feats, labels = clustered_features(10, 50, 4, seed=0)  # 5 per class for validation
     datasets = anomaly_datasets(feats, labels, feats, labels, set_size=5)
-    args = cli.parse_args(["--fast", "--devices", "2", "--strategy", "ddp"])
+    args = parse_args(["--fast", "--devices", "2", "--strategy", "ddp"])
     loaders = train.make_loaders(args, datasets, torch.device("cpu"))
     assert all(isinstance(loader, SetBatches) for loader in loaders.values())
 
@@ -541,8 +542,8 @@ def test_offline_the_message_names_what_runs_without_downloads(tmp_path, monkeyp
 WINDOW_RUN = ["--synthetic", *SMALL_RUN, "--epochs", "3", "--lr", "3e-3", "--warmup", "5"]
 STOPPED_IN_THE_WINDOW = """
 import errno, os, runpy, signal, sys
-from harness import runs
-how, save = sys.argv.pop(1), runs.AtomicCheckpointIO.save_checkpoint
+from harness import callbacks
+how, save = sys.argv.pop(1), callbacks.AtomicCheckpointIO.save_checkpoint
 def save_or_stop(self, checkpoint, path, storage_options=None):
     if str(path).endswith("last.ckpt") and checkpoint["epoch"] == 1:
         if how == "kill":
@@ -550,7 +551,7 @@ def save_or_stop(self, checkpoint, path, storage_options=None):
         if how == "term":
             os.kill(os.getpid(), signal.SIGTERM)
     return save(self, checkpoint, path, storage_options)
-runs.AtomicCheckpointIO.save_checkpoint = save_or_stop
+callbacks.AtomicCheckpointIO.save_checkpoint = save_or_stop
 runpy.run_path("train.py", run_name="__main__")
 """
 
@@ -567,14 +568,14 @@ def test_a_stop_between_the_best_and_the_last_checkpoint_can_be_resumed(
     folder = copy_caches(synthetic_run, tmp_path / "run")
     flags = [*WINDOW_RUN, "--num-workers", "0", "--checkpoint-dir", folder]
     if how == "full":  # in this process: last.ckpt cannot be written, as on a full disk
-        save = runs.AtomicCheckpointIO.save_checkpoint
+        save = callbacks.AtomicCheckpointIO.save_checkpoint
 
         def fail(io, checkpoint, path, storage_options=None):
             if str(path).endswith("last.ckpt") and checkpoint["epoch"] == 1:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return save(io, checkpoint, path, storage_options)
 
-        monkeypatch.setattr(runs.AtomicCheckpointIO, "save_checkpoint", fail)
+        monkeypatch.setattr(callbacks.AtomicCheckpointIO, "save_checkpoint", fail)
         with pytest.raises(OSError):
             train_in_process(*flags)
         monkeypatch.undo()
@@ -605,7 +606,7 @@ def test_a_diverging_training_stops_with_one_line_at_the_first_non_finite_loss(
     assert re.match(
         r"error: the training diverged: its loss became (nan|inf) at epoch 1, step \d+, with --lr "
         r"1e\+30\. Its checkpoints are removed \(resuming would diverge again\); train anew with a "
-        r"smaller learning rate, e\.g\. `python train\.py --synthetic --lr 0\.0005 --checkpoint",
+        r"smaller learning rate: the same command with --lr 0\.0005\.\n$",
         proc.stderr,
     )
     assert "Epoch 1/2" not in proc.stdout  # stopped within the first epoch
@@ -634,7 +635,7 @@ def test_compile_caches_go_with_the_run(tmp_path, monkeypatch):
     for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
         monkeypatch.delenv(name, raising=False)  # the suite sets one (conftest.py)
     args = parse_args(["--synthetic", "--compile", "--checkpoint-dir", str(tmp_path)])
-    runs.check_before_work(args, lock=False)
+    preflight.check_before_work(args, lock=False)
     cache = tmp_path / "synthetic" / "torch_compile_cache"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
     assert os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")

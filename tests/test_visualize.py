@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import features
 import visualize
-from harness import runs
+from harness import caches, folders
 from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 from helpers import drawn, red_and_grey, red_frames, spoil_truncate, true_runs
 from model import AnomalyPredictor, ReversePredictor
@@ -82,7 +82,7 @@ def made_up_run(tmp_path_factory):
     cfg = SYNTHETIC
     test = GeneratedImages(cfg["num_classes"], cfg["per_class"]["test"], None, cfg["seed"], "test")
     torch.manual_seed(0)
-    features.save_cache(
+    caches.save_cache(
         str(run_folder / "test_set_features.tar"),
         torch.randn(len(test), 512),
         torch.tensor(test.targets),
@@ -419,11 +419,11 @@ def test_set_task_figures_from_generated_cifar(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(visualize, "CIFAR100_CLASSES", 10)
     images, labels = visualize.open_test_images(str(tmp_path / "data"), synthetic=False)
     assert images.shape == (100, 32, 32, 3) and images.dtype == np.uint8
-    features.save_cache(
+    caches.save_cache(
         str(tmp_path / "test_set_features.tar"),
         torch.randn(100, 512),
         labels,
-        features.cifar100_meta("test"),
+        caches.cifar100_meta("test"),
     )
     save_checkpoint(
         tmp_path / "SetAnomalyDetect.ckpt", AnomalyPredictor, dict(SET_HPARAMS, num_layers=3)
@@ -567,7 +567,7 @@ def test_a_set_model_with_an_unusable_set_size_draws_sets_of_the_posts_size(
 def test_a_set_model_whose_settings_are_no_record_is_no_traceback(made_up_run, tmp_path, capsys):
     checkpoint_dir = with_train_settings(made_up_run, tmp_path, [1])
     made = visualize.main(["--synthetic", "--checkpoint-dir", str(checkpoint_dir)])
-    # The model may be refused (harness.runs's call); what does not need it is made all the same.
+    # The model may be refused (checkpoints.load_model); what does not need it is made all the same.
     assert {"anomaly_example_sets.png", "training_curves.png"} <= set(names(made))
     sets = checkpoint_dir / "synthetic" / "figures" / "anomaly_example_sets.png"
     assert png_size(sets) == (1200, 580)
@@ -720,10 +720,10 @@ def test_the_set_prediction_frames_an_odd_one_only_when_it_is_clear(
     monkeypatch.setattr(AnomalyPredictor, "anomaly_logits", lambda self, x: x[..., 0])
     run = shutil.copytree(made_up_run, tmp_path / "run")
     cache = str(run / "synthetic" / "test_set_features.tar")
-    feats, labels = features.load_cache(cache, synthetic_meta("test"), SYNTHETIC["num_classes"])
+    feats, labels = caches.load_cache(cache, synthetic_meta("test"), SYNTHETIC["num_classes"])
     feats[:, 0] = 0
     feats[0, 0] = stand_out
-    features.save_cache(cache, feats, labels, synthetic_meta("test"))
+    caches.save_cache(cache, feats, labels, synthetic_meta("test"))
     visualize.main(["--synthetic", "--checkpoint-dir", str(run)])
     (prediction,) = [fig for fig in figures if drawn(fig, 2) and fig.subfigs]
     captions = [ax.get_xlabel() for ax in drawn(prediction, 3)]
@@ -867,7 +867,7 @@ def test_from_another_folder_it_says_where_the_figures_go(tmp_path, monkeypatch,
     repository, elsewhere = tmp_path / "repository", tmp_path / "elsewhere"
     (repository / "saved_models").mkdir(parents=True)
     elsewhere.mkdir()
-    for module in (visualize, runs):  # the scripts' folder, as each names it
+    for module in (visualize, folders):  # the scripts' folder, as each names it
         monkeypatch.setattr(module, "ROOT", str(repository))
     monkeypatch.chdir(elsewhere)
     visualize.main(["--synthetic"])
