@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import features
 import visualize
-from harness import caches, folders
+from harness import caches, folders, verdict
 from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
 from helpers import drawn, red_and_grey, red_frames, spoil_truncate, true_runs
 from model import AnomalyPredictor, ReversePredictor
@@ -209,16 +209,16 @@ def test_the_predicted_image_is_framed_in_red(tmp_path, predicted):
 
 
 def test_probabilities_print_with_enough_digits_to_rank_them():
-    assert visualize.probability_texts([0.5, 0.25, 0.25]) == ["0.50", "0.25", "0.25"]
-    assert visualize.probability_texts([0.1234, 0.1237, 0.7529]) == ["0.123", "0.124", "0.753"]
-    assert visualize.probability_texts(np.array([0.10046, 0.10012, 0.79942], dtype=np.float32)) == [
+    assert verdict.probability_texts([0.5, 0.25, 0.25]) == ["0.50", "0.25", "0.25"]
+    assert verdict.probability_texts([0.1234, 0.1237, 0.7529]) == ["0.123", "0.124", "0.753"]
+    assert verdict.probability_texts(np.array([0.10046, 0.10012, 0.79942], dtype=np.float32)) == [
         "0.1005",
         "0.1001",
         "0.7994",
     ]
     # Closer than 6 decimals tell apart: 6 decimals, no more.
     third = 1 / 3
-    assert visualize.probability_texts([third, third + 1e-9, third - 2e-9]) == ["0.333333"] * 3
+    assert verdict.probability_texts([third, third + 1e-9, third - 2e-9]) == ["0.333333"] * 3
 
 
 def test_set_prediction_shows_the_images_and_their_probabilities(tmp_path, saved):
