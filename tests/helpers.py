@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 
 import train
+from data import SetAnomalyDataset, anomaly_datasets
 from harness import lock, pretrained
+from model import AnomalyPredictor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_GUARD_S = 900  # only stops a hung run: a slow, busy machine must never fail a test
@@ -130,6 +132,35 @@ def read_results(checkpoint_dir):
         return json.load(f)
 
 
+@torch.no_grad()
+def recomputed_accuracies(checkpoint_dir):
+    """The accuracies of the --synthetic run's saved set model in checkpoint_dir, computed here
+    apart from train.py's Lightning tester: its own cached features, the post's fixed sets of each
+    split (train's too), and the share of sets whose largest logit is the anomaly's, in float32."""
+    settings = read_results(checkpoint_dir)["settings"]
+    run = os.path.join(checkpoint_dir, "synthetic")
+    suffix = "_fast" if settings["fast"] else ""
+    train_feats, train_labels = load_features(os.path.join(run, f"train_set_features{suffix}.tar"))
+    test_feats, test_labels = load_features(os.path.join(run, f"test_set_features{suffix}.tar"))
+    size = settings["set_size"]
+    datasets = anomaly_datasets(train_feats, train_labels, test_feats, test_labels, size)
+    train = datasets["train"]
+    datasets["train"] = SetAnomalyDataset(train.img_feats, train.labels, size, train=False)
+    ckpt = os.path.join(run, "SetAnomalyDetect.ckpt")
+    model = AnomalyPredictor.load_from_checkpoint(ckpt, map_location="cpu").float().eval()
+    accuracies = {}
+    for split, dataset in datasets.items():
+        sets = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        picked = model.anomaly_logits(sets).argmax(dim=-1)
+        accuracies[f"{split}_acc"] = (picked == size - 1).float().mean().item()
+    return accuracies
+
+
+def load_features(path):
+    cache = torch.load(path, weights_only=True)
+    return cache["features"], cache["labels"]
+
+
 def spoil_truncate(path):
     """Cuts the file at path to half its size, as an interrupted copy would."""
     with open(path, "r+b") as f:
@@ -228,12 +259,13 @@ def reference_multihead(x, w_qkv, b_qkv, w_o, b_o, num_heads, mask=None):
     return np.concatenate(outs, axis=1) @ w_o.T + b_o, np.stack(maps)
 
 
-def layer_norm(x, norm):
+def layer_norm(x, norm=None, weight=None, bias=None, eps=1e-5):
+    """LayerNorm over the last axis in numpy, with norm's weight, bias and eps, or those given."""
+    if norm is not None:
+        weight, bias, eps = norm.weight.detach().numpy(), norm.bias.detach().numpy(), norm.eps
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(
-        var + norm.eps
-    ) * norm.weight.detach().numpy() + norm.bias.detach().numpy()
+    return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
 # The tutorial's state_dict layout, written out: a checkpoint of the original code has exactly these

@@ -93,13 +93,18 @@ def test_extraction_starts_no_more_workers_than_cores(recwarn):
     assert not [w for w in recwarn if "worker processes" in str(w.message)]
 
 
-def test_the_report_begins_with_its_first_line(capsys):
+def test_the_report_shows_each_row_and_the_floor_against_the_faithful_step(capsys):
     rows = ["train_step_ms"]
     row = {"faithful": 2.0, "fast": 1.0, "fast/faithful": 0.5}
     report = dict(device="cpu", torch="2", threads=2, train_step_ms=row, train_step_floor_ms=0.5,
-                  matmul_peak_gflops=1, feature_cosine_mean=1, feature_cosine_worst=1)  # fmt: skip
+                  matmul_peak_gflops=100, feature_cosine_mean=0.9995,
+                  feature_cosine_worst=0.999)  # fmt: skip
     bench.print_report(report, rows)
-    assert capsys.readouterr().out.startswith("cpu, torch 2, 2 threads\n")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "cpu, torch 2, 2 threads"
+    assert lines[2].split() == ["train_step_ms", "2.0", "1.0", "0.50"]
+    assert lines[3].endswith("mean 0.999500, worst image 0.999000")
+    assert lines[4].endswith("100 GFLOP/s: 0.5 ms, 0.25 of the faithful step")  # 0.5 ms of 2
 
 
 def test_help_states_each_flags_limits(capsys):

@@ -215,10 +215,7 @@ def reference_predictor(x, state, hp, add_positional_encoding):
     s = {k: v.detach().numpy().astype(np.float64) for k, v in state.items()}
     lin = lambda h, name: h @ s[name + ".weight"].T + s[name + ".bias"]
 
-    def ln(h, name):
-        mean = h.mean(-1, keepdims=True)
-        var = ((h - mean) ** 2).mean(-1, keepdims=True)
-        return (h - mean) / np.sqrt(var + 1e-5) * s[name + ".weight"] + s[name + ".bias"]
+    ln = lambda h, name: layer_norm(h, weight=s[name + ".weight"], bias=s[name + ".bias"])
 
     h = lin(x.astype(np.float64), "input_net.1")
     if add_positional_encoding:
