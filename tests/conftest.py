@@ -127,12 +127,11 @@ def interrupted_run(synthetic_run, tmp_path_factory):
     it, once its first epoch is saved: (its folder, the process with its output)."""
 
     def run(folder):
-        from helpers import HANG_GUARD_S, RESUMED, ROOT, copy_caches, last_of, wait_for
+        from helpers import HANG_GUARD_S, RESUMED, copy_caches, last_of, start_python, wait_for
 
         copy_caches(synthetic_run, folder)
-        command = [sys.executable, "train.py", "--num-workers", "0", "--checkpoint-dir", folder]
-        pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-        proc = subprocess.Popen([*command, *RESUMED], **pipes)
+        command = ["train.py", "--num-workers", "0", "--checkpoint-dir", folder, *RESUMED]
+        proc = start_python(*command)
         try:
             wait_for(lambda: os.path.exists(last_of(folder)), proc)
             time.sleep(0.5)  # let the checkpoint be written out; the next epoch takes seconds

@@ -58,6 +58,24 @@ def run_code(code, *args, env=None):
     )
 
 
+def start_python(*args, **popen):
+    """`python args` started in the repository, its output in text pipes; popen: more of
+    subprocess.Popen's settings (start_new_session, env)."""
+    return subprocess.Popen(
+        [sys.executable, *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        **popen,
+    )
+
+
+def assert_ran(proc):
+    """A finished command exited 0; otherwise the end of what it said is the failure's message."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def run_train(*args, env=None):
     return run_script("train.py", "--num-workers", "0", *args, env=env)
 

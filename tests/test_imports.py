@@ -4,10 +4,8 @@ faults where they are planted."""
 
 import os
 import shutil
-import subprocess
-import sys
 
-from helpers import HANG_GUARD_S, ROOT
+from helpers import ROOT, run_script
 from import_graph import circles, import_graph, post_imports_of_harness
 
 
@@ -33,10 +31,7 @@ def test_the_check_finds_a_harness_import_and_a_circle_inside_functions(tmp_path
 
 
 def test_the_script_prints_the_graph_one_line_a_module_and_holds():
-    script = os.path.join(ROOT, "tests", "import_graph.py")
-    proc = subprocess.run(
-        [sys.executable, script], capture_output=True, text=True, timeout=HANG_GUARD_S
-    )
+    proc = run_script(os.path.join("tests", "import_graph.py"))
     assert proc.returncode == 0 and proc.stderr == "", proc.stderr
     lines = proc.stdout.splitlines()
     assert {"features: -", "data: -", "model: -"} <= set(lines)

@@ -5,15 +5,22 @@ import contextlib
 import errno
 import os
 import signal
-import subprocess
-import sys
 import time
 from importlib.metadata import version
 
 import pytest
 import torch
 
-from helpers import HANG_GUARD_S, ROOT, copy_caches, last_of, run_script, start_train, wait_for
+from helpers import (
+    HANG_GUARD_S,
+    copy_caches,
+    last_of,
+    run_code,
+    run_script,
+    start_python,
+    start_train,
+    wait_for,
+)
 
 
 def test_sigterm_stops_training_as_ctrl_c_does(synthetic_run, tmp_path):
@@ -34,13 +41,7 @@ def test_sigterm_stops_training_as_ctrl_c_does(synthetic_run, tmp_path):
 
 @pytest.mark.parametrize("script", ["train.py", "predict.py", "visualize.py"])
 def test_ctrl_c_while_the_libraries_load_is_one_line(script, tmp_path):
-    run = subprocess.Popen(
-        [sys.executable, script, "--checkpoint-dir", str(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-    )
+    run = start_python(script, "--checkpoint-dir", tmp_path)
     time.sleep(0.5)  # torch alone takes seconds to load
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=HANG_GUARD_S)
@@ -83,23 +84,11 @@ def test_a_torchvision_of_another_build_is_one_line_naming_both(tmp_path):
     )
 
 
-def run_python(code, **popen):
-    """`python -c code` in the repository, started in a session (a process group) of its own."""
-    return subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
-        **popen,
-    )
-
-
 def test_a_ctrl_c_before_its_handler_is_in_place_is_one_line():
     # What a Ctrl-C in a script's first milliseconds raises, where Python's own handler still
     # turns it into a KeyboardInterrupt: one line, as later.
-    run = run_python("from harness import stops; stops.while_starting(); raise KeyboardInterrupt")
+    code = "from harness import stops; stops.while_starting(); raise KeyboardInterrupt"
+    run = start_python("-c", code, start_new_session=True)
     _, stderr = run.communicate(timeout=HANG_GUARD_S)
     assert run.returncode == 128 + signal.SIGINT
     assert stderr == "\nInterrupted while starting; nothing was written.\n"
@@ -111,7 +100,7 @@ def test_a_stop_as_the_command_ends_is_one_line():
         "import atexit, time; from harness import stops; stops.while_starting(); "
         "atexit.register(time.sleep, 600); stops.run_main(lambda: print('done', flush=True), '')"
     )
-    run = run_python(code)
+    run = start_python("-c", code, start_new_session=True)
     assert run.stdout.readline() == "done\n"
     time.sleep(0.2)  # into the atexit callback
     run.send_signal(signal.SIGINT)
@@ -125,15 +114,8 @@ def test_sigterm_to_the_whole_group_while_extracting_is_one_line(tmp_path):
     # too. The main process alone stops, and ends its workers.
     workers = str(min(2, len(os.sched_getaffinity(0))))
     command = ["train.py", "--synthetic", "--num-workers", workers, "--checkpoint-dir", tmp_path]
-    run = subprocess.Popen(
-        [sys.executable, *map(str, command)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        start_new_session=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    run = start_python(*command, start_new_session=True, env=env)
     assert run.stdout.readline().startswith("Extracting the train features")
     time.sleep(1.0)  # the workers are at work
     os.killpg(run.pid, signal.SIGTERM)
@@ -181,10 +163,7 @@ stops.run_main(main, "no results were written.")
       "534] Connection closed by peer).\n")],
 )  # fmt: skip
 def test_what_a_library_makes_of_a_stop_or_a_failed_write_is_one_line(how, code, line):
-    proc = subprocess.run(
-        [sys.executable, "-c", RUN_MAIN, how], capture_output=True, text=True, cwd=ROOT,
-        timeout=HANG_GUARD_S,
-    )  # fmt: skip
+    proc = run_code(RUN_MAIN, how)
     assert (proc.returncode, proc.stderr) == (code, line)
 
 
@@ -197,7 +176,7 @@ def test_a_command_ends_without_the_interpreters_teardown_where_a_stop_is_unhear
         "slow = Slow()\n"
         "stops.run_main(lambda: print('done', flush=True), '')"
     )
-    run = run_python(code)
+    run = start_python("-c", code, start_new_session=True)
     assert run.stdout.readline() == "done\n"
     time.sleep(0.5)  # where the teardown would be
     with contextlib.suppress(ProcessLookupError):  # gone already: ended at once

@@ -22,6 +22,7 @@ from helpers import (
     RESUMED,
     SMALL_RUN,
     SMALL_SET_MODEL,
+    assert_ran,
     clustered_features,
     copy_caches,
     last_of,
@@ -86,7 +87,7 @@ def test_second_run_loads_the_saved_model_and_only_evaluates(synthetic_run, tmp_
     ckpt = os.path.join(checkpoint_dir, "synthetic", "SetAnomalyDetect.ckpt")
     mtime, training = os.path.getmtime(ckpt), read_results(checkpoint_dir)
     proc = train_in_process("--synthetic", "--checkpoint-dir", checkpoint_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     assert "Found the saved model" in proc.stdout and "Epoch" not in proc.stdout + proc.stderr
     assert os.path.getmtime(ckpt) == mtime
     # results.json stays the training's record; the evaluation is recorded apart.
@@ -111,7 +112,7 @@ def accuracy_lines(proc):
 def test_a_run_is_the_same_whether_or_not_the_feature_caches_were_there(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)  # the shared run extracted them first
     proc = train_in_process("--synthetic", "--checkpoint-dir", checkpoint_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     assert "Loaded the train features" in proc.stdout
     assert accuracy_lines(proc) == accuracy_lines(synthetic_run[1])
 
@@ -134,7 +135,7 @@ def test_unreadable_saved_model_stops_with_a_message(synthetic_run, tmp_path):
 def test_fast_dev_run_saves_nothing(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     proc = train_in_process("--synthetic", "--checkpoint-dir", checkpoint_dir, "--fast-dev-run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     assert "Test accuracy:" in proc.stdout
     written = [f for _, _, files in os.walk(checkpoint_dir) for f in files if f != ".lock"]
     # No model, no results.
@@ -184,7 +185,7 @@ def test_a_stop_while_saving_keeps_the_training_and_says_how_to_save_it(
     assert proc.returncode == 1 and proc.stderr.count("\n") == 1 and "--resume" in proc.stderr
     assert os.path.isfile(last_of(checkpoint_dir)) and "Epoch" not in proc.stdout
     proc = train_in_process(*command, "--resume")  # saves the best epoch, trains no more
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     assert "Saved the best epoch" in proc.stdout and "Epoch 1/1" not in proc.stdout
     assert read_results(checkpoint_dir)["trained"] is True
     # Finished and saved: nothing is left to resume, and the message says what a plain run does.
@@ -238,7 +239,7 @@ def test_resume_refuses_settings_other_than_the_interrupted_runs(
 
 def check_resumed(proc, interrupted, folder):
     """The resumed run went on at epoch 2, kept the best epoch of all three and its folder tidy."""
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     output = proc.stdout + proc.stderr
     assert "epochs of 61 steps, from epoch 2" in output
     assert "Epoch 1/3:" not in output and "Epoch 2/3:" in output and "Epoch 3/3:" in output
@@ -279,7 +280,7 @@ def test_a_copied_run_resumes_on_its_own_and_ends_where_the_uninterrupted_one_en
     # One CPU thread (conftest), the same seed and caches: the same draws, the same model.
     whole = copy_caches(synthetic_run, tmp_path / "whole")
     proc = train_in_process(*RESUMED, "--checkpoint-dir", whole)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     for split in SPLITS:
         assert read_results(copy)[f"{split}_acc"] == read_results(whole)[f"{split}_acc"]
     models = [os.path.join(f, "synthetic", "SetAnomalyDetect.ckpt") for f in (copy, whole)]
@@ -290,7 +291,7 @@ def test_a_copied_run_resumes_on_its_own_and_ends_where_the_uninterrupted_one_en
 @pytest.mark.parametrize("task, name", [("reverse", "ReverseTask"), ("seq2seq", "Seq2SeqTask")])
 def test_sequence_task_runs_through_train_py(task, name, tmp_path):
     proc = train_in_process("--task", task, "--checkpoint-dir", tmp_path, "--fast-dev-run")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     assert (
         "Val accuracy:" in proc.stdout
         and "Test accuracy:" in proc.stdout
@@ -333,7 +334,7 @@ def test_ddp_trains_on_two_processes_and_evaluates_on_one(synthetic_run, tmp_pat
     proc = run_train(
         "--synthetic", "--checkpoint-dir", checkpoint_dir, *ddp_args, *fast_flag, *SMALL_RUN
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     assert "warning" not in (proc.stdout + proc.stderr).lower()
     # The first process alone prints; a second one took part, as the step count below shows.
     assert proc.stdout.count(" train features ") == 1
@@ -429,7 +430,7 @@ def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path):
         *SMALL_RUN,
     ]
     proc = train_in_process(*args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     assert "on cpu in bf16-mixed precision: 2 epochs" in proc.stdout
     results = read_results(checkpoint_dir)
     assert results["settings"]["precision"] == "bf16-mixed"
@@ -476,7 +477,7 @@ def test_compiled_synthetic_run(synthetic_run, tmp_path):
     checkpoint_dir = copy_caches(synthetic_run, tmp_path)
     args = ["--synthetic", "--checkpoint-dir", checkpoint_dir, "--compile", *SMALL_RUN]
     proc = train_in_process(*args)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     results = read_results(checkpoint_dir)
     assert results["settings"]["compile"] is True
     recomputed = recomputed_accuracies(checkpoint_dir)

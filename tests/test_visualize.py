@@ -98,12 +98,20 @@ def made_up_run(tmp_path_factory):
 
 
 @pytest.fixture
-def saved(monkeypatch):
-    """The figures the plot functions save, kept for their contents once saved (and closed)."""
-    made, save = [], visualize.save_figure
-    keep = lambda fig, path: made.append(fig) or save(fig, path)
+def figures(monkeypatch, tmp_path):
+    """The figures the plot functions make, written as PNGs as they write them but kept open for
+    their contents; one named by file name alone is written in tmp_path."""
+    made = []
+
+    def keep(fig, path):
+        made.append(fig)
+        fig.savefig(path, format="png", dpi=visualize.DPI)
+        return path
+
     monkeypatch.setattr(visualize, "save_figure", keep)
-    return made
+    monkeypatch.chdir(tmp_path)
+    yield made
+    visualize.plt.close("all")
 
 
 def panel_titles(num_layers, num_heads):
@@ -129,10 +137,10 @@ def sin_cos_table(d_model, max_len):
     return table
 
 
-def test_the_positional_encoding_heat_map_is_the_sin_cos_table(tmp_path, saved):
+def test_the_positional_encoding_heat_map_is_the_sin_cos_table(tmp_path, figures):
     table, curves = visualize.plot_positional_encoding(tmp_path / "pe.png", tmp_path / "pe.2.png")
     assert png_size(table) == (800, 400) and png_size(curves) == (800, 600)
-    heat_map = saved[0].axes[0].get_images()[0]
+    heat_map = figures[0].axes[0].get_images()[0]
     # Dimensions down, positions across; dimension 1 at the top, position 1 at the left.
     np.testing.assert_allclose(heat_map.get_array(), sin_cos_table(48, 96).T, atol=1e-4)
     assert heat_map.get_extent() == [0.5, 96.5, 48.5, 0.5]
@@ -150,9 +158,9 @@ def test_the_positional_encoding_curves_are_the_first_four_dimensions(figures):
         np.testing.assert_allclose(line.get_ydata(), table[:16, dim], atol=1e-5)
 
 
-def test_the_lr_schedule_is_linear_warm_up_then_half_a_cosine(tmp_path, saved):
+def test_the_lr_schedule_is_linear_warm_up_then_half_a_cosine(tmp_path, figures):
     assert png_size(visualize.plot_lr_schedule(tmp_path / "lr.png")) == (600, 400)
-    (line,) = saved[0].axes[0].lines
+    (line,) = figures[0].axes[0].lines
     t = np.arange(2000)  # warmup=100, max_iters=2000
     factor = 0.5 * (1 + np.cos(np.pi * t / 2000)) * np.where(t <= 100, t / 100, 1)
     assert line.get_xdata().tolist() == t.tolist()
@@ -168,13 +176,13 @@ def printed_probability(label):
 
 
 @pytest.mark.parametrize("with_probs", [False, True])
-def test_image_rows_show_each_set_in_order_with_its_probabilities(tmp_path, saved, with_probs):
+def test_image_rows_show_each_set_in_order_with_its_probabilities(tmp_path, figures, with_probs):
     rng = np.random.default_rng(0)
     images = rng.random((4, 10, 32, 32, 3))
     probs = rng.dirichlet(np.ones(10), size=4) if with_probs else None
     path = visualize.plot_image_rows(tmp_path / "rows.png", images, "sets", probs=probs)
     assert png_size(path) == (1200, 580)  # 1.2 in per image, 1.3 in per row + 0.6 in for the title
-    axes = np.reshape(saved[0].axes, (4, 10))
+    axes = np.reshape(figures[0].axes, (4, 10))
     for r, c in np.ndindex(4, 10):
         assert np.array_equal(axes[r, c].get_images()[0].get_array(), images[r, c])
     assert [row[0].get_ylabel() for row in axes] == ["Set 1", "Set 2", "Set 3", "Set 4"]
@@ -221,13 +229,13 @@ def test_probabilities_print_with_enough_digits_to_rank_them():
     assert verdict.probability_texts([third, third + 1e-9, third - 2e-9]) == ["0.333333"] * 3
 
 
-def test_set_prediction_shows_the_images_and_their_probabilities(tmp_path, saved):
+def test_set_prediction_shows_the_images_and_their_probabilities(tmp_path, figures):
     rng = np.random.default_rng(0)
     images, probs = rng.random((10, 32, 32, 3)), rng.dirichlet(np.ones(10))
     maps = [rng.dirichlet(np.ones(10), size=(1, 10)) for _ in range(2)]  # 2 layers of 1 head
     path = visualize.plot_set_prediction(tmp_path / "set.png", images, probs, maps)
     assert png_size(path) == (1200, 720)  # 10 images wide; 2 in for them + 2.6 in per layer
-    shown = drawn(saved[0], 3)
+    shown = drawn(figures[0], 3)
     assert len(shown) == 10
     assert all(np.array_equal(array, images[i]) for i, array in enumerate(shown.values()))
     labels = [ax.get_xlabel() for ax in shown]
@@ -265,15 +273,15 @@ def test_the_figures_give_probabilities_in_percent(figures):
         assert shown == ["12.34%", "12.37%", "75.29%"]  # the decimals that tell them apart
 
 
-def test_set_prediction_shows_every_layer_and_head_with_a_colour_bar_each(saved, tmp_path):
+def test_set_prediction_shows_every_layer_and_head_with_a_colour_bar_each(figures, tmp_path):
     rng = np.random.default_rng(1)
     maps = [rng.dirichlet(np.ones(5), size=(2, 5)) for _ in range(3)]  # 3 layers of 2 heads
     visualize.plot_set_prediction(tmp_path / "s.png", np.zeros((5, 8, 8, 3)), np.full(5, 0.2), maps)
-    panels = drawn(saved[0], 2)
+    panels = drawn(figures[0], 2)
     assert [ax.get_title() for ax in panels] == panel_titles(3, 2)
     expected = [maps[layer][head] for layer in range(3) for head in range(2)]
     assert all(map(np.array_equal, panels.values(), expected)) and len(panels) == 6
-    assert len(colour_bars(saved[0])) == 6 and all(map(has_its_bar_beside, panels))
+    assert len(colour_bars(figures[0])) == 6 and all(map(has_its_bar_beside, panels))
 
 
 def test_the_set_prediction_frames_the_most_probable_image_in_red(tmp_path):
@@ -288,13 +296,13 @@ def test_the_set_prediction_frames_the_most_probable_image_in_red(tmp_path):
     assert framed == [1]
 
 
-def test_reverse_attention_shows_every_map_over_the_positions(tmp_path, saved):
+def test_reverse_attention_shows_every_map_over_the_positions(tmp_path, figures):
     rng = np.random.default_rng(0)
     sequence = rng.integers(0, 10, 16)
     maps = [rng.dirichlet(np.ones(16), size=(2, 16)) for _ in range(2)]  # 2 layers of 2 heads
     path = visualize.plot_reverse_attention(tmp_path / "rev.png", sequence, maps)
     assert png_size(path) == (1000, 920)  # 5 in per head, 4.4 in per layer + 0.4 in for the title
-    fig = saved[0]
+    fig = figures[0]
     assert fig.get_suptitle().endswith(" ".join(str(t) for t in sequence))
     panels = drawn(fig, 2)
     assert [ax.get_title() for ax in panels] == panel_titles(2, 2)
@@ -577,14 +585,14 @@ def test_a_set_model_whose_settings_are_no_record_is_no_traceback(made_up_run, t
 
 @pytest.mark.parametrize("results", [[1], {"settings": dict(set_size=0)}], ids=json.dumps)
 def test_a_run_with_unusable_results_draws_chance_for_the_posts_size(
-    made_up_run, tmp_path, capsys, saved, results
+    made_up_run, tmp_path, capsys, figures, results
 ):
     shutil.copytree(made_up_run, tmp_path / "models")
     task_folder = tmp_path / "models" / "synthetic" / "SetAnomalyDetect"
     (task_folder / "results.json").write_text(json.dumps(results))
     made = visualize.main(["--synthetic", "--checkpoint-dir", str(tmp_path / "models")])
     assert names(made) == EVERY_FIGURE and "skipped" not in capsys.readouterr().out
-    (curves,) = [fig for fig in saved if fig.get_suptitle().startswith("Set task training")]
+    (curves,) = [fig for fig in figures if fig.get_suptitle().startswith("Set task training")]
     chance = [line for line in curves.axes[1].lines if line.get_label().startswith("chance")]
     assert [line.get_label() for line in chance] == ["chance (1 in 10)"]
     assert list(chance[0].get_ydata()) == [10, 10]
@@ -640,15 +648,6 @@ def test_a_checkpoint_dir_that_cannot_hold_figures_is_one_line(tmp_path):
     message = str(exit_info.value.code)
     assert message.startswith(f"error: cannot write the figures to {a_file}")
     assert "\n" not in message
-
-
-@pytest.fixture
-def figures(monkeypatch):
-    """The figures the plot functions make, kept open instead of saved, for their contents."""
-    made = []
-    monkeypatch.setattr(visualize, "save_figure", lambda fig, path: made.append(fig) or path)
-    yield made
-    visualize.plt.close("all")
 
 
 def colour_bars(fig):
@@ -895,7 +894,7 @@ def test_a_training_that_stopped_is_pointed_to_resume(made_up_run, tmp_path, cap
     model = run / "synthetic" / "SetAnomalyDetect.ckpt"
     last = run / "synthetic" / "SetAnomalyDetect" / "checkpoints" / "last.ckpt"
     last.parent.mkdir()
-    os.replace(model, last)  # as a training that stopped before its model was saved leaves it
+    os.replace(model, last)  # as a training that stopped before its model was figures leaves it
     visualize.main(["--synthetic", "--checkpoint-dir", str(run)])
     (note,) = [line for line in capsys.readouterr().out.splitlines() if "prediction" in line]
     assert f"(python train.py --synthetic --resume --checkpoint-dir {run} makes it)" in note
