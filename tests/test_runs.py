@@ -25,12 +25,20 @@ from helpers import (
     copy_caches,
     last_of,
     read_results,
-    start_train,
+    start_python,
     train_in_process,
-    wait_for,
 )
 from model import AnomalyPredictor
 from train import parse_args
+
+# A process that takes a task's folder as a run does (lock.lock_folder), then waits.
+TAKE_THE_FOLDER = """
+import sys, time
+from harness import lock
+lock.lock_folder(sys.argv[1])
+print("held", flush=True)
+time.sleep(600)
+"""
 
 
 def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_nothing(
@@ -38,27 +46,27 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_noth
 ):
     folder = copy_caches(synthetic_run, tmp_path)
     task = os.path.join(folder, "synthetic", "SetAnomalyDetect")
-    last, log = last_of(folder), tmp_path / "first.log"
-    first = start_train(folder, "--epochs", "50", "--seed", "1", log=log)
+    # What a training that runs there has written: its last epoch.
+    os.makedirs(os.path.dirname(last_of(folder)))
+    Path(last_of(folder)).write_bytes(b"epoch 1")
+    first = start_python("-c", TAKE_THE_FOLDER, task)
     try:
-        wait_for(lambda: "Epoch 1/50:" in log.read_text() and os.path.isfile(last), first)
+        assert first.stdout.readline() == "held\n"
         second = train_in_process("--synthetic", "--checkpoint-dir", folder, *SMALL,
                                   "--retrain", "--seed", "2")  # fmt: skip
         # The same command again: the first is live, not a training that stopped.
         again = train_in_process("--synthetic", "--checkpoint-dir", folder, *SMALL, "--seed", "1")
-        assert first.poll() is None  # the refusals came while the first run trained
+        assert first.poll() is None  # the refusals came while the first held the folder
     finally:
         first.send_signal(signal.SIGKILL)  # as a crash or `kill -9` would end it
         first.wait(timeout=HANG_GUARD_S)
     assert second.returncode == 1 and second.stderr.count("\n") == 1, second.stderr
-    assert f"{task} is in use by process {first.pid} (python train.py --synthetic" in second.stderr
-    assert "Loaded" not in second.stdout  # refused before any work
+    assert f"{task} is in use by process {first.pid} (python -c {task})" in second.stderr
+    assert second.stdout == ""  # refused before any work
     assert again.returncode == 1 and again.stderr == second.stderr
-    # Only the first run's last.ckpt and best epoch: no last-v1.ckpt of a second.
-    assert sorted(os.listdir(os.path.join(task, "checkpoints")))[-1] == "last.ckpt"
-    assert len(os.listdir(os.path.join(task, "checkpoints"))) <= 2
+    assert os.listdir(os.path.dirname(last_of(folder))) == ["last.ckpt"]  # nothing written
 
-    # The killed run's lock went with it: the next run goes ahead and trains with its own seed.
+    # The killed process's lock went with it: the next run goes ahead and trains with its seed.
     proc = train_in_process("--synthetic", "--checkpoint-dir", folder, *SMALL,
                             "--epochs", "1", "--retrain", "--seed", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

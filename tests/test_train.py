@@ -567,6 +567,11 @@ def test_a_stop_between_the_best_and_the_last_checkpoint_can_be_resumed(
         stopped = run_code(STOPPED_IN_THE_WINDOW, how, *flags)
         assert stopped.returncode == {"kill": -9, "term": 143}[how], stopped.stderr
         assert "Traceback" not in stopped.stderr and "Epoch 2/3" in stopped.stdout
+        if how == "term":  # as Ctrl-C: one line, naming what --resume continues from
+            assert stopped.stderr.rstrip().splitlines()[-1] == (
+                f"Interrupted; {last_of(folder)} holds the run after its last finished epoch: "
+                "run the same command with --resume to continue from there."
+            )
     checkpoints = os.path.dirname(last_of(folder))
     whole = copy_caches(synthetic_run, tmp_path / "whole")
     assert train_in_process(*WINDOW_RUN, "--checkpoint-dir", whole).returncode == 0
