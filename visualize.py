@@ -45,7 +45,7 @@ from features import CIFAR100_CLASSES
 from harness import commands
 from harness.caches import cached_test_features, cifar100_meta
 from harness.checkpoints import load_model
-from harness.files import make_writable, save_atomically
+from harness.files import make_and_check_folder, save_atomically
 from harness.folders import ROOT, last_checkpoint, model_file, run_dir, run_from_elsewhere, task_dir
 from harness.lock import lock_folder
 from harness.synthetic import SYNTHETIC, GeneratedImages, synthetic_meta
@@ -570,7 +570,7 @@ def main(argv=None):
         if os.path.isdir(beside):
             print(f"To draw the runs beside visualize.py instead, add --checkpoint-dir {beside}.")
     try:  # every figure goes here: find out first that it can
-        make_writable(out_dir)
+        make_and_check_folder(out_dir)
     except OSError as error:
         sys.exit(f"error: cannot write the figures to {out_dir} ({error}); see --checkpoint-dir.")
     lock_folder(out_dir)  # one visualize.py at a time writes these figures

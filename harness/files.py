@@ -50,7 +50,7 @@ def free_mb(folder):
     return shutil.disk_usage(folder).free / 2**20 if os.path.isdir(folder) else 0
 
 
-def make_writable(folder):
+def make_and_check_folder(folder):
     """Makes folder if missing; raises OSError if this process cannot write there. A command's
     outputs go to one folder: find out before any work, not after hours of it, that it cannot."""
     os.makedirs(folder, exist_ok=True)

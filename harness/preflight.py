@@ -14,7 +14,7 @@ from pytorch_lightning.strategies import StrategyRegistry
 
 from features import CACHE_FILES
 from harness.caches import cache_path
-from harness.files import make_folders, make_writable
+from harness.files import make_folders, make_and_check_folder
 from harness.folders import (
     ROOT,
     last_checkpoint,
@@ -76,7 +76,7 @@ def check_before_work(args, lock=True):
             )
     try:
         made = make_folders(run_folder)
-        make_writable(run_folder)
+        make_and_check_folder(run_folder)
     except OSError as error:
         sys.exit(f"error: --checkpoint-dir: cannot write to {run_folder} ({error}).")
     if args.compile:  # torch.compile's caches with the run's files, not in the system's /tmp

@@ -83,18 +83,6 @@ def run_train(*args, env=None):
 SMALL = [*SMALL_RUN, "--batch-size", "8"]  # epochs of a second or more: time to act during one
 
 
-def start_train(checkpoint_dir, *args, log):
-    """train.py --synthetic started in the background, its output going to the file log."""
-    command = [sys.executable, "train.py", "--synthetic", "--num-workers", "0"]
-    with open(log, "w") as out:
-        return subprocess.Popen(
-            [*command, "--checkpoint-dir", checkpoint_dir, *SMALL, *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-        )
-
-
 def train_in_process(*args):
     """train.main(args) in the test's own process: what `python train.py args` prints and exits
     with, as a CompletedProcess, without the seconds a new process spends loading torch and

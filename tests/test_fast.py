@@ -247,9 +247,8 @@ def test_fast_dropout_drops_with_probability_p_and_rescales():
 
 
 def test_fast_dropout_is_pytorchs_own_off_the_cpu(monkeypatch):
-    # On Apple's MPS, int64 random_ fills only 32 bits, so half the 16-bit fields would never drop;
-    # on CUDA PyTorch's dropout is one fused kernel. Off the CPU the fast path must use it. The
-    # "meta" device stands in for an accelerator.
+    # The bit masks are drawn by numpy on the CPU; on an accelerator PyTorch's dropout is one
+    # fused kernel already, and the fast path must use it. "meta" stands in for an accelerator.
     calls = []
     pytorch_dropout = F.dropout
 

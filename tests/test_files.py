@@ -76,14 +76,14 @@ def test_saved_json_reads_back_equal_and_leaves_no_temporary_file(tmp_path):
 
 def test_make_writable_makes_a_missing_folder_and_refuses_a_file_in_its_place(tmp_path):
     nested = tmp_path / "a" / "b" / "c"
-    files.make_writable(str(nested))
+    files.make_and_check_folder(str(nested))
     assert nested.is_dir()
-    files.make_writable(str(nested))  # one that is there already is fine
+    files.make_and_check_folder(str(nested))  # one that is there already is fine
     taken = tmp_path / "a" / "file"
     taken.write_text("")
     for folder in (taken, taken / "below"):
         with pytest.raises(OSError):
-            files.make_writable(str(folder))
+            files.make_and_check_folder(str(folder))
     assert taken.read_text() == ""
 
 
@@ -96,7 +96,7 @@ def test_make_writable_refuses_a_folder_without_write_permission(tmp_path):
     locked.chmod(0o555)
     try:
         with pytest.raises(PermissionError):
-            files.make_writable(str(locked))
+            files.make_and_check_folder(str(locked))
     finally:
         locked.chmod(0o755)  # so that pytest can remove it
 
