@@ -138,6 +138,19 @@ def read_results(checkpoint_dir):
         return json.load(f)
 
 
+class ImagesAndLabels(torch.utils.data.Dataset):
+    """Images (tensors already, no transform) with their targets, as a data set serves them."""
+
+    def __init__(self, images, targets):
+        self.images, self.targets = images, targets
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        return self.images[idx], self.targets[idx]
+
+
 @torch.no_grad()
 def recomputed_accuracies(checkpoint_dir):
     """The accuracies of the --synthetic run's saved set model in checkpoint_dir, computed here

@@ -13,18 +13,7 @@ import features
 from harness import files
 from harness.caches import cache_meta, cached_features, cifar100_features
 from harness.sources import MissingResources
-from helpers import spoil_truncate
-
-
-class ImagesAndLabels(torch.utils.data.Dataset):
-    def __init__(self, images, targets):
-        self.images, self.targets = images, targets
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, idx):
-        return self.images[idx], self.targets[idx]
+from helpers import ImagesAndLabels, spoil_truncate
 
 
 class CountingSources:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+import train
 from data import SetAnomalyDataset
 from features import extract_features, image_transform, resnet34_backbone
 from harness import fast
@@ -143,10 +144,8 @@ def test_fast_and_faithful_training_reach_the_same_accuracy():
     assert faithful > 0.9 and abs(fast - faithful) <= 0.01 + 1e-6  # 1 point; accuracies are float32
 
 
-POST = dict(
-    input_dim=512, model_dim=256, num_classes=1, num_heads=4, num_layers=4, lr=5e-4, warmup=100,
-    max_iters=70300, dropout=0.1, input_dropout=0.1,
-)  # fmt: skip
+# The post's model: train.py's defaults, 703 steps an epoch (45 000 sets in batches of 64).
+POST = train.model_hparams(train.parse_args([]), train.IO_DIMS["anomaly"], epoch_steps=703)
 
 
 def test_fast_forward_equals_faithful_forward():

@@ -13,6 +13,7 @@ from features import (
     load_or_extract,
     resnet34_backbone,
 )
+from helpers import ImagesAndLabels
 
 
 def test_transform_resizes_and_normalises():
@@ -32,17 +33,6 @@ def test_backbone_gives_512_features_without_classifier():
     assert not any(p.requires_grad for p in backbone.parameters())
     with torch.no_grad():
         assert backbone(torch.randn(2, 3, 64, 64)).shape == (2, 512)
-
-
-class ImagesAndLabels(torch.utils.data.Dataset):
-    def __init__(self, images, targets):
-        self.images, self.targets = images, targets
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, idx):
-        return self.images[idx], self.targets[idx]
 
 
 def test_extraction_in_batches_equals_one_image_at_a_time():
