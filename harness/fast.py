@@ -212,8 +212,8 @@ def fused_adam_runs(device, precision):
 
 
 def use_fast_path(model, parts=MODEL_PARTS, trainer=None):
-    """Puts the fast path's parts into model, in place, and notes them as model.fast_parts, in
-    MODEL_PARTS's order. parts: some of MODEL_PARTS by name.
+    """Puts the fast path's parts into model, in place, and returns it. parts: some of MODEL_PARTS
+    by name.
 
     "dropout" replaces every nn.Dropout by a BitMaskDropout of the same p, "attention" lets every
     MultiheadAttention use PyTorch's fused kernel, "adam" makes the optimizer fused Adam where it
@@ -222,7 +222,6 @@ def use_fast_path(model, parts=MODEL_PARTS, trainer=None):
     unknown = set(parts) - set(MODEL_PARTS)
     if unknown:
         raise ValueError(f"unknown parts of the fast path: {sorted(unknown)}; known: {MODEL_PARTS}")
-    model.fast_parts = tuple(part for part in MODEL_PARTS if part in parts)
     if "adam" in parts and trainer is not None:
         runs = fused_adam_runs(trainer.strategy.root_device, trainer.precision)
         model.fused_adam = runs or None

@@ -260,3 +260,15 @@ def test_fast_dropout_is_pytorchs_own_off_the_cpu(monkeypatch):
     assert calls == [("meta", 0.1)]
     BitMaskDropout(0.1)(torch.ones(64, 64))  # on the CPU: the bit masks
     assert calls == [("meta", 0.1)]
+
+
+@pytest.mark.parametrize(
+    "parts, precision, fused",
+    [(MODEL_PARTS, "32-true", True), (MODEL_PARTS, "bf16-mixed", None), ((), "32-true", None)],
+)
+def test_fused_adam_is_asked_for_only_where_it_can_train(parts, precision, fused):
+    trainer = pl.Trainer(accelerator="cpu", precision=precision, logger=False)
+    model = use_fast_path(AnomalyPredictor(**POST), parts, trainer)
+    (optimizer,), _ = model.configure_optimizers()
+    expected = fused and fast.TORCH_VERSION >= (2, 4)  # a CPU's fused Adam came with PyTorch 2.4
+    assert optimizer.defaults["fused"] == (expected or None)

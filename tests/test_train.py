@@ -441,13 +441,13 @@ def test_bf16_mixed_precision_synthetic_run(synthetic_run, tmp_path):
         assert results[key] == pytest.approx(recomputed[key], abs=0.03)
 
 
-def compile_pair(fast_parts, dropout=0.0):
+def compile_pair(parts, dropout=0.0):
     """An eager model and a copy whose training forward is compiled (with the quick aot_eager
     backend: the same graph capture, forward and backward, without generating code)."""
     torch.manual_seed(0)
     hparams = dict(SMALL_SET_MODEL, input_dim=16, max_iters=10, dropout=dropout, input_dropout=0.0)
-    eager = randomise(fast.use_fast_path(AnomalyPredictor(**hparams), fast_parts))
-    compiled = fast.use_fast_path(AnomalyPredictor(**hparams), fast_parts)
+    eager = randomise(fast.use_fast_path(AnomalyPredictor(**hparams), parts))
+    compiled = fast.use_fast_path(AnomalyPredictor(**hparams), parts)
     compiled.load_state_dict(eager.state_dict())
     fast.compile_training_forward(compiled, torch.device("cpu"), backend="aot_eager")
     return eager, compiled
