@@ -11,7 +11,7 @@ import torch.nn as nn
 
 import features
 from harness import files
-from harness.caches import cache_meta, cached_features, cifar100_features
+from harness.caches import cache_meta, cached_features, check_free_space, cifar100_features
 from harness.sources import MissingResources
 from helpers import ImagesAndLabels, spoil_truncate
 
@@ -149,3 +149,32 @@ def test_offline_names_everything_missing(tmp_path, monkeypatch):
     assert "CIFAR-100" in message and str(tmp_path / "data" / "cifar-100-python") in message
     assert "ResNet34 weights" in message
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet34-b627a593.pth") in message
+
+
+@pytest.mark.parametrize("spare_bytes, refused", [(-1, True), (0, False)])
+def test_the_room_a_cache_needs_is_its_numbers_and_labels_with_a_tenth_to_spare(
+    tmp_path, monkeypatch, spare_bytes, refused
+):
+    n = 1000
+    need = n * (512 * 4 + 8) * 1.1  # 4 bytes a float32 number, 8 an int64 label
+    free = types.SimpleNamespace(free=need + spare_bytes)
+    monkeypatch.setattr(files.shutil, "disk_usage", lambda _: free)
+    if refused:
+        with pytest.raises(ValueError, match="needs 2 MB"):
+            check_free_space(str(tmp_path), n, "train")
+    else:
+        check_free_space(str(tmp_path), n, "train")
+
+
+def test_the_other_paths_caches_are_named_only_where_they_are(tmp_path, capsys):
+    sources = CountingSources()
+    extract(tmp_path, sources)  # the post's caches of both splits
+    assert "differ slightly" not in capsys.readouterr().out  # no --fast caches there
+    fast_test = tmp_path / "test_set_features_fast.tar"  # as --fast would leave one, of test alone
+    fast_test.write_bytes((tmp_path / "test_set_features.tar").read_bytes())
+    extract(tmp_path, sources)
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert note == (
+        f"These are the post's features; --fast's, in {fast_test}, differ slightly, as may "
+        "accuracies."
+    )

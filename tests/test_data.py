@@ -171,3 +171,10 @@ def test_sort_dataset_frames_the_sorted_sequence():
         assert src.tolist() == values + [pad] * (8 - len(values))  # padding only at the end
         assert tgt.tolist() == [bos] + sorted(values) + [eos] + [pad] * (8 - len(values))
     assert lengths == set(range(2, 9))
+
+
+def test_a_set_is_the_posts_ten_images_unless_told_and_one_class_groups_alone():
+    feats, labels = make_data(num_classes=3, per_class=12)
+    dataset = SetAnomalyDataset(feats, labels)  # the post's default: sets of 10
+    assert dataset.set_size == 9 and dataset[0][0].shape == (10, 4)
+    assert images_by_class(torch.zeros(5, dtype=torch.long)).tolist() == [[0, 1, 2, 3, 4]]

@@ -1,6 +1,8 @@
 """features.py: the transform, the backbone, the extraction in batches, and load_or_extract's
 order of work (the caches it is handed are harness/caches.py's, tested in test_caches.py)."""
 
+import inspect
+
 import torch
 import torch.nn as nn
 from PIL import Image
@@ -75,3 +77,8 @@ def test_load_or_extract_extracts_and_saves_only_what_it_cannot_load():
         ("load", "test", files["test"]),
     ]
     assert result["train"][0].shape == (4, 512) and result["test"] is cached["test"]
+
+
+def test_extraction_batches_and_workers_are_the_posts_unless_told():
+    defaults = inspect.signature(extract_features).parameters
+    assert (defaults["batch_size"].default, defaults["num_workers"].default) == (128, 4)
