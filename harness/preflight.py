@@ -14,7 +14,7 @@ from pytorch_lightning.strategies import StrategyRegistry
 
 from features import CACHE_FILES
 from harness.caches import cache_path
-from harness.files import make_folders, make_and_check_folder
+from harness.files import make_and_check_folder, make_folders
 from harness.folders import (
     ROOT,
     last_checkpoint,
