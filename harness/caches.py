@@ -118,8 +118,16 @@ def check_free_space(cache_dir, num_images, split):
         )
 
 
-def cached_features(cache_dir, metas, num_classes, open_sources, device, fast_path=False,
-                    num_workers=4, image_size=features.IMAGE_SIZE):  # fmt: skip
+def cached_features(
+    cache_dir,
+    metas,
+    num_classes,
+    open_sources,
+    device,
+    fast_path=False,
+    num_workers=4,
+    image_size=features.IMAGE_SIZE,
+):
     """{split: (features [N, 512], labels [N])} for each of metas, by features.load_or_extract
     with this module's checked caches in cache_dir (labels: num_classes classes of equal size).
 
@@ -127,7 +135,7 @@ def cached_features(cache_dir, metas, num_classes, open_sources, device, fast_pa
     and once: that is when the images and weights are needed (and downloaded). fast_path: extract
     with fast.extract_features_fast, into caches of its own.
     """
-    opened = []
+    opened = {}  # the images and the backbone, once the first split to extract opens them
 
     def load(split, path):
         cached = load_cache(path, extraction_meta(metas[split], fast_path), num_classes)
@@ -137,10 +145,10 @@ def cached_features(cache_dir, metas, num_classes, open_sources, device, fast_pa
 
     def extract(split):
         check_free_space(cache_dir, metas[split]["num_images"], split)
-        opened or opened.append(open_sources())
-        (datasets, backbone), desc = opened[0], f"{split} features"
-        dataset = datasets[split]
-        path = cache_path(cache_dir, split, fast_path)
+        if not opened:
+            opened["datasets"], opened["backbone"] = open_sources()
+        dataset, backbone = opened["datasets"][split], opened["backbone"]
+        path, desc = cache_path(cache_dir, split, fast_path), f"{split} features"
         print(f"Extracting the {split} features of {len(dataset)} images on {device} to {path}")
         if fast_path:
             model = fast.fast_backbone(backbone, device)

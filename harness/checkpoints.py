@@ -1,6 +1,6 @@
 """Reading, loading and saving models: every checkpoint read as data only, the one loader of a
-saved model (strict, its sizes and weights checked), the best epoch kept as the task's model, and
-Lightning's checkpoints written whole.
+saved model (strict, its sizes and weights checked), and the best epoch kept as the task's model
+with the settings it was trained with. (Lightning's own checkpoints are written by callbacks.py.)
 """
 
 import inspect
