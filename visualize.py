@@ -565,7 +565,8 @@ def main(argv=None):
     run_folder = run_dir(args.checkpoint_dir, args.synthetic)
     out_dir = os.path.join(run_folder, "figures")
     if run_from_elsewhere(args.checkpoint_dir):  # a folder of its own here: say so, and the other
-        print(f"Figures go to {os.path.abspath(out_dir)} (--checkpoint-dir, in this folder).")
+        where = os.path.abspath(out_dir)
+        print(f"Figures go to {where} (--checkpoint-dir, relative to this folder).")
         beside = os.path.join(ROOT, args.checkpoint_dir)
         if os.path.isdir(beside):
             print(f"To draw the runs beside visualize.py instead, add --checkpoint-dir {beside}.")

@@ -54,7 +54,8 @@ class StopDiverging(pl.Callback):
             f"error: the training diverged: its loss became {loss.item()} at epoch "
             f"{trainer.current_epoch + 1}, step {trainer.global_step + 1}, with --lr {lr:g}. "
             "Its checkpoints are removed (resuming would diverge again); train anew with a "
-            f"smaller learning rate: the same command with --lr {smaller:g}."
+            f"smaller learning rate: the same command{' without --resume,' * self.args.resume} "
+            f"with --lr {smaller:g}."
         )
 
 

@@ -215,9 +215,10 @@ def use_fast_path(model, parts=MODEL_PARTS, trainer=None):
     """Puts the fast path's parts into model, in place, and returns it. parts: some of MODEL_PARTS
     by name.
 
-    "dropout" replaces every nn.Dropout by a BitMaskDropout of the same p, "attention" lets every
-    MultiheadAttention use PyTorch's fused kernel, "adam" makes the optimizer fused Adam where it
-    can run with trainer, the Trainer that will fit model (fused_adam_runs).
+    "dropout" replaces every nn.Dropout by a BitMaskDropout of the same p, in the same mode;
+    "attention" lets every MultiheadAttention use PyTorch's fused kernel; "adam" makes the optimizer
+    fused Adam where it can run with trainer, the Trainer that will fit model (fused_adam_runs): a
+    model only evaluated, without a trainer, has no optimizer, and "adam" changes nothing there.
     """
     unknown = set(parts) - set(MODEL_PARTS)
     if unknown:
@@ -230,7 +231,7 @@ def use_fast_path(model, parts=MODEL_PARTS, trainer=None):
             module.fused = "attention" in parts
         for name, child in module.named_children():
             if "dropout" in parts and type(child) is nn.Dropout:
-                setattr(module, name, BitMaskDropout(child.p))
+                setattr(module, name, BitMaskDropout(child.p).train(child.training))
     return model
 
 

@@ -147,7 +147,7 @@ def say_where(args, run_folder):
     left a model beside train.py, that it does not use it and how to."""
     if not run_from_elsewhere(args.checkpoint_dir):
         return
-    print(f"Files go to {os.path.abspath(run_folder)} (--checkpoint-dir, in this folder).")
+    print(f"Files go to {os.path.abspath(run_folder)} (--checkpoint-dir, relative to this folder).")
     beside = os.path.join(ROOT, args.checkpoint_dir)
     model = model_file(run_dir(beside, args.synthetic), args.task)
     if args.pretrained or os.path.isfile(model_file(run_folder, args.task)):

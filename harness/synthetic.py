@@ -58,12 +58,12 @@ def open_generated():
     return datasets, synthetic_backbone()
 
 
-def synthetic_features(cache_dir, device, num_workers=0, fast=False):
+def synthetic_features(cache_dir, device, num_workers=0, fast_path=False):
     """Features of GeneratedImages through the untrained ResNet34, cached in cache_dir, as
     caches.cifar100_features makes those of CIFAR-100."""
     metas = {split: synthetic_meta(split) for split in SYNTHETIC["per_class"]}
     image_size = SYNTHETIC["image_size"]
     classes = SYNTHETIC["num_classes"]
     return cached_features(
-        cache_dir, metas, classes, open_generated, device, fast, num_workers, image_size
+        cache_dir, metas, classes, open_generated, device, fast_path, num_workers, image_size
     )

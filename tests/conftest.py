@@ -116,8 +116,10 @@ def fast_synthetic_run(synthetic_run, tmp_path_factory):
         copy_caches(synthetic_run, folder)
         return train_in_process("--synthetic", "--checkpoint-dir", folder, "--fast", *SMALL_RUN)
 
+    from helpers import assert_ran
+
     folder, proc = run_once(tmp_path_factory, "fast_synthetic_run", run)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     return folder, proc
 
 

@@ -14,8 +14,8 @@ POST_FILES = ("features", "data", "model")
 
 
 def project_modules(root=ROOT):
-    """{module name: its file} of the scripts in root and the modules of harness/."""
-    found = {}
+    """{module name: its file} of the scripts in root, the package harness and its modules."""
+    found = {"harness": os.path.join(root, "harness", "__init__.py")}
     for folder, prefix in ((root, ""), (os.path.join(root, "harness"), "harness.")):
         for name in sorted(os.listdir(folder)):
             if name.endswith(".py") and name != "__init__.py":
@@ -23,25 +23,31 @@ def project_modules(root=ROOT):
     return found
 
 
-def imports_of(path, modules):
-    """The project's modules that the file at path imports, anywhere in it, in order of appearance:
-    `import m`, `from m import x`, and `from harness import m`."""
+def imports_of(module, path, modules):
+    """The project's modules that module (its file at path) imports, anywhere in it, in order of
+    appearance: `import m`, `from m import x`, `from harness import m`, and relative imports
+    (`from . import m` in harness/) resolved against its package."""
     with open(path, encoding="utf-8") as f:
         tree = ast.parse(f.read(), path)
+    package = module.rpartition(".")[0] if os.path.basename(path) != "__init__.py" else module
     named = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             named += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            named.append(node.module)
-            named += [f"{node.module}.{alias.name}" for alias in node.names]
-    return list(dict.fromkeys(name for name in named if name in modules))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # from . import m, from .m import x
+                parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = ".".join(part for part in (parent, base) if part)
+            named.append(base)
+            named += [f"{base}.{alias.name}" for alias in node.names]
+    return list(dict.fromkeys(n for n in named if n in modules and n != module))
 
 
 def import_graph(root=ROOT):
     """{module: [the project's modules it imports]}."""
     modules = project_modules(root)
-    return {name: imports_of(path, modules) for name, path in modules.items()}
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
 
 
 def circles(graph):

@@ -74,7 +74,7 @@ def test_saved_json_reads_back_equal_and_leaves_no_temporary_file(tmp_path):
     assert os.listdir(path.parent) == ["results.json"]  # no .tmp<pid> left beside it
 
 
-def test_make_writable_makes_a_missing_folder_and_refuses_a_file_in_its_place(tmp_path):
+def test_make_and_check_folder_makes_a_missing_folder_and_refuses_a_file_in_its_place(tmp_path):
     nested = tmp_path / "a" / "b" / "c"
     files.make_and_check_folder(str(nested))
     assert nested.is_dir()
@@ -90,7 +90,7 @@ def test_make_writable_makes_a_missing_folder_and_refuses_a_file_in_its_place(tm
 @pytest.mark.skipif(
     not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write to any folder"
 )
-def test_make_writable_refuses_a_folder_without_write_permission(tmp_path):
+def test_make_and_check_folder_refuses_a_folder_without_write_permission(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from data import SetAnomalyDataset
 from harness.runlog import RunLog, quiet_lightning
-from helpers import SMALL_SET_MODEL, clustered_features, quiet_trainer, run_code
+from helpers import SMALL_SET_MODEL, assert_ran, clustered_features, quiet_trainer, run_code
 from import_graph import import_graph, in_import_order
 from model import AnomalyPredictor
 
@@ -174,5 +174,5 @@ for name in sys.argv[1:]:
 
 def test_importing_a_module_changes_no_logging_level_or_warning_filter():
     proc = run_code(IMPORT_CHECK, *MODULES)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     assert proc.stdout == "", proc.stdout  # the modules that changed them, and what they set

@@ -5,8 +5,6 @@ never as code, and a moved run's last.ckpt pointed at its new folder; the device
 import errno
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,7 @@ from helpers import (
     SMALL,
     SMALL_SET_MODEL,
     RunsCode,
+    assert_ran,
     copy_caches,
     last_of,
     read_results,
@@ -69,7 +68,7 @@ def test_a_second_run_in_the_same_folder_is_refused_and_a_killed_one_blocks_noth
     # The killed process's lock went with it: the next run goes ahead and trains with its seed.
     proc = train_in_process("--synthetic", "--checkpoint-dir", folder, *SMALL,
                             "--epochs", "1", "--retrain", "--seed", "2")  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_ran(proc)
     assert read_results(folder)["settings"]["seed"] == 2
 
 
@@ -295,9 +294,10 @@ def test_run_from_another_folder_it_says_where_files_go_and_where_the_model_is(
     args = parse_args(["--synthetic"])
     preflight.say_where(args, folders.run_dir(args.checkpoint_dir, args.synthetic))
     assert capsys.readouterr().out == (
-        f"Files go to {elsewhere / 'saved_models' / 'synthetic'} (--checkpoint-dir, in this "
-        f"folder).\nThis run trains a new model there, not using the one beside train.py, {model}; "
-        f"to use that one instead, run with --checkpoint-dir {repository / 'saved_models'}.\n"
+        f"Files go to {elsewhere / 'saved_models' / 'synthetic'} (--checkpoint-dir, relative to "
+        "this folder).\nThis run trains a new model there, not using the one beside train.py, "
+        f"{model}; to use that one instead, run with --checkpoint-dir "
+        f"{repository / 'saved_models'}.\n"
     )
     monkeypatch.chdir(repository)  # in the repository: nothing to say
     preflight.say_where(args, folders.run_dir(args.checkpoint_dir, args.synthetic))
@@ -344,10 +344,7 @@ with open(sys.argv[1], "w") as f:
 def test_a_lock_holders_text_is_shown_printable(tmp_path):
     task = tmp_path / "synthetic" / "SetAnomalyDetect"
     task.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_THE_LOCK, str(task / ".lock"), "process 7 (\x1b[31mred\x07)"],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    holder = start_python("-c", HOLD_THE_LOCK, task / ".lock", "process 7 (\x1b[31mred\x07)")
     try:
         assert holder.stdout.readline() == "held\n"
         with pytest.raises(SystemExit) as exit_info:
@@ -397,7 +394,7 @@ def test_a_lock_in_a_folder_made_read_only_is_let_go_without_an_error(tmp_path, 
     def read_only(path):  # what removing a file from a read-only folder raises
         raise PermissionError(errno.EACCES, "Permission denied", path)
 
-    monkeypatch.setattr(preflight.os, "remove", read_only)
+    monkeypatch.setattr(lock.os, "remove", read_only)
     lock.release_locks()  # at exit: no "Exception ignored in atexit callback"
     monkeypatch.undo()
     assert lock.HELD_LOCKS == {} and (tmp_path / ".lock").exists()

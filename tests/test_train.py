@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import types
 
 import pytest
 import pytorch_lightning as pl
@@ -628,3 +629,30 @@ def test_compile_caches_go_with_the_run(tmp_path, monkeypatch):
     cache = tmp_path / "synthetic" / "torch_compile_cache"
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache)
     assert os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")
+
+
+def test_a_diverging_resumed_training_is_told_to_start_anew_without_resume(tmp_path):
+    args = parse_args(["--synthetic", "--resume", "--lr", "1e30"])
+    stop = callbacks.StopDiverging(args, str(tmp_path / "checkpoints"), usual_lr=5e-4)
+    trainer = types.SimpleNamespace(current_epoch=2, global_step=40)
+    with pytest.raises(SystemExit) as exit_info:
+        stop.on_before_backward(trainer, None, torch.tensor(float("nan")))
+    assert str(exit_info.value.code).endswith(
+        "train anew with a smaller learning rate: the same command without --resume, with --lr "
+        "0.0005."
+    )
+
+
+def test_fast_training_gets_fused_adam_from_its_trainer(synthetic_run, fast_synthetic_run, tmp_path,
+                                                         monkeypatch):  # fmt: skip
+    folder = copy_caches(synthetic_run, tmp_path, fast_synthetic_run)
+    calls, use = [], fast.use_fast_path
+
+    def recorded(model, parts=fast.MODEL_PARTS, trainer=None):
+        calls.append((tuple(parts), trainer is not None))
+        return use(model, parts, trainer)
+
+    monkeypatch.setattr(fast, "use_fast_path", recorded)
+    proc = train_in_process("--synthetic", "--fast", "--fast-dev-run", "--checkpoint-dir", folder)
+    assert_ran(proc)
+    assert calls == [(fast.MODEL_PARTS, True)]  # the model that trains, with its Trainer

@@ -101,17 +101,14 @@ def made_up_run(tmp_path_factory):
 def figures(monkeypatch, tmp_path):
     """The figures the plot functions make, written as PNGs as they write them but kept open for
     their contents; one named by file name alone is written in tmp_path."""
-    made = []
-
-    def keep(fig, path):
-        made.append(fig)
-        fig.savefig(path, format="png", dpi=visualize.DPI)
-        return path
-
-    monkeypatch.setattr(visualize, "save_figure", keep)
+    made, save, close = [], visualize.save_figure, visualize.plt.close
+    monkeypatch.setattr(visualize.plt, "close", lambda fig=None: None)  # kept open, as drawn
+    monkeypatch.setattr(
+        visualize, "save_figure", lambda fig, path: made.append(fig) or save(fig, path)
+    )
     monkeypatch.chdir(tmp_path)
     yield made
-    visualize.plt.close("all")
+    close("all")
 
 
 def panel_titles(num_layers, num_heads):
@@ -872,7 +869,7 @@ def test_from_another_folder_it_says_where_the_figures_go(tmp_path, monkeypatch,
     visualize.main(["--synthetic"])
     out = capsys.readouterr().out.splitlines()
     figures_there = elsewhere / "saved_models" / "synthetic" / "figures"
-    assert out[0] == f"Figures go to {figures_there} (--checkpoint-dir, in this folder)."
+    assert out[0] == f"Figures go to {figures_there} (--checkpoint-dir, relative to this folder)."
     assert out[1] == (
         "To draw the runs beside visualize.py instead, add --checkpoint-dir "
         f"{repository / 'saved_models'}."
