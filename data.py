@@ -35,21 +35,6 @@ def images_by_class(labels):
     return torch.argsort(labels).reshape(len(counts), -1)
 
 
-def split_train_val(labels):
-    """The post's split of the training images: per class, the first 10 % (in images_by_class order,
-    rounded down) go to validation, the rest to training. Returns (train_indices, val_indices)."""
-    sorted_indices = images_by_class(labels)
-    num_val = sorted_indices.shape[1] // 10
-    if num_val == 0:
-        raise ValueError(
-            f"each class has {sorted_indices.shape[1]} images; the validation split takes 10 % of "
-            "each class, so a class needs at least 10"
-        )
-    val_indices = sorted_indices[:, :num_val].reshape(-1)
-    train_indices = sorted_indices[:, num_val:].reshape(-1)
-    return train_indices, val_indices
-
-
 class SetAnomalyDataset(Dataset):
     """One set per image: that image is the anomaly, set_size-1 images of another class surround it.
 
@@ -130,6 +115,21 @@ class SetAnomalyDataset(Dataset):
         indices = torch.cat([img_indices, torch.tensor([idx])], dim=0)
         label = img_set.shape[0] - 1
         return img_set, indices, label
+
+
+def split_train_val(labels):
+    """The post's split of the training images: per class, the first 10 % (in images_by_class order,
+    rounded down) go to validation, the rest to training. Returns (train_indices, val_indices)."""
+    sorted_indices = images_by_class(labels)
+    num_val = sorted_indices.shape[1] // 10
+    if num_val == 0:
+        raise ValueError(
+            f"each class has {sorted_indices.shape[1]} images; the validation split takes 10 % of "
+            "each class, so a class needs at least 10"
+        )
+    val_indices = sorted_indices[:, :num_val].reshape(-1)
+    train_indices = sorted_indices[:, num_val:].reshape(-1)
+    return train_indices, val_indices
 
 
 def anomaly_datasets(train_feats, train_labels, test_feats, test_labels, set_size):
