@@ -39,8 +39,9 @@ def imports_of(module, path, modules):
             if node.level:  # from . import m, from .m import x
                 parent = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
                 base = ".".join(part for part in (parent, base) if part)
-            named.append(base)
-            named += [f"{base}.{alias.name}" for alias in node.names]
+            submodules = [f"{base}.{alias.name}" for alias in node.names]
+            submodules = [name for name in submodules if name in modules]
+            named += submodules or [base]  # `from harness import files` is harness.files
     return list(dict.fromkeys(n for n in named if n in modules and n != module))
 
 
