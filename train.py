@@ -63,7 +63,7 @@ from data import (
     anomaly_datasets,
 )
 from features import FEATURE_DIM
-from harness import checkpoints, cli, fast, files, folders, pretrained, results, resume, threads
+from harness import checkpoints, cli, fast, folders, pretrained, results, resume, threads
 from harness.caches import cifar100_features
 from harness.callbacks import AtomicCheckpointIO, BestCheckpoint, SeedEachProcess, StopDiverging
 from harness.preflight import check_before_work
@@ -274,20 +274,12 @@ def evaluate_published(args, published, model_class, loaders):
     """--pretrained: (accuracies, what results.json records of it, seconds) of the tutorial
     author's model, published = (its path, its git blob id, its checkpoint), tested as
     train_anomaly tests a model trained here."""
-    path, blob_id, _ = published
     model = pretrained.load_published(published, model_class, IO_DIMS[args.task])
     fast.use_fast_path(model, fast.model_parts(args.fast))
-    print(f"Testing the tutorial author's model {path}")
+    print(f"Testing the tutorial author's model {published[0]}")
     start = time.time()
     result = evaluate(args, model, loaders, folders.pretrained_dir(args.checkpoint_dir, args.task))
-    record = dict(
-        trained=False,
-        checkpoint=path,
-        pretrained=os.path.basename(path),
-        git_blob_id=blob_id,
-        hyper_parameters=dict(model.hparams),
-    )
-    return result, record, {"evaluate": time.time() - start}
+    return result, pretrained.published_record(published, model), {"evaluate": time.time() - start}
 
 
 def main(argv=None):
@@ -326,18 +318,7 @@ def main(argv=None):
         tested = dict(trained=trained, checkpoint=checkpoint)
         root_dir = folders.task_dir(run_folder, args.task)
     seconds.update(more, total=time.time() - start)
-    for split in ("train", "val", "test"):
-        if f"{split}_acc" in result:
-            print(f"{split.capitalize() + ' accuracy:':16s}{100.0 * result[f'{split}_acc']:4.2f}%")
-    record = results.results_record(result, args, device, seconds, **tested)
-    if args.fast_dev_run:  # a one-batch check must not replace a real run's results
-        print("Fast dev run: results not saved.")
-        return record
-    evaluated = not (record["trained"] or args.pretrained)
-    results_file = folders.record_file(root_dir, evaluated=evaluated)
-    files.save_json(results_file, record)
-    print(f"Results written to {results_file}")
-    return record
+    return results.report(result, args, device, seconds, root_dir, **tested)
 
 
 if __name__ == "__main__":

@@ -97,3 +97,16 @@ def load_published(published, model_class, io_dims):
         return load_model(path, model_class, io_dims, ckpt=ckpt)[0]
     except ValueError as error:
         sys.exit(f"error: {error}. Delete it and run again to download the published model.")
+
+
+def published_record(published, model):
+    """What results.json records of the published model tested: its file, its git blob id (of
+    fetch_published's published) and its hyper-parameters; it was not trained here."""
+    path, blob_id, _ = published
+    return dict(
+        trained=False,
+        checkpoint=path,
+        pretrained=os.path.basename(path),
+        git_blob_id=blob_id,
+        hyper_parameters=dict(model.hparams),
+    )
