@@ -136,9 +136,11 @@ def cached_features(
     with fast.extract_features_fast, into caches of its own.
     """
     opened = {}  # the images and the backbone, once the first split to extract opens them
+    noted = {split: extraction_meta(meta, fast_path) for split, meta in metas.items()}
+    paths = {split: cache_path(cache_dir, split, fast_path) for split in metas}
 
     def load(split, path):
-        cached = load_cache(path, extraction_meta(metas[split], fast_path), num_classes)
+        cached = load_cache(path, noted[split], num_classes)
         if cached is not None:
             print(f"Loaded the {split} features from {path}")
         return cached
@@ -148,7 +150,7 @@ def cached_features(
         if not opened:
             opened["datasets"], opened["backbone"] = open_sources()
         dataset, backbone = opened["datasets"][split], opened["backbone"]
-        path, desc = cache_path(cache_dir, split, fast_path), f"{split} features"
+        path, desc = paths[split], f"{split} features"
         print(f"Extracting the {split} features of {len(dataset)} images on {device} to {path}")
         if fast_path:
             model = fast.fast_backbone(backbone, device)
@@ -161,9 +163,8 @@ def cached_features(
         return feats, torch.as_tensor(dataset.targets, dtype=torch.long)
 
     def save(split, path, feats, labels):
-        save_cache(path, feats, labels, extraction_meta(metas[split], fast_path))
+        save_cache(path, feats, labels, noted[split])
 
-    paths = {split: cache_path(cache_dir, split, fast_path) for split in metas}
     result = features.load_or_extract(paths, load, extract, save)
     say_other_path(cache_dir, list(metas), fast_path)
     return result
